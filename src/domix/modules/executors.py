@@ -1,0 +1,108 @@
+"""`pretrain-all`: train every domain of a config, independently, locally or on Ray."""
+from __future__ import annotations
+
+import os
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, fields
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+
+from .library import Library
+from .pretrain import PretrainConfig, pretrain
+
+RUN_KEYS = {"base"}  # top-level keys besides `defaults` and `domains`
+
+
+def load_config(path: Path | str, library: str, overrides: dict | None = None) -> list[PretrainConfig]:
+    """Parse a `domains.yaml` into one PretrainConfig per domain, in the listed order.
+
+    Data paths are relative to the config file; keys are `domix pretrain` options, underscored."""
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text()) or {}
+    unknown_top = set(doc) - RUN_KEYS - {"defaults", "domains"}
+    if unknown_top:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown_top)}")
+    domains = doc.get("domains") or {}
+    if not domains:
+        raise ValueError(f"{path}: no domains listed")
+    allowed = {f.name for f in fields(PretrainConfig)} - {"domain", "library", "extra"}
+    configs = []
+    for name, spec in domains.items():
+        merged = {**({"base": doc["base"]} if "base" in doc else {}), **(doc.get("defaults") or {}),
+                  **(spec or {}), **(overrides or {})}
+        bad = set(merged) - allowed
+        if bad:
+            raise ValueError(f"{path}: domain '{name}': unknown keys {sorted(bad)} (allowed: {sorted(allowed)})")
+        data = merged.pop("data", None)
+        if not data:
+            raise ValueError(f"{path}: domain '{name}' has no data")
+        data = [data] if isinstance(data, str) else data
+        data = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in data]
+        configs.append(PretrainConfig(domain=str(name), data=data, library=library, **merged))
+    return configs
+
+
+def _run_one(cfg_dict: dict) -> dict:
+    """One domain in a worker: returns {"domain", "status", "meta" | "error"}."""
+    cfg = PretrainConfig(**cfg_dict)
+    try:
+        return {"domain": cfg.domain, "status": "done", "meta": pretrain(cfg)}
+    except Exception as e:  # reported per domain; the other domains still finish
+        return {"domain": cfg.domain, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+
+
+def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str = "local",
+                 ray_address: str | None = None, progress: bool = True) -> dict:
+    """Train every domain not already complete in its library. Returns {domain: result}.
+
+    Each domain runs in its own process with `threads` intra-op threads (default: cores //
+    workers), so its tensors do not depend on which or how many other domains run."""
+    from tqdm.auto import tqdm
+
+    results, todo = {}, []
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    for cfg in configs:
+        if cfg.domain in Library(cfg.library) and not cfg.overwrite:
+            results[cfg.domain] = {"domain": cfg.domain, "status": "skipped", "meta": Library(cfg.library).get(cfg.domain).meta}
+            continue
+        d = asdict(cfg)
+        d.update(progress=False, threads=cfg.threads or threads)
+        todo.append(d)
+    bar = tqdm(total=len(todo), desc="domains", unit="module", disable=not progress)
+    if executor == "local":
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            futures = [pool.submit(_run_one, d) for d in todo]
+            for fut in as_completed(futures):
+                r = fut.result()
+                results[r["domain"]] = r
+                bar.set_postfix_str(f"{r['domain']}: {r['status']}")
+                bar.update()
+    elif executor == "ray":
+        import ray
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
+                     **({} if ray_address else {"num_cpus": os.cpu_count()}))
+        try:
+            tasks = [ray.remote(num_cpus=d["threads"], num_gpus=1 if d["device"] == "cuda" else 0,
+                                max_retries=0)(_run_one).remote(d) for d in todo]
+            pending = list(tasks)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                r = ray.get(done[0])
+                results[r["domain"]] = r
+                bar.set_postfix_str(f"{r['domain']}: {r['status']}")
+                bar.update()
+        finally:
+            if started_here:
+                ray.shutdown()
+    else:
+        raise ValueError(f"unknown executor {executor!r} (local or ray)")
+    bar.close()
+    return {c.domain: results[c.domain] for c in configs}

@@ -1,0 +1,175 @@
+"""Stage 1: train one LoRA domain module on a frozen base with the self-supervised objective."""
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import atomic_dir, write_json
+from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_base, select_device, target_regex
+from .library import META, Library
+
+
+@dataclass
+class PretrainConfig:
+    """Options of `domix pretrain` (underscored keys are also the YAML keys of `pretrain-all`)."""
+
+    domain: str
+    data: list[str]
+    library: str
+    base: str = DEFAULT_BASE
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all-linear"
+    objective: str = "auto"
+    seq_len: int = 128
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    max_tokens: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    resume: bool = False
+    overwrite: bool = False
+    text_field: str = "text"
+    eval_blocks: int = 64
+    save_steps: int = 50
+    threads: int | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def module_seed(name: str, seed: int) -> int:
+    """A module's seed comes from its own name and the run seed, never from a list position."""
+    return int.from_bytes(hashlib.sha256(f"{name}\0{seed}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"domix": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def _total_steps(cfg: PretrainConfig, n_blocks: int) -> int:
+    per_step = cfg.batch_size * cfg.grad_accum
+    if cfg.max_tokens is not None:
+        return max(1, math.ceil(cfg.max_tokens / (per_step * cfg.seq_len)))
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_blocks / per_step))
+
+
+def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dict:
+    """Train the domain module `cfg.domain` and write it atomically to `cfg.library/<domain>/`.
+
+    Returns the module's metadata (the content of its `domix.json`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ..data.corpus import load_documents, pack, split_heldout
+    from ..lm import lm_collator, lm_loss
+
+    cfg = cfg or PretrainConfig(**kwargs)
+    lib = Library(cfg.library)
+    dest = lib.path / cfg.domain
+    if cfg.domain.startswith(".") or "/" in cfg.domain:
+        raise ValueError(f"invalid domain name {cfg.domain!r}")
+    if dest.exists() and not cfg.overwrite:
+        raise FileExistsError(f"module '{cfg.domain}' already exists in {lib.path}; pass --overwrite to replace it")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        _quiet()
+    device = select_device(cfg.device)
+    seed = module_seed(cfg.domain, cfg.seed)
+    t0 = time.time()
+
+    tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+    model, objective = load_model(cfg.base, head="lm", objective=cfg.objective, dtype="fp32",
+                                  trust_remote_code=cfg.trust_remote_code)
+    base_fp = fingerprint(model)
+    docs = load_documents(cfg.data, cfg.text_field)
+    train_docs, held_docs = split_heldout(docs)
+    train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
+    held_blocks = pack(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks) if len(held_docs) else None
+    steps = _total_steps(cfg, len(train_blocks))
+
+    set_seed(seed)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=target_regex(model, cfg.targets), bias="none",
+                      task_type="CAUSAL_LM" if objective == "clm" else None)
+    model = get_peft_model(model, lora)
+    model.peft_config["default"].base_model_name_or_path = resolve_base(cfg.base)
+
+    work = lib.path / ".work" / cfg.domain
+    last = get_last_checkpoint(str(work)) if cfg.resume and work.is_dir() else None
+    if last is None and work.exists():
+        shutil.rmtree(work)
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="linear",
+        warmup_steps=int(cfg.warmup * steps), weight_decay=cfg.weight_decay, max_steps=steps,
+        logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, report_to=["tensorboard"], seed=seed, data_seed=seed,
+        use_cpu=device.type == "cpu", bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not cfg.progress,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks,
+                      data_collator=lm_collator(tokenizer, objective), callbacks=callbacks)
+    if not cfg.progress:
+        from transformers import PrinterCallback
+        trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=last)
+    train_time = time.time() - t0
+
+    heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
+    history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    meta = {
+        "kind": "lora", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
+        "objective": objective, "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets,
+        "target_modules": lora.target_modules, "seed": cfg.seed, "module_seed": seed,
+        "data": [str(p) for p in cfg.data], "documents": len(train_docs), "heldout_documents": len(held_docs),
+        "steps": steps, "tokens": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
+        "train_loss": result.training_loss, "loss_history": history,
+        "heldout_loss": heldout["loss"] if heldout else None, "heldout_tokens": heldout["tokens"] if heldout else 0,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
+        "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
+        "versions": _versions(), **cfg.extra,
+    }
+    with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
+        model.save_pretrained(stage)
+        runs = work / "runs"
+        if runs.is_dir():
+            shutil.copytree(runs, stage / "runs")
+        write_json(stage / META, meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _quiet() -> None:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
