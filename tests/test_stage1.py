@@ -1,0 +1,218 @@
+"""Stage 1: domain modules, the library, pretrain-all executors, eval-lm, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from domix import Library, LibraryError, pretrain
+from domix.cli import main
+from domix.modules.executors import load_config, pretrain_all
+
+FAST = dict(max_steps=12, batch_size=4, seq_len=16, lr=5e-3, progress=False, device="cpu", threads=1)
+
+
+def adapter(lib, name) -> dict:
+    return load_file(str(Path(lib) / name / "adapter_model.safetensors"))
+
+
+class Capture:
+    """A Trainer callback that keeps the trained model at the end of training."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_train_end(self, args, state, control, model=None, **kw):
+                outer.model = model
+
+        self.cb = _CB()
+
+
+@pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
+def test_pretrain_trains_only_lora_and_reloads_with_peft(kind, request, corpora, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    base = request.getfixturevalue(kind)
+    auto = AutoModelForCausalLM if kind == "tiny_decoder" else AutoModelForMaskedLM
+    before = {k: v.clone() for k, v in auto.from_pretrained(base).state_dict().items()}
+    cap = Capture()
+    meta = pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path), base=base,
+                    callbacks=[cap.cb], **{**FAST, "max_steps": 40, "lr": 2e-2})
+    assert meta["objective"] == ("clm" if kind == "tiny_decoder" else "mlm")
+    # base weights bitwise unchanged; every trained tensor is a LoRA tensor
+    trained = cap.model
+    for name, p in trained.named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad, name
+    merged_free = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                   for k, v in trained.state_dict().items() if "lora_" not in k}
+    for k, v in before.items():
+        assert torch.equal(merged_free[k], v), k
+    assert all("lora_" in k for k in adapter(tmp_path, "bio"))
+    # the loss falls on a repetitive corpus
+    hist = [h["loss"] for h in meta["loss_history"]]
+    assert hist[-1] < hist[0] - 0.05, hist
+    # reload with plain PEFT: identical logits
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    trained.eval()
+    with torch.no_grad():
+        ref = trained(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(auto.from_pretrained(base), str(tmp_path / "bio")).eval()
+        assert torch.equal(reloaded(input_ids=ids).logits, ref)
+    # the library sees a complete module with the documented metadata
+    m = Library(tmp_path).get("bio").meta
+    for key in ("domain", "base", "base_fingerprint", "objective", "rank", "alpha", "targets", "seed", "steps",
+                "tokens", "train_loss", "heldout_loss", "wall_time_s", "versions"):
+        assert key in m, key
+    assert m["heldout_documents"] == 3 and m["heldout_loss"] > 0
+    assert not list(tmp_path.glob(".bio*")), "staging directories left behind"
+
+
+def test_module_seed_depends_on_name_not_position(tiny_decoder, corpora, tmp_path):
+    a = pretrain(domain="x", data=[corpora["bio"]], library=str(tmp_path / "l1"), base=tiny_decoder, **FAST)
+    b = pretrain(domain="y", data=[corpora["bio"]], library=str(tmp_path / "l1"), base=tiny_decoder, **FAST)
+    assert a["module_seed"] != b["module_seed"]
+    c = pretrain(domain="x", data=[corpora["bio"]], library=str(tmp_path / "l2"), base=tiny_decoder, **FAST)
+    ta, tc = adapter(tmp_path / "l1", "x"), adapter(tmp_path / "l2", "x")
+    assert all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def _config(tmp_path, base, corpora, names, name="domains.yaml"):
+    doc = {"base": base, "defaults": {"max_steps": 6, "batch_size": 4, "seq_len": 16, "lr": 5e-3,
+                                      "device": "cpu", "threads": 1},
+           "domains": {n: {"data": [corpora[n]]} for n in names}}
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def test_pretrain_all_is_order_and_executor_independent(tiny_decoder, corpora, tmp_path):
+    lib1, lib2, lib3 = (str(tmp_path / f"lib{i}") for i in (1, 2, 3))
+    r1 = pretrain_all(load_config(_config(tmp_path, tiny_decoder, corpora, ["bio", "law", "food"], "a.yaml"), lib1),
+                      workers=2, progress=False)
+    assert all(r["status"] == "done" for r in r1.values()), r1
+    r2 = pretrain_all(load_config(_config(tmp_path, tiny_decoder, corpora, ["food", "bio"], "b.yaml"), lib2),
+                      workers=1, progress=False)
+    assert all(r["status"] == "done" for r in r2.values()), r2
+    for name in ("bio", "food"):
+        t1, t2 = adapter(lib1, name), adapter(lib2, name)
+        assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1), name
+    # complete modules are skipped on a rerun
+    again = pretrain_all(load_config(tmp_path / "b.yaml", lib2), workers=1, progress=False)
+    assert {r["status"] for r in again.values()} == {"skipped"}
+    # Ray (a local instance) gives the same tensors as the local executor
+    pytest.importorskip("ray")
+    r3 = pretrain_all(load_config(tmp_path / "b.yaml", lib3), executor="ray", progress=False)
+    assert all(r["status"] == "done" for r in r3.values()), r3
+    for name in ("bio", "food"):
+        t1, t3 = adapter(lib1, name), adapter(lib3, name)
+        assert all(torch.equal(t1[k], t3[k]) for k in t1), name
+
+
+def test_pretrain_all_reports_a_failed_domain_and_finishes_the_others(tiny_decoder, corpora, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cfg = _config(tmp_path, tiny_decoder, {**corpora, "law": str(empty)}, ["bio", "law"])
+    code = main(["pretrain-all", "--config", str(cfg), "--library", str(tmp_path / "lib"), "--workers", "2"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "law" in out and "failed" in out and "empty" in out
+    assert Library(tmp_path / "lib").names() == ["bio"]
+
+
+def test_bad_corpora_are_refused_clearly(tiny_decoder, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    odd = tmp_path / "corpus.docx"
+    odd.write_text("hello")
+    for path, msg in [(empty, "is empty"), (blank, "no non-empty documents"), (odd, "unknown file type")]:
+        code = main(["pretrain", "--base", tiny_decoder, "--domain", "d", "--data", str(path),
+                     "--library", str(tmp_path / "lib"), "--max-steps", "2", "--device", "cpu"])
+        assert code == 2
+        assert msg in capsys.readouterr().err
+    assert Library(tmp_path / "lib").names() == []
+
+
+def test_module_from_another_base_is_refused(tiny_decoder, tiny_encoder, corpora, tmp_path, capsys):
+    from domix.lm import load_with_module
+
+    lib = tmp_path / "lib"
+    pretrain(domain="bio", data=[corpora["bio"]], library=str(lib), base=tiny_encoder, **FAST)
+    code = main(["library", "check", str(lib), "--base", tiny_decoder])
+    out = capsys.readouterr().out
+    assert code == 1 and "module 'bio'" in out and "fingerprint" in out
+    with pytest.raises(LibraryError, match="module 'bio' was trained on base"):
+        load_with_module(tiny_decoder, str(lib), "bio")
+    assert main(["library", "check", str(lib), "--base", tiny_encoder]) == 0
+
+
+def test_truncated_module_file_is_named(tiny_decoder, corpora, tmp_path, capsys):
+    from domix.lm import load_with_module
+
+    lib = tmp_path / "lib"
+    pretrain(domain="bio", data=[corpora["bio"]], library=str(lib), base=tiny_decoder, **FAST)
+    f = lib / "bio" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LibraryError, match="module 'bio'.*truncated"):
+        load_with_module(tiny_decoder, str(lib), "bio")
+    assert main(["library", "check", str(lib), "--base", tiny_decoder]) == 1
+    assert "module 'bio'" in capsys.readouterr().out
+
+
+def test_interrupted_run_resumes_to_the_same_module(tiny_decoder, corpora, tmp_path):
+    from transformers import TrainerCallback
+
+    class Stop(RuntimeError):
+        pass
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                raise Stop("simulated interruption")
+
+    opts = {**FAST, "save_steps": 5}
+    pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "ref"), base=tiny_decoder, **opts)
+    with pytest.raises(Stop):
+        pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
+                 callbacks=[Interrupt()], **opts)
+    assert "bio" not in Library(tmp_path / "run"), "an interrupted run must not leave a module"
+    meta = pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
+                    resume=True, **opts)
+    assert meta["resumed_from"] == "checkpoint-5"
+    ref, run = adapter(tmp_path / "ref", "bio"), adapter(tmp_path / "run", "bio")
+    for k in ref:
+        torch.testing.assert_close(run[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_list_show_eval_lm(tiny_decoder, corpora, tmp_path, capsys):
+    lib = str(tmp_path / "lib")
+    assert main(["pretrain", "--base", tiny_decoder, "--domain", "law", "--data", corpora["law"], "--library", lib,
+                 "--max-steps", "30", "--batch-size", "4", "--seq-len", "16", "--lr", "2e-2",
+                 "--device", "cpu", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["library", "list", lib, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["law"] and rows[0]["kind"] == "lora"
+    assert main(["library", "show", lib, "law"]) == 0
+    assert json.loads(capsys.readouterr().out)["domain"] == "law"
+    scores = {}
+    for extra in ([], ["--library", lib, "--module", "law"]):
+        assert main(["eval-lm", "--base", tiny_decoder, "--data", corpora["law"], "--seq-len", "16",
+                     "--device", "cpu", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert {"loss", "perplexity"} <= out.keys()
+        scores[bool(extra)] = out["loss"]
+    assert scores[True] < scores[False], "the module should lower the loss on its own domain"
+    # an existing module is not silently replaced
+    assert main(["pretrain", "--base", tiny_decoder, "--domain", "law", "--data", corpora["law"],
+                 "--library", lib, "--max-steps", "2", "--device", "cpu"]) == 2
+    assert "already exists" in capsys.readouterr().err
