@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="bench-out/dap.json", help="where to write the JSON result")
+    p.add_argument("--repeats", type=int, default=1, help="repeat the runs, alternating their order")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
+    p.add_argument("--data", default=None,
+                   help="corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return ap

@@ -41,6 +41,8 @@ def fetch_model(progress: bool = True) -> Path:
         # The weights are dequantised fp32 now; the GGUF quantisation config no longer applies.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
         model.config.name_or_path = DEFAULT_BASE
         staged = Path(tmp) / "checkpoint"
         model.save_pretrained(staged)
@@ -115,10 +117,13 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over the backbone's tensors (names, shapes, values rounded to bf16), so the
-    same checkpoint gives the same fingerprint under any head and in fp32 or bf16."""
+    """sha256 over the backbone's embeddings and transformer blocks (names, shapes, values
+    rounded to bf16): the same checkpoint gives the same fingerprint under any head (a
+    classification head's freshly initialised pooler is left out) and in fp32 or bf16."""
     h = hashlib.sha256()
     for name, t in sorted(backbone(model).state_dict().items()):
+        if not (re.search(r"\.\d+\.", name) or "embed" in name):
+            continue
         t = t.detach().to("cpu", torch.bfloat16).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.int16).numpy().tobytes())

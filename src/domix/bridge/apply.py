@@ -1,0 +1,86 @@
+"""Stage 2: put a bridge over the chosen library modules in every layer they adapt."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import nn
+
+from ..lora import lora_pairs
+from ..modules.library import LibraryError, Module
+from .layer import BridgeLinear, bridge_init
+
+
+def module_scaling(mod: Module) -> float:
+    """The module's LoRA scaling as PEFT computes it (alpha/r, or alpha/sqrt(r) with rsLoRA)."""
+    cfg = json.loads((mod.path / "adapter_config.json").read_text())
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def bridged_layers(model: nn.Module) -> dict[str, BridgeLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, BridgeLinear)}
+
+
+def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_fingerprint: str) -> dict:
+    """Replace every layer the modules adapt by a BridgeLinear over them (in the given order).
+
+    Per layer: A_cat = [A_1; …; A_N], B_cat = [B_1 … B_N], P from `init`. Modules of different
+    ranks or scalings mix: each B_k is rescaled by s_k / s so one scaling s serves the layer.
+    Returns the per-layer layout {layer: {"modules": [...], "ranks": [...], "scaling": s}}."""
+    if not modules:
+        raise LibraryError("no modules chosen")
+    per_layer: dict[str, list] = {}
+    for mod in modules:
+        mod.check_base(base_fingerprint)
+        if mod.kind != "lora":
+            raise LibraryError(f"module '{mod.name}' is a {mod.kind}, not a LoRA domain module")
+        s = module_scaling(mod)
+        for layer, (a, b) in lora_pairs(mod.tensors()).items():
+            per_layer.setdefault(layer, []).append((mod.name, a.float(), b.float(), s))
+    names = [m.name for m in modules]
+    layout = {}
+    for layer, parts in per_layer.items():
+        try:
+            base = model.get_submodule(layer)
+        except AttributeError:
+            raise LibraryError(f"module '{parts[0][0]}': layer {layer} does not exist in this model") from None
+        if not isinstance(base, nn.Linear):
+            raise LibraryError(f"module '{parts[0][0]}': {layer} is not a linear layer of this model")
+        ranks = [a.shape[0] for _, a, _, _ in parts]
+        for name, a, b, _ in parts:
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise LibraryError(f"module '{name}': {layer} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                                   f"the base layer is {base.out_features} x {base.in_features}")
+        s = parts[0][3]
+        A = torch.cat([a for _, a, _, _ in parts], 0)
+        B = torch.cat([b * (sk / s) for _, _, b, sk in parts], 1)
+        layer_names = [n for n, *_ in parts]
+        init_here = init if not init.startswith("own:") or init[4:] in layer_names else "zeros"
+        P = bridge_init(init_here, ranks, layer_names) if init_here != "zeros" else torch.zeros(sum(ranks), sum(ranks))
+        set_submodule(model, layer, BridgeLinear(base, A, P, B, s, ranks))
+        layout[layer] = {"modules": layer_names, "ranks": ranks, "scaling": s}
+    if init.startswith("own:") and init[4:] not in names:
+        raise ValueError(f"--bridge-init {init}: '{init[4:]}' is not among the chosen modules {names}")
+    return layout
+
+
+def restore_bridge(model: nn.Module, layout: dict, tensors: dict) -> None:
+    """Rebuild saved BridgeLinear layers (A, P, B from `tensors`) in a freshly loaded base."""
+    for layer, info in layout.items():
+        base = model.get_submodule(layer)
+        t = {k: tensors[f"{layer}.lora_{k}"] for k in "APB"}
+        set_submodule(model, layer, BridgeLinear(base, t["A"], t["P"], t["B"], info["scaling"], info["ranks"]))
+
+
+def merge_bridge(model: nn.Module) -> nn.Module:
+    """Fold every bridge into its base weight: inference then costs exactly the base model."""
+    for name, layer in bridged_layers(model).items():
+        set_submodule(model, name, layer.merged())
+    return model
