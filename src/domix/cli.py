@@ -147,6 +147,76 @@ def cmd_eval_lm(a) -> int:
     return 0
 
 
+def cmd_finetune(a) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    fields = {k: v for k, v in vars(a).items() if k in FinetuneConfig.__dataclass_fields__ and v is not None}
+    m = finetune(FinetuneConfig(**fields))
+    if a.json:
+        _print_json({k: v for k, v in m.items() if k != "history"})
+    else:
+        print(f"{a.out}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  trainable "
+              f"{m['trainable_params']:,} / {m['total_params']:,} params  ({m['train_time_s']:.0f} s)")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .finetune import evaluate_rows, load_task_model
+    from .tasks import read_jsonl
+
+    model, tok, spec = load_task_model(a.model, device=a.device)
+    rows = read_jsonl(a.data, ("text", "label") if spec["task"] == "classify" else ("prompt", "answer"))
+    m = evaluate_rows(model, tok, {**spec, "where": a.data}, rows)
+    if a.json:
+        _print_json(m)
+    else:
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['examples']} examples)")
+        for name, f1 in m.get("per_class_f1", {}).items():
+            print(f"  {name:24s} F1 {f1:.4f}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .finetune import generate_answers, load_task_model, predict_classify
+    from .tasks import read_jsonl
+
+    model, tok, spec = load_task_model(a.model, device=a.device)
+    if a.text is not None:
+        rows = [{"text": t, "prompt": t} for t in a.text]
+    else:
+        rows = read_jsonl(a.data, ("text",) if spec["task"] == "classify" else ("prompt",))
+    if spec["task"] == "classify":
+        probs = predict_classify(model, tok, [r["text"] for r in rows],
+                                 [r["text_pair"] for r in rows] if any("text_pair" in r for r in rows) else None,
+                                 max_len=spec["max_seq_len"])
+        out = [{"text": r["text"], "label": spec["labels"][int(p.argmax())],
+                "probabilities": {l: round(float(x), 6) for l, x in zip(spec["labels"], p)}} for r, p in zip(rows, probs)]
+    else:
+        answers = generate_answers(model, tok, [r["prompt"] for r in rows], spec.get("max_new_tokens", 32))
+        out = [{"prompt": r["prompt"], "answer": ans} for r, ans in zip(rows, answers)]
+    if a.json:
+        _print_json(out)
+    else:
+        for o in out:
+            print(f"{o['label']}\t{o['probabilities'][o['label']]:.4f}\t{o['text'][:80]}" if "label" in o
+                  else f"{o['answer']}\t{o['prompt'][:80]}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export
+
+    rep = export(a.model, a.out, a.format, a.rank, overwrite=a.overwrite)
+    if a.json:
+        _print_json({k: v for k, v in rep.items() if k != "layer_errors"})
+    else:
+        line = f"exported {a.model} -> {a.out} ({a.format})"
+        if "max_relative_error" in rep:
+            line += f"  LoRA rank {rep['lora_rank']}, max relative error of the update {rep['max_relative_error']:.3g}"
+        print(line)
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
@@ -218,6 +288,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, ...)")
     p.set_defaults(func=cmd_eval_lm)
+
+    p = sub.add_parser("finetune", help="stage 2-3: mix library modules through a bridge and fine-tune on a task")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--library", help="module library (needed by --method domix)")
+    p.add_argument("--modules", default="all", help="'all' or a comma list of module names")
+    p.add_argument("--method", choices=["domix", "lora", "dora", "full"], default="domix",
+                   help="domix (bridge over modules); lora/dora/full are the baselines from the base")
+    p.add_argument("--train", required=True, help="JSONL: text,label[,text_pair] (classify) or prompt,answer (generate)")
+    p.add_argument("--eval", required=True, help="JSONL of the same shape, evaluated during and after training")
+    p.add_argument("--out", required=True, help="task model directory (written atomically)")
+    p.add_argument("--task", choices=["classify", "generate"], default="classify")
+    p.add_argument("--bridge-init", default="rank", help="uniform (I/N), rank (I/(N*r)), identity (I), own:DOMAIN")
+    p.add_argument("--bridge-lr", type=float, default=3e-3, help="learning rate of the bridge P (weight decay 0)")
+    p.add_argument("--freeze-bridge", action="store_true", help="keep P at its initial value (ablation)")
+    p.add_argument("--lora-rank", type=int, default=32, help="rank for --method lora/dora")
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of B_cat and the task head")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: four per run)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="score a task model on a JSONL file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="labels with probabilities, or generated answers")
+    p.add_argument("--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", nargs="+", help="one or more texts (prompts for generate tasks)")
+    src.add_argument("--data", help="a JSONL file with text (or prompt) fields")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="merged Hugging Face checkpoint or one standard PEFT LoRA adapter")
+    p.add_argument("--model", required=True, help="a domix task model directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["merged", "peft-lora"], default="merged")
+    p.add_argument("--rank", type=int, default=None, help="SVD-truncate each layer's update to this rank")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="efficiency benchmarks (results as JSON)")
     p.add_argument("which", choices=["dap"])

@@ -283,6 +283,13 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
         raise ValueError("--method domix needs --library")
     if cfg.task not in ("classify", "generate"):
         raise ValueError(f"unknown --task {cfg.task!r} (classify or generate)")
+    if cfg.task == "generate":
+        from transformers import AutoConfig
+
+        from .models import is_masked_lm
+
+        if is_masked_lm(AutoConfig.from_pretrained(resolve_base(cfg.base))):
+            raise ValueError("--task generate needs a decoder (causal LM) base; this base is an encoder")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.progress:

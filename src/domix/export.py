@@ -1,0 +1,94 @@
+"""Export a DoMIX task model: merged weights, or one standard PEFT LoRA adapter.
+
+The bridged update of a layer is s · (B_cat P) A_cat: an ordinary LoRA of rank N·r with
+A' = A_cat, B' = B_cat P and the same scaling; `rank=K` truncates it per layer by SVD.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .bridge.apply import bridged_layers, merge_bridge
+from .finetune import load_task_model
+from .io import atomic_dir, write_json
+
+
+def _lora_factors(layer, rank: int | None):
+    """(A', B', scaling, relative error) of one bridged layer."""
+    A, P, B, s = layer.lora_A.float(), layer.lora_P.float(), layer.lora_B.float(), layer.scaling
+    if rank is None:
+        return A, B @ P, s, 0.0
+    delta = s * (B @ P @ A)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, S.numel())
+    B2, A2 = U[:, :k] * S[:k], Vh[:k]
+    err = (torch.linalg.norm(delta - B2 @ A2) / torch.linalg.norm(delta).clamp_min(1e-12)).item()
+    return A2, B2, 1.0, err
+
+
+def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: int | None = None,
+           overwrite: bool = False) -> dict:
+    """Write `out` (atomically) and return a report (format, rank, per-layer relative errors)."""
+    model, tokenizer, spec = load_task_model(model_dir, device="cpu")
+    if spec["method"] not in ("domix", "full"):
+        raise ValueError(f"export supports domix and full task models, not '{spec['method']}'")
+    if fmt not in ("merged", "peft-lora"):
+        raise ValueError(f"unknown --format {fmt!r} (merged or peft-lora)")
+    report = {"format": fmt, "model": str(model_dir), "out": str(out), "base": spec["base"], "rank": rank}
+    with atomic_dir(Path(out), overwrite=overwrite) as stage:
+        if fmt == "merged":
+            if rank is not None:
+                for layer in bridged_layers(model).values():
+                    A2, B2, s2, _ = _lora_factors(layer, rank)
+                    layer.lora_A, layer.lora_P.data = A2, torch.eye(A2.shape[0])
+                    layer.lora_B.data, layer.scaling = B2, s2
+            merge_bridge(model)
+            model.config.name_or_path = spec["base_path"]
+            model.save_pretrained(stage)
+        else:
+            report.update(_peft_export(model, spec, rank, stage))
+        tokenizer.save_pretrained(stage)
+        write_json(stage / "domix_export.json", {k: v for k, v in report.items() if k != "layer_errors"})
+    return report
+
+
+def _peft_export(model, spec: dict, rank: int | None, stage: Path) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    from .finetune import _load_base, FinetuneConfig
+
+    layers = bridged_layers(model)
+    if not layers:
+        raise ValueError("this task model has no bridge to export as a LoRA adapter")
+    factors = {name: _lora_factors(layer, rank) for name, layer in layers.items()}
+    ranks = {n: f[0].shape[0] for n, f in factors.items()}
+    alphas = {n: f[2] * f[0].shape[0] for n, f in factors.items()}  # PEFT scaling = alpha / r
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    head = sorted({n.rsplit(".", 1)[0] for n in model._domix_head})
+    cfg = LoraConfig(r=r0, lora_alpha=a0, target_modules=sorted(layers), lora_dropout=0.0, bias="none",
+                     rank_pattern={n: r for n, r in ranks.items() if r != r0},
+                     alpha_pattern={n: a for n, a in alphas.items() if a != a0},
+                     modules_to_save=head or None,
+                     task_type=None if spec["task"] == "classify" else "CAUSAL_LM")  # SEQ_CLS would add absent head names
+    fresh, _ = _load_base(FinetuneConfig(train="", eval="", out="", base=spec["base"], task=spec["task"]),
+                          {i: l for i, l in enumerate(spec["labels"])} if spec["labels"] else None)
+    peft_model = get_peft_model(fresh, cfg)
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name, (A2, B2, _, _) in factors.items():
+            lora = inner.get_submodule(name)
+            lora.lora_A["default"].weight.copy_(A2)
+            lora.lora_B["default"].weight.copy_(B2)
+        own = dict(model.named_parameters())
+        for mod in head:
+            wrapper = inner.get_submodule(mod)
+            for pname, p in wrapper.modules_to_save["default"].named_parameters():
+                p.copy_(own[f"{mod}.{pname}"])
+    peft_model.peft_config["default"].base_model_name_or_path = spec["base_path"]
+    peft_model.save_pretrained(stage)
+    errs = {n: f[3] for n, f in factors.items()}
+    return {"lora_rank": r0, "lora_alpha": a0, "max_relative_error": max(errs.values()),
+            "mean_relative_error": sum(errs.values()) / len(errs), "layer_errors": errs}

@@ -1,0 +1,51 @@
+"""`domix bench dap`: the three runs in their own processes, the JSON schema and the ratios."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from domix.bench.dap import RUNS, WARMUP_STEPS
+from domix.cli import main
+
+
+def test_bench_dap_schema_on_tiny_llama(tiny_decoder, corpora, tmp_path, capsys):
+    out = tmp_path / "dap.json"
+    rc = main(["bench", "dap", "--base", tiny_decoder, "--data", corpora["bio"], "--steps", "3",
+               "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--out", str(out), "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    res = json.loads(out.read_text())
+    assert printed["ratios"] == res["ratios"]
+
+    s = res["settings"]
+    for key in ("base", "steps", "seq_len", "batch_size", "threads", "torch", "date", "corpus"):
+        assert key in s, key
+    assert (s["steps"], s["seq_len"], s["batch_size"], s["threads"]) == (3, 16, 4, 1)
+    assert s["order"] == list(RUNS)
+
+    runs = res["runs"]
+    assert set(runs) == set(RUNS)
+    for name, r in runs.items():
+        for key in ("tokens_per_s", "step_time_s", "peak_rss_mb", "trainable_params"):
+            assert r[key] > 0, (name, key)
+        raw = res["raw"][name][0]
+        assert len(raw["step_times_s"]) == 3 and raw["warmup_steps"] == WARMUP_STEPS
+        assert raw["threads"] == 1
+    # LoRA runs train the same adapter (all block linears, r=8); full-ft trains everything
+    assert runs["domix"]["trainable_params"] == runs["peft-trainer"]["trainable_params"]
+    assert runs["full-ft"]["trainable_params"] == runs["full-ft"]["total_params"]
+    assert runs["domix"]["trainable_params"] < runs["full-ft"]["trainable_params"]
+
+    ratios = res["ratios"]
+    assert ratios["tokens_per_s_domix_over_peft"] == pytest.approx(
+        runs["domix"]["tokens_per_s"] / runs["peft-trainer"]["tokens_per_s"])
+    assert ratios["peak_rss_domix_over_full"] == pytest.approx(
+        runs["domix"]["peak_rss_mb"] / runs["full-ft"]["peak_rss_mb"])
+    assert ratios["step_time_lora_over_full"] == pytest.approx(
+        runs["peft-trainer"]["step_time_s"] / runs["full-ft"]["step_time_s"])
+    for name, t in res["targets"].items():
+        assert set(t) >= {"value", "target", "met"}
+        assert t["value"] == ratios[name] and isinstance(t["met"], bool)
+    assert set(res["targets"]) == {"tokens_per_s_domix_over_peft", "peak_rss_domix_over_full"}
+    assert "| domix |" in res["table"] and "peak_rss_domix_over_full" in res["table"]

@@ -1,0 +1,234 @@
+"""Stages 2–3: the bridge layer, fine-tuning, evaluation, prediction, export."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_corpus
+
+from domix import LibraryError, pretrain
+from domix.bridge.apply import apply_bridge, bridged_layers
+from domix.cli import main
+from domix.finetune import FinetuneConfig, finetune, load_task_model
+from domix.modules.library import Library
+from domix.models import fingerprint
+
+DOMS = ["bio", "law", "food"]
+FT = dict(epochs=3, batch_size=8, lr=5e-3, progress=False, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def libs(tiny_decoder, tiny_encoder, corpora, tmp_path_factory):
+    """{base path: library with modules bio, law, food (rank 4, 4, 2: mixed ranks)}."""
+    out = {}
+    for base in (tiny_decoder, tiny_encoder):
+        lib = tmp_path_factory.mktemp("lib")
+        for dom, rank in zip(DOMS, (4, 4, 2)):
+            pretrain(domain=dom, data=[corpora[dom]], library=str(lib), base=base, rank=rank, alpha=2 * rank,
+                     max_steps=10, batch_size=4, seq_len=16, lr=2e-2, progress=False, device="cpu", threads=1)
+        out[base] = str(lib)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    rows = [{"text": d, "label": dom} for dom in DOMS for d in make_corpus(dom, 30, seed=7)]
+    random.Random(0).shuffle(rows)
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:70]) + "\n")
+    (root / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows[70:]) + "\n")
+    gen = [{"prompt": f"domain of: {d[:40]}", "answer": dom} for dom in DOMS for d in make_corpus(dom, 12, seed=3)]
+    random.Random(1).shuffle(gen)
+    (root / "gen_train.jsonl").write_text("\n".join(json.dumps(r) for r in gen[:30]) + "\n")
+    (root / "gen_dev.jsonl").write_text("\n".join(json.dumps(r) for r in gen[30:]) + "\n")
+    bad = rows[70:75] + [{"text": "bake the dough", "label": "cooking"}]
+    (root / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in bad) + "\n")
+    return root
+
+
+def _lm(base):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(base).eval()
+
+
+def _mods(lib, names):
+    return Library(lib).select(names)
+
+
+IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 4, 6]])
+
+
+def test_identity_bridge_equals_peft_cat_merge(tiny_decoder, libs):
+    from peft import PeftModel
+
+    lib = libs[tiny_decoder]
+    mods = _mods(lib, DOMS[:2])  # add_weighted_adapter(cat) needs equal scalings: bio, law (alpha/r = 2)
+    peft = PeftModel.from_pretrained(_lm(tiny_decoder), f"{lib}/bio", adapter_name="bio")
+    peft.load_adapter(f"{lib}/law", adapter_name="law")
+    peft.add_weighted_adapter(["bio", "law"], [1.0, 1.0], "cat", combination_type="cat")
+    peft.set_adapter("cat")
+    ours = _lm(tiny_decoder)
+    apply_bridge(ours, mods, "identity", fingerprint(ours))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, peft(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_bridge_is_the_average_of_module_updates(tiny_decoder, libs):
+    from peft import PeftModel
+
+    lib = libs[tiny_decoder]
+    base = _lm(tiny_decoder)
+    W0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    deltas = []
+    for name in DOMS:
+        merged = PeftModel.from_pretrained(_lm(tiny_decoder), f"{lib}/{name}").merge_and_unload()
+        deltas.append({n: merged.get_submodule(n).weight.detach() - w for n, w in W0.items()})
+    avg = _lm(tiny_decoder)
+    with torch.no_grad():
+        for n in W0:
+            avg.get_submodule(n).weight += sum(d[n] for d in deltas) / len(deltas)
+    ours = _lm(tiny_decoder)
+    apply_bridge(ours, _mods(lib, DOMS), "uniform", fingerprint(ours))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, avg(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cat_gets_no_gradient_and_permutation_invariance(tiny_decoder, libs):
+    lib = libs[tiny_decoder]
+    m1 = _lm(tiny_decoder)
+    apply_bridge(m1, _mods(lib, ["bio", "law", "food"]), "rank", fingerprint(m1))
+    layer = next(iter(bridged_layers(m1).values()))
+    assert "lora_A" not in dict(layer.named_parameters()) and "lora_A" in dict(layer.named_buffers())
+    with torch.no_grad():  # a random, non-diagonal P: the permuted model must still agree
+        for l in bridged_layers(m1).values():
+            l.lora_P.copy_(torch.randn_like(l.lora_P) * 0.1)
+    A0 = layer.lora_A.clone()
+    m1(IDS).logits.sum().backward()
+    assert layer.lora_P.grad is not None and layer.lora_B.grad is not None
+    assert layer.lora_A.grad is None and torch.equal(layer.lora_A, A0)
+    # permute the modules: food, bio, law — and P's blocks accordingly
+    m2 = _lm(tiny_decoder)
+    apply_bridge(m2, _mods(lib, ["food", "bio", "law"]), "rank", fingerprint(m2))
+    ranks = {"bio": 4, "law": 4, "food": 2}
+    start = {"bio": 0, "law": 4, "food": 8}
+    idx = torch.cat([torch.arange(start[n], start[n] + ranks[n]) for n in ["food", "bio", "law"]])
+    with torch.no_grad():
+        for name, l2 in bridged_layers(m2).items():
+            l2.lora_P.copy_(bridged_layers(m1)[name].lora_P[idx][:, idx])
+        torch.testing.assert_close(m2(IDS).logits, m1(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
+def test_classify_finetune_evaluate_predict_export(kind, request, libs, task_files, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = request.getfixturevalue(kind)
+    out = tmp_path / "task"
+    m = finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(out),
+                 library=libs[base], base=base, **{**FT, "epochs": 10, "lr": 1e-2})
+    for key in ("accuracy", "macro_f1", "trainable_params", "total_params", "train_loss", "history"):
+        assert key in m
+    assert m["accuracy"] > 0.6, m["accuracy"]  # 3 separable classes; chance is 1/3
+    assert {"model.safetensors", "task.json", "metrics.json", "loss.png", "bridge.png"} <= {p.name for p in out.iterdir()}
+    model, tok, spec = load_task_model(out, device="cpu")
+    # only P, B_cat and the head are trained; the task model stores them and the frozen A_cat, nothing else
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(k.endswith(("lora_A", "lora_P", "lora_B")) or k in model._domix_head for k in saved)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {k for k in saved if not k.endswith("lora_A")}
+    assert main(["evaluate", "--model", str(out), "--data", str(task_files / "dev.jsonl"), "--device", "cpu", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["accuracy"] == pytest.approx(m["accuracy"]) and len(ev["confusion_matrix"]) == 3
+    assert main(["predict", "--model", str(out), "--text", "court judge appeal ruling", "--device", "cpu",
+                 "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)[0]
+    assert set(pred["probabilities"]) == set(DOMS) and abs(sum(pred["probabilities"].values()) - 1) < 1e-4
+    # unknown label: refused with its name
+    assert main(["evaluate", "--model", str(out), "--data", str(task_files / "bad.jsonl"), "--device", "cpu"]) == 2
+    assert "cooking" in capsys.readouterr().err
+    # exports give the same logits without domix
+    enc = tok(["court judge appeal ruling", "bake the dough with salt"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged"), "--format", "merged"]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == {0: "bio", 1: "food", 2: "law"}
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "lora"), "--format", "peft-lora"]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    adapter = PeftModel.from_pretrained(plain, str(tmp_path / "lora")).eval()
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 10  # N·r = 4 + 4 + 2
+    with torch.no_grad():
+        for other in (merged(**enc).logits, adapter(**enc).logits):
+            assert (torch.linalg.norm(other - ref) / torch.linalg.norm(ref)).item() <= 1e-4
+    capsys.readouterr()
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "lora4"), "--format", "peft-lora",
+                 "--rank", "4", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["lora_rank"] == 4 and 0 < rep["max_relative_error"] < 1
+
+
+@pytest.mark.parametrize("kind", ["tiny_decoder"])
+def test_generate_task(kind, request, libs, task_files, tmp_path):
+    base = request.getfixturevalue(kind)
+    m = finetune(train=str(task_files / "gen_train.jsonl"), eval=str(task_files / "gen_dev.jsonl"),
+                 out=str(tmp_path / "gen"), library=libs[base], base=base, task="generate",
+                 **{**FT, "epochs": 8, "lr": 1e-2})
+    assert m["task"] == "generate" and 0 <= m["accuracy"] <= 1
+    assert m["eval"]["exact_match"] == m["accuracy"]
+    hist = [h["loss"] for h in m["history"] if "loss" in h]
+    assert hist[-1] < hist[0]
+
+
+def test_generate_task_on_an_encoder_is_refused(tiny_encoder, libs, task_files, tmp_path):
+    with pytest.raises(ValueError, match="decoder"):
+        finetune(train=str(task_files / "gen_train.jsonl"), eval=str(task_files / "gen_dev.jsonl"),
+                 out=str(tmp_path / "gen"), library=libs[tiny_encoder], base=tiny_encoder, task="generate", **FT)
+
+
+def test_single_module_and_foreign_base(tiny_decoder, tiny_encoder, libs, task_files, tmp_path):
+    m = finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(tmp_path / "one"),
+                 library=libs[tiny_decoder], modules="law", base=tiny_decoder, bridge_init="own:law", **FT)
+    assert m["trainable_params"] > 0
+    with pytest.raises(LibraryError, match="module 'bio' was trained on base"):
+        finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(tmp_path / "x"),
+                 library=libs[tiny_encoder], base=tiny_decoder, **FT)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_eval_label_is_refused_before_training(tiny_decoder, libs, task_files, tmp_path):
+    with pytest.raises(ValueError, match="cooking"):
+        finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "bad.jsonl"), out=str(tmp_path / "x"),
+                 library=libs[tiny_decoder], base=tiny_decoder, **FT)
+
+
+def test_interrupted_finetune_resumes_to_the_same_model(tiny_decoder, libs, task_files, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Stop(RuntimeError):
+        pass
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6:
+                raise Stop("simulated interruption")
+
+    opts = dict(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), library=libs[tiny_decoder],
+                base=tiny_decoder, save_steps=4, eval_every=100, **FT)
+    finetune(out=str(tmp_path / "ref"), **opts)
+    with pytest.raises(Stop):
+        finetune(out=str(tmp_path / "run"), callbacks=[Interrupt()], **opts)
+    assert not (tmp_path / "run").exists()
+    m = finetune(out=str(tmp_path / "run"), resume=True, **opts)
+    assert m["resumed_from"] == "checkpoint-4"
+    ref, run = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert ref.keys() == run.keys()
+    for k in ref:
+        torch.testing.assert_close(run[k], ref[k], rtol=1e-5, atol=1e-6)
