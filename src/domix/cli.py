@@ -52,8 +52,10 @@ def cmd_fetch(a) -> int:
     else:
         from .data.benchmark import build_benchmark_data
 
+        from .fetch import cache_dir
+
         manifest = build_benchmark_data(a.out, seed=a.seed)
-        out = {"data": str(manifest.get("root", a.out)), **{k: manifest[k] for k in ("corpora", "tasks")}}
+        out = {"data": str(a.out or cache_dir() / "data"), **{k: manifest[k] for k in ("corpora", "tasks")}}
     _print_json(out) if a.json else print(out.get("path") or out["data"])
     return 0
 

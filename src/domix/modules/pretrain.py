@@ -47,6 +47,7 @@ class PretrainConfig:
     threads: int | None = None
     trust_remote_code: bool = False
     progress: bool = True
+    full: bool = False  # train every weight instead of a LoRA module (the naive continual DAP baseline)
     extra: dict = field(default_factory=dict)
 
 
@@ -78,7 +79,9 @@ def _total_steps(cfg: PretrainConfig, n_blocks: int) -> int:
 def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dict:
     """Train the domain module `cfg.domain` and write it atomically to `cfg.library/<domain>/`.
 
-    Returns the module's metadata (the content of its `domix.json`)."""
+    Returns the module's metadata (the content of its `domix.json`). With `full`, every weight
+    trains and the entry is a complete HF checkpoint with its tokenizer (kind "full"): the naive
+    continual-DAP baseline, whose next domain or full fine-tuning takes it as `base`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
@@ -112,12 +115,18 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     held_blocks = pack(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks) if len(held_docs) else None
     steps = _total_steps(cfg, len(train_blocks))
 
+    base_held = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
     set_seed(seed)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=target_regex(model, cfg.targets), bias="none",
-                      task_type="CAUSAL_LM" if objective == "clm" else None)
-    model = get_peft_model(model, lora)
-    model.peft_config["default"].base_model_name_or_path = resolve_base(cfg.base)
+    if cfg.full:  # a full checkpoint: usable as the `base` of a next domain or of full fine-tuning
+        lora = None
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=target_regex(model, cfg.targets), bias="none",
+                          task_type="CAUSAL_LM" if objective == "clm" else None)
+        model = get_peft_model(model, lora)
+        model.peft_config["default"].base_model_name_or_path = resolve_base(cfg.base)
 
     work = lib.path / ".work" / cfg.domain
     last = get_last_checkpoint(str(work)) if cfg.resume and work.is_dir() else None
@@ -143,14 +152,16 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
     history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     meta = {
-        "kind": "lora", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
-        "objective": objective, "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets,
-        "target_modules": lora.target_modules, "seed": cfg.seed, "module_seed": seed,
+        "kind": "full" if cfg.full else "lora", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
+        "objective": objective, "rank": None if cfg.full else cfg.rank, "alpha": None if cfg.full else cfg.alpha,
+        "targets": "all" if cfg.full else cfg.targets, "target_modules": lora.target_modules if lora else None,
+        "seed": cfg.seed, "module_seed": seed,
         "data": [str(p) for p in cfg.data], "documents": len(train_docs), "heldout_documents": len(held_docs),
         "steps": steps, "tokens": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
         "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
         "train_loss": result.training_loss, "loss_history": history,
         "heldout_loss": heldout["loss"] if heldout else None, "heldout_tokens": heldout["tokens"] if heldout else 0,
+        "base_heldout_loss": base_held["loss"] if base_held else None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
         "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
@@ -158,6 +169,8 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     }
     with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
         model.save_pretrained(stage)
+        if cfg.full:
+            tokenizer.save_pretrained(stage)
         runs = work / "runs"
         if runs.is_dir():
             shutil.copytree(runs, stage / "runs")
