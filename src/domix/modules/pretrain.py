@@ -180,7 +180,11 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
 
 
 def _quiet() -> None:
+    import warnings
+
     import datasets
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
