@@ -137,10 +137,16 @@ def cmd_library(a) -> int:
 
 
 def cmd_eval_lm(a) -> int:
-    from .lm import eval_lm
+    opts = dict(seq_len=a.seq_len, batch_size=a.batch_size, max_blocks=a.max_blocks, device=a.device,
+                text_field=a.text_field, progress=not a.json)
+    if a.model:  # a composed MoDE model or a library MoDE expert
+        from .mode.train import eval_mode
 
-    out = eval_lm(a.base, a.data, a.library, a.module, seq_len=a.seq_len, batch_size=a.batch_size,
-                  max_blocks=a.max_blocks, device=a.device, text_field=a.text_field, progress=not a.json)
+        out = eval_mode(a.model, a.data, **opts)
+    else:
+        from .lm import eval_lm
+
+        out = eval_lm(a.base, a.data, a.library, a.module, **opts)
     if a.json:
         _print_json(out)
     else:
@@ -281,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-lm", help="LM loss / perplexity of the base, or the base with one module")
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--library", default=None)
-    p.add_argument("--module", default=None)
+    p.add_argument("--module", default=None, help="a LoRA module of --library to attach to the base")
+    p.add_argument("--model", default=None, help="instead: a composed MoDE directory or a library MoDE expert")
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -344,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from .mode.cli import register as register_mode
+
+    register_mode(sub)
 
     p = sub.add_parser("bench", help="efficiency benchmarks (results as JSON)")
     p.add_argument("which", choices=["dap"])

@@ -16,10 +16,11 @@ from .pretrain import PretrainConfig, pretrain
 RUN_KEYS = {"base"}  # top-level keys besides `defaults` and `domains`
 
 
-def load_config(path: Path | str, library: str, overrides: dict | None = None) -> list[PretrainConfig]:
-    """Parse a `domains.yaml` into one PretrainConfig per domain, in the listed order.
+def load_config(path: Path | str, library: str, overrides: dict | None = None,
+                config_cls: type = PretrainConfig) -> list:
+    """Parse a `domains.yaml` into one `config_cls` (default PretrainConfig) per domain, in the listed order.
 
-    Data paths are relative to the config file; keys are `domix pretrain` options, underscored."""
+    Data paths are relative to the config file; keys are the training command's options, underscored."""
     path = Path(path)
     doc = yaml.safe_load(path.read_text()) or {}
     unknown_top = set(doc) - RUN_KEYS - {"defaults", "domains"}
@@ -28,7 +29,7 @@ def load_config(path: Path | str, library: str, overrides: dict | None = None) -
     domains = doc.get("domains") or {}
     if not domains:
         raise ValueError(f"{path}: no domains listed")
-    allowed = {f.name for f in fields(PretrainConfig)} - {"domain", "library", "extra"}
+    allowed = {f.name for f in fields(config_cls)} - {"domain", "library", "extra"}
     configs = []
     for name, spec in domains.items():
         merged = {**({"base": doc["base"]} if "base" in doc else {}), **(doc.get("defaults") or {}),
@@ -41,32 +42,38 @@ def load_config(path: Path | str, library: str, overrides: dict | None = None) -
             raise ValueError(f"{path}: domain '{name}' has no data")
         data = [data] if isinstance(data, str) else data
         data = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in data]
-        configs.append(PretrainConfig(domain=str(name), data=data, library=library, **merged))
+        configs.append(config_cls(domain=str(name), data=data, library=library, **merged))
     return configs
 
 
-def _run_one(cfg_dict: dict) -> dict:
+def _run_one(cfg_dict: dict, cfg_cls: type = PretrainConfig, runner=pretrain) -> dict:
     """One domain in a worker: returns {"domain", "status", "meta" | "error"}."""
-    cfg = PretrainConfig(**cfg_dict)
+    cfg = cfg_cls(**cfg_dict)
     try:
-        return {"domain": cfg.domain, "status": "done", "meta": pretrain(cfg)}
+        return {"domain": cfg.domain, "status": "done", "meta": runner(cfg)}
     except Exception as e:  # reported per domain; the other domains still finish
         return {"domain": cfg.domain, "status": "failed", "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc()}
 
 
 def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str = "local",
-                 ray_address: str | None = None, progress: bool = True) -> dict:
+                 ray_address: str | None = None, progress: bool = True, runner=None) -> dict:
     """Train every domain not already complete in its library. Returns {domain: result}.
 
     Each domain runs in its own process with `threads` intra-op threads (default: cores //
-    workers), so its tensors do not depend on which or how many other domains run."""
+    workers), so its tensors do not depend on which or how many other domains run.
+    `runner(cfg) -> meta` trains one domain (default: stage-1 `pretrain`; e.g. MoDE's
+    `pretrain_expert` with its config class); it must be importable by the workers."""
     from tqdm.auto import tqdm
 
     results, todo = {}, []
+    runner = runner or pretrain
+    cfg_cls = type(configs[0]) if configs else PretrainConfig
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     for cfg in configs:
-        if cfg.domain in Library(cfg.library) and not cfg.overwrite:
+        # an entry of another kind under the same name is left to the runner, which refuses it
+        if (cfg.domain in Library(cfg.library) and not cfg.overwrite
+                and Library(cfg.library).get(cfg.domain).kind == getattr(cfg, "kind", "lora")):
             results[cfg.domain] = {"domain": cfg.domain, "status": "skipped", "meta": Library(cfg.library).get(cfg.domain).meta}
             continue
         d = asdict(cfg)
@@ -76,7 +83,7 @@ def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str 
     if executor == "local":
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
                                  max_tasks_per_child=1) as pool:
-            futures = [pool.submit(_run_one, d) for d in todo]
+            futures = [pool.submit(_run_one, d, cfg_cls, runner) for d in todo]
             for fut in as_completed(futures):
                 r = fut.result()
                 results[r["domain"]] = r
@@ -91,7 +98,7 @@ def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str 
                      **({} if ray_address else {"num_cpus": os.cpu_count()}))
         try:
             tasks = [ray.remote(num_cpus=d["threads"], num_gpus=1 if d["device"] == "cuda" else 0,
-                                max_retries=0)(_run_one).remote(d) for d in todo]
+                                max_retries=0)(_run_one).remote(d, cfg_cls, runner) for d in todo]
             pending = list(tasks)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

@@ -1,0 +1,321 @@
+"""The MoDE block: domain experts beside a frozen backbone block, mixed by a token-level gate.
+
+The backbone's L layers are split into B contiguous blocks. Block b gets, per domain j, an
+expert f_j of k layers of the backbone's own layer class, run on the block's input x, and a
+gate a(x) = softmax(W x̂ + c) with N+1 outputs (index 0 is the backbone path; x̂ is x scaled to
+unit RMS per token, see `_rms`). The block's output is
+
+    y = f_bb(x) + s · Σ_j a_j(x) · (f_j(x) − f_bb(x))
+
+With s = 1 this is the paper's mixture a_bb·f_bb(x) + Σ_j a_j·f_j(x) (the a's sum to one).
+A softmax cannot put exactly all weight on the backbone and still pass gradients, so the
+gate also has a learnable scalar s, initialised to 0: the starting model *is* the backbone
+(bit for bit), and gradients reach s (and through it W, c and the experts) from step one.
+
+The backbone is never rewritten: the block is attached with two forward hooks (the first
+layer of the block remembers x, the last layer's output is replaced by y), so the layer
+list, the config, the state-dict keys and the base fingerprint all stay the base model's,
+and every head (causal LM, masked LM, classification) works unchanged. The expert layers
+receive exactly the arguments the block's last backbone layer receives (attention mask,
+rotary position embeddings, position ids, cache); they use layer indices L, L+1, ... so
+their keys and values extend the same KV cache without touching the backbone's entries.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..models import backbone
+
+PAPER_BLOCKS, PAPER_EXPERT_LAYERS = 3, 2  # MoDE (arXiv 2410.10181): 18-layer backbone, 3 blocks x 2 expert layers
+
+
+def default_layout(num_layers: int) -> tuple[int, int]:
+    """(blocks, expert layers): the paper's 3 blocks x 2 layers (an expert is a third of its
+    6-layer block), shrunk for shallow backbones so that an expert is at most a third of its
+    block, and at least one layer. 30 layers -> (3, 2); 12 -> (3, 1); 4 -> (2, 1)."""
+    blocks = min(PAPER_BLOCKS, max(1, num_layers // 2))
+    return blocks, min(PAPER_EXPERT_LAYERS, max(1, (num_layers // blocks) // 3))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the MoDE blocks sit in a backbone; an expert fits a model only under the same layout."""
+
+    num_layers: int
+    blocks: int
+    expert_layers: int
+    layer_class: str
+    hidden_size: int
+
+    def __post_init__(self):
+        if not 1 <= self.blocks <= self.num_layers:
+            raise ValueError(f"--blocks must be between 1 and the number of layers ({self.num_layers}), "
+                             f"not {self.blocks}")
+        if self.expert_layers < 1:
+            raise ValueError(f"--expert-layers must be at least 1, not {self.expert_layers}")
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """[start, end) layer indices of each block; the first L mod B blocks hold one layer more."""
+        size, extra = divmod(self.num_layers, self.blocks)
+        out, start = [], 0
+        for b in range(self.blocks):
+            end = start + size + (b < extra)
+            out.append((start, end))
+            start = end
+        return out
+
+    def describe(self) -> str:
+        return (f"{self.blocks} blocks x {self.expert_layers} expert layers over {self.num_layers} "
+                f"{self.layer_class} layers of width {self.hidden_size}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spans": [list(s) for s in self.spans]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        return cls(**{k: d[k] for k in ("num_layers", "blocks", "expert_layers", "layer_class", "hidden_size")})
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The backbone's list of transformer layers (e.g. `model.layers` of Llama, `encoder.layer` of BERT)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, mod in backbone(model).named_modules():
+        if isinstance(mod, nn.ModuleList) and n and len(mod) == n and len({type(m) for m in mod}) == 1:
+            return mod
+    raise ValueError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def layout_for(model: nn.Module, blocks: int | None = None, expert_layers: int | None = None) -> Layout:
+    layers = find_layers(model)
+    b, k = default_layout(len(layers))
+    return Layout(num_layers=len(layers), blocks=blocks or b, expert_layers=expert_layers or k,
+                  layer_class=type(layers[0]).__name__, hidden_size=model.config.hidden_size)
+
+
+def _output(out):
+    """A layer's hidden states: transformers 5 layers return a tensor, older ones a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+try:  # transformers >= 5 records hidden states/attentions with hooks on every layer of the class
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older transformers collect outputs in the model's loop
+    _active_collector = None
+
+
+@contextmanager
+def _not_recorded():
+    """Expert layers are of the backbone's class; keep them out of `output_hidden_states`/`attentions`."""
+    if _active_collector is None:
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
+
+
+def _reserve_cache(cache, n_layers: int) -> None:
+    """Make room for the expert layers' keys/values after the backbone's in a transformers cache."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"MoDE experts cannot use a {type(cache).__name__} cache; use DynamicCache")
+    if getattr(cache, "layer_class_to_replicate", None) is None:  # preallocated: one entry per backbone layer
+        from transformers.cache_utils import DynamicLayer
+
+        while len(layers) < n_layers:
+            layers.append(DynamicLayer())
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """The gate reads the block input scaled to unit RMS per token (no parameters): residual streams
+    carry outlier dimensions/tokens (SmolLM2: RMS ~250 in mid layers, ~0.1 at the embeddings) that
+    would otherwise dominate a linear gate and make its learning rate depend on depth."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
+class ModeBlock(nn.Module):
+    """N experts (each an `nn.ModuleList` of k layers) and their (N+1)-way gate for one block."""
+
+    def __init__(self, experts: list[nn.ModuleList], hidden_size: int):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        p = next(self.experts.parameters())
+        self.gate = nn.Linear(hidden_size, len(experts) + 1, device=p.device, dtype=p.dtype)
+        self.scale = nn.Parameter(torch.zeros((), device=p.device, dtype=p.dtype))
+        self.reset_gate()
+
+    @torch.no_grad()
+    def reset_gate(self) -> None:
+        """Fresh gate: uniform softmax over backbone and experts, scale 0 (the block computes the backbone exactly)."""
+        self.gate.weight.zero_()
+        self.gate.bias.zero_()
+        self.scale.zero_()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Mix the backbone block's output `y` with the experts run on the block input `x`.
+
+        `args`/`kwargs` are what the block's last backbone layer was called with (its hidden
+        states excluded): masks, position embeddings, cache."""
+        a = torch.softmax(self.gate(_rms(x)), dim=-1)
+        delta = torch.zeros_like(y)
+        with _not_recorded():
+            for j, expert in enumerate(self.experts):
+                h = x
+                for layer in expert:
+                    h = _output(layer(h, *args, **kwargs))
+                delta = delta + a[..., j + 1:j + 2] * (h - y)
+        return y + self.scale * delta
+
+
+class Mode(nn.Module):
+    """All MoDE blocks of a model, `model.domix_mode`; `attach` hooks them into the backbone's layers."""
+
+    def __init__(self, layout: Layout, names: list[str], blocks: list[ModeBlock]):
+        super().__init__()
+        if len(blocks) != layout.blocks:
+            raise ValueError(f"{len(blocks)} blocks for a layout of {layout.blocks}")
+        self.layout = layout
+        self.names = list(names)
+        self.blocks = nn.ModuleList(blocks)
+        self._handles: list = []
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.names)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.names}, {self.layout.describe()}"
+
+    # ---- wiring into the backbone -------------------------------------------------------
+    def attach(self, layers: nn.ModuleList) -> None:
+        if self._handles:
+            raise RuntimeError("this MoDE is already attached")
+        for b, (start, end) in enumerate(self.layout.spans):
+            self._handles.append(layers[start].register_forward_pre_hook(partial(self._enter, b), with_kwargs=True))
+            # prepend: runs before any output-recording hook, so recorded hidden states are the mixed ones
+            self._handles.append(layers[end - 1].register_forward_hook(partial(self._exit, b), with_kwargs=True,
+                                                                       prepend=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _enter(self, b: int, module, args, kwargs):
+        self._inputs[b] = args[0] if args else kwargs["hidden_states"]
+
+    def _exit(self, b: int, module, args, kwargs, output):
+        # hooks run once per forward even under gradient checkpointing (transformers checkpoints `forward`)
+        x = self._inputs.pop(b)
+        args = args[1:]  # hidden states were the first positional argument, or are dropped from kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        for key in ("cache", "past_key_values", "past_key_value"):
+            if kwargs.get(key) is not None:
+                _reserve_cache(kwargs[key], self.layout.num_layers + self.layout.blocks * self.n_experts
+                               * self.layout.expert_layers)
+        y = self.blocks[b](x, _output(output), args, kwargs)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    # ---- state ---------------------------------------------------------------------------
+    def reset_gates(self) -> None:
+        for blk in self.blocks:
+            blk.reset_gate()
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for blk in self.blocks for p in blk.experts.parameters()]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gates' linear layers (W, c)."""
+        return [p for blk in self.blocks for p in blk.gate.parameters()]
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The per-block scales s (0 = backbone only, 1 = the paper's gated mixture)."""
+        return [blk.scale for blk in self.blocks]
+
+    def param_counts(self) -> dict:
+        per_expert = sum(p.numel() for blk in self.blocks for p in blk.experts[0].parameters())
+        gates = sum(p.numel() for p in self.gate_parameters() + self.scale_parameters())
+        return {"per_expert": per_expert, "experts": per_expert * self.n_experts, "gates": gates,
+                "total": per_expert * self.n_experts + gates}
+
+    def expert_state(self, j: int, gate: bool = False) -> dict[str, torch.Tensor]:
+        """Expert j's tensors under library keys `blocks.<b>.layers.<i>.…` (with its gate if asked)."""
+        out = {}
+        for b, blk in enumerate(self.blocks):
+            out.update({f"blocks.{b}.layers.{k}": v for k, v in blk.experts[j].state_dict().items()})
+            if gate:
+                out.update({f"blocks.{b}.gate.weight": blk.gate.weight, f"blocks.{b}.gate.bias": blk.gate.bias,
+                            f"blocks.{b}.scale": blk.scale})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def load_expert_state(self, j: int, tensors: dict[str, torch.Tensor], gate: bool = False) -> None:
+        """Fill expert j from library tensors (strict: names and shapes must fit this layout);
+        with `gate`, also its own trained gate (only for a model of that one expert)."""
+        gate_keys = {f"blocks.{b}.{n}" for b in range(len(self.blocks)) for n in ("gate.weight", "gate.bias", "scale")}
+        used = set(gate_keys)
+        for b, blk in enumerate(self.blocks):
+            prefix = f"blocks.{b}.layers."
+            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            blk.experts[j].load_state_dict(sd, strict=True)
+            used |= {prefix + k for k in sd}
+        unexpected = sorted(set(tensors) - used)
+        if unexpected:
+            raise ValueError(f"tensors that do not belong to this layout: {unexpected[:5]}")
+        if gate:
+            if self.n_experts != 1:
+                raise ValueError("an expert's own gate fits only a model of that one expert")
+            missing = sorted(gate_keys - set(tensors))
+            if missing:
+                raise ValueError(f"the expert has no trained gate tensors {missing[:3]}")
+            with torch.no_grad():
+                for b, blk in enumerate(self.blocks):
+                    blk.gate.weight.copy_(tensors[f"blocks.{b}.gate.weight"])
+                    blk.gate.bias.copy_(tensors[f"blocks.{b}.gate.bias"])
+                    blk.scale.copy_(tensors[f"blocks.{b}.scale"])
+
+
+def make_expert(model: nn.Module, layers: nn.ModuleList, span: tuple[int, int], k: int, init: str,
+                first_index: int) -> nn.ModuleList:
+    """k layers of the backbone's class for the block `span`.
+
+    `copy`: the block's last k backbone layers (needs k <= block length); `random`: fresh
+    layers with the model's own initialisation; `shape`: placeholders to be loaded into."""
+    start, end = span
+    if init == "copy":
+        if k > end - start:
+            raise ValueError(f"--expert-init copy takes the last {k} layers of each block, but a block has only "
+                             f"{end - start}; use fewer --expert-layers, fewer --blocks, or --expert-init random")
+        sources = [layers[i] for i in range(end - k, end)]
+    elif init in ("random", "shape"):
+        sources = [layers[end - 1]] * k  # a template of the block's last layer (its attention type, sizes)
+    else:
+        raise ValueError(f"unknown --expert-init {init!r} (copy or random)")
+    memo = {id(model.config): model.config}  # share the config object (attention implementation etc.)
+    out = []
+    for i, src in enumerate(sources):
+        layer = copy.deepcopy(src, memo=dict(memo))
+        for m in layer.modules():
+            for hooks in (m._forward_hooks, m._forward_pre_hooks, getattr(m, "_forward_hooks_with_kwargs", {}),
+                          getattr(m, "_forward_pre_hooks_with_kwargs", {})):
+                hooks.clear()  # hooks of the source layer (MoDE's own, output recorders) are not the expert's
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = first_index + i
+        if init == "random":
+            for p in layer.parameters():
+                p._is_hf_initialized = False
+            for m in layer.modules():
+                model._init_weights(m)
+        layer.requires_grad_(True)
+        out.append(layer)
+    return nn.ModuleList(out)

@@ -1,0 +1,327 @@
+"""MoDE training: one expert per domain on its own corpus, then composition on mixed domains.
+
+Both run the frozen base with `apply_mode` under transformers' `Trainer` (progress bars,
+TensorBoard logs, checkpoints for `resume`), like stage-1 LoRA pre-training; checkpoints hold
+only the trained tensors. Expert layers, gates and the gates' scales have their own learning
+rates (`lr`, `gate_lr`, `scale_lr`).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from ..io import atomic_dir, write_json
+from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, select_device
+from ..modules.library import META, Library, LibraryError
+from ..modules.pretrain import _quiet, _total_steps, _versions, module_seed
+from .model import EXPERT_FILE, apply_mode, load_mode_model, save_mode, set_trainable
+
+CHECKPOINT_FILE = "model.safetensors"
+
+
+@dataclass
+class _TrainOptions:
+    """Training options shared by `mode pretrain` and `mode compose` (the `domix pretrain` set)."""
+
+    objective: str = "auto"
+    seq_len: int = 128
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4  # expert layers: full transformer layers, so lower than LoRA's 5e-4
+    gate_lr: float = 1e-3  # the gates' linear layers (zero-initialised; like DoMIX's bridge lr)
+    scale_lr: float = 1e-2  # the per-block scales s: 0 -> 1 (the paper's mixture) within ~100 steps
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    max_tokens: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    resume: bool = False
+    overwrite: bool = False
+    text_field: str = "text"
+    eval_blocks: int = 64
+    save_steps: int = 50
+    threads: int | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ModePretrainConfig(_TrainOptions):
+    """Options of `domix mode pretrain` (underscored keys are also its domains.yaml keys)."""
+
+    kind: ClassVar[str] = "mode-expert"
+    domain: str
+    data: list[str]
+    library: str
+    base: str = DEFAULT_BASE
+    blocks: int | None = None  # default: domix.mode.default_layout (3 for the default model)
+    expert_layers: int | None = None  # default: domix.mode.default_layout (2 for the default model)
+    expert_init: str = "copy"  # copy | random
+
+
+@dataclass(kw_only=True)
+class ComposeConfig(_TrainOptions):
+    """Options of `domix mode compose`."""
+
+    library: str
+    out: str
+    experts: str | list[str] = "all"
+    data: list[str] | None = None  # one corpus per entry ("name=path" or a path); default: the experts' own
+    base: str | None = None  # default: the base the experts were trained on
+    freeze_experts: bool = False
+
+
+def _trainer_class():
+    from safetensors.torch import load_file, save_file
+    from transformers import Trainer
+
+    class ModeTrainer(Trainer):
+        """Checkpoints hold only the trained tensors (experts, gates, a head), not the frozen base."""
+
+        def _save(self, output_dir=None, state_dict=None):
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad},
+                      str(out / CHECKPOINT_FILE), metadata={"format": "pt"})
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            import torch
+
+            model = model or self.model
+            saved = load_file(str(Path(resume_from_checkpoint) / CHECKPOINT_FILE))
+            params = dict(model.named_parameters())
+            unknown = sorted(set(saved) - set(params))
+            if unknown:
+                raise ValueError(f"checkpoint {resume_from_checkpoint} does not fit this model: {unknown[:3]}")
+            with torch.no_grad():
+                for name, t in saved.items():
+                    params[name].copy_(t)
+
+    return ModeTrainer
+
+
+def _fit(model, mode, train_blocks, collator, cfg: _TrainOptions, seed: int, work: Path, device, callbacks):
+    """Train the model's trainable MoDE tensors with the Trainer. Returns (result, trainer, steps, last)."""
+    import torch
+    from transformers import PrinterCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(work)) if cfg.resume and work.is_dir() else None
+    if last is None and work.exists():
+        shutil.rmtree(work)
+    steps = _total_steps(cfg, len(train_blocks))
+    groups = [{"params": [p for p in mode.expert_parameters() if p.requires_grad], "lr": cfg.lr,
+               "weight_decay": cfg.weight_decay},
+              {"params": [p for p in mode.gate_parameters() if p.requires_grad], "lr": cfg.gate_lr,
+               "weight_decay": 0.0},
+              {"params": [p for p in mode.scale_parameters() if p.requires_grad], "lr": cfg.scale_lr,
+               "weight_decay": 0.0}]
+    model.to(device)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="linear",
+        warmup_steps=int(cfg.warmup * steps), max_steps=steps,
+        logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, report_to=["tensorboard"], seed=seed, data_seed=seed,
+        use_cpu=device.type == "cpu", bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not cfg.progress,
+    )
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_blocks, data_collator=collator,
+                               callbacks=callbacks, optimizers=(optimizer, None))
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=last)
+    return result, trainer, steps, last
+
+
+def _history(trainer) -> list[dict]:
+    return [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+
+
+def _setup(cfg: _TrainOptions):
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.progress:
+        _quiet()
+    return select_device(cfg.device)
+
+
+def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwargs) -> dict:
+    """Train the MoDE expert `cfg.domain` alone on its corpus (its layers and gates; the base is
+    frozen) and write it atomically to `cfg.library/<domain>/` (expert.safetensors + domix.json).
+
+    Its seed comes from the domain name and the run seed. Returns the expert's metadata."""
+    from transformers import set_seed
+
+    from ..data.corpus import load_documents, pack, split_heldout
+    from ..lm import lm_collator, lm_loss
+
+    cfg = cfg or ModePretrainConfig(**kwargs)
+    lib = Library(cfg.library)
+    dest = lib.path / cfg.domain
+    if not cfg.domain or cfg.domain.startswith(".") or "/" in cfg.domain:
+        raise ValueError(f"invalid domain name {cfg.domain!r}")
+    if dest.exists() and not cfg.overwrite:
+        kind = lib.get(cfg.domain).kind if cfg.domain in lib else "unknown"
+        raise FileExistsError(f"module '{cfg.domain}' (kind {kind}) already exists in {lib.path}; pass --overwrite "
+                              f"to replace it")
+    device = _setup(cfg)
+    seed = module_seed(cfg.domain, cfg.seed)
+    t0 = time.time()
+
+    tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+    model, objective = load_model(cfg.base, head="lm", objective=cfg.objective, trust_remote_code=cfg.trust_remote_code)
+    base_fp = fingerprint(model)
+    docs = load_documents(cfg.data, cfg.text_field)
+    train_docs, held_docs = split_heldout(docs)
+    train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
+    held_blocks = pack(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks) if len(held_docs) else None
+
+    set_seed(seed)  # `random` expert init draws from here
+    mode = apply_mode(model, [cfg.domain], blocks=cfg.blocks, expert_layers=cfg.expert_layers, init=cfg.expert_init,
+                      base_fingerprint=base_fp)
+    work = lib.path / ".work" / cfg.domain
+    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), cfg, seed,
+                                        work, device, callbacks)
+    train_time = time.time() - t0
+    heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
+    counts = mode.param_counts()
+    meta = {
+        "kind": "mode-expert", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
+        "objective": objective, "layout": mode.layout.to_dict(), "expert_init": cfg.expert_init,
+        "params": {"expert": counts["per_expert"], "gate": counts["gates"], "total": counts["total"]},
+        "seed": cfg.seed, "module_seed": seed, "data": [str(p) for p in cfg.data],
+        "documents": len(train_docs), "heldout_documents": len(held_docs),
+        "steps": steps, "tokens": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
+        "gate_lr": cfg.gate_lr, "scale_lr": cfg.scale_lr, "train_loss": result.training_loss,
+        "loss_history": _history(trainer),
+        "heldout_loss": heldout["loss"] if heldout else None,
+        "heldout_accuracy": heldout["accuracy"] if heldout else None,
+        "heldout_tokens": heldout["tokens"] if heldout else 0,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
+        "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
+        "versions": _versions(), **cfg.extra,
+    }
+    from safetensors.torch import save_file
+
+    with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
+        save_file(mode.expert_state(0, gate=True), str(stage / EXPERT_FILE), metadata={"format": "pt"})
+        if (work / "runs").is_dir():
+            shutil.copytree(work / "runs", stage / "runs")
+        write_json(stage / META, meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _parts(data: list[str] | None, experts) -> list[tuple[str, list[str]]]:
+    """(name, paths) per corpus of the mixture: `--data` entries ("name=path" or a path), or the experts' own."""
+    if not data:
+        return [(m.name, list(m.meta["data"])) for m in experts]
+    out = []
+    for entry in data:
+        name, sep, path = str(entry).partition("=")
+        out.append((name, [path]) if sep else (Path(entry).stem, [str(entry)]))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two corpora have the same name {names}; name them with --data NAME=PATH")
+    return out
+
+
+def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
+    """Put library experts side by side with fresh gates and train gates and experts (or gates
+    only) on equal parts of the domains' corpora; write the MoDE model atomically to `cfg.out`.
+
+    Returns its metadata, with each corpus's held-out loss / perplexity / next-token accuracy."""
+    from datasets import interleave_datasets
+    from transformers import set_seed
+
+    from ..data.corpus import load_documents, pack, split_heldout
+    from ..lm import lm_collator, lm_loss
+
+    cfg = cfg or ComposeConfig(**kwargs)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    experts = Library(cfg.library).select(cfg.experts, kind="mode-expert")
+    bases = {m.meta.get("base_fingerprint") for m in experts}
+    if len(bases) > 1:
+        raise LibraryError("the experts were trained on different bases: "
+                           + ", ".join(f"'{m.name}' on {m.meta.get('base')}" for m in experts))
+    device = _setup(cfg)
+    t0 = time.time()
+    base = cfg.base or experts[0].meta["base"]
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    model, objective = load_model(base, head="lm", objective=cfg.objective, trust_remote_code=cfg.trust_remote_code)
+    base_fp = fingerprint(model)
+    mode = apply_mode(model, experts, base_fingerprint=base_fp)
+    set_trainable(model, experts=not cfg.freeze_experts, gates=True)
+
+    parts = _parts(cfg.data, experts)
+    train_parts, held_parts = [], {}
+    for name, paths in parts:
+        tr, held = split_heldout(load_documents(paths, cfg.text_field))
+        train_parts.append(pack(tr, tokenizer, cfg.seq_len))
+        if len(held):
+            held_parts[name] = pack(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
+    # equal parts: round-robin over the corpora, the smaller ones repeated until the largest is used up
+    train_blocks = interleave_datasets(train_parts, stopping_strategy="all_exhausted") if len(train_parts) > 1 \
+        else train_parts[0]
+
+    set_seed(cfg.seed)
+    work = out.parent / f".{out.name}.work"
+    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), cfg, cfg.seed,
+                                        work, device, callbacks)
+    train_time = time.time() - t0
+    heldout = {name: lm_loss(model, blocks, tokenizer, objective, cfg.batch_size, seed=0)
+               for name, blocks in held_parts.items()}
+    meta = {
+        "kind": "mode", "base": base, "objective": objective, "library": str(cfg.library),
+        "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
+                        for m in experts},
+        "freeze_experts": cfg.freeze_experts, "seed": cfg.seed, "parts": [n for n, _ in parts],
+        "blocks_per_part": [len(p) for p in train_parts], "steps": steps,
+        "tokens": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "gate_lr": cfg.gate_lr,
+        "scale_lr": cfg.scale_lr, "train_loss": result.training_loss, "loss_history": _history(trainer),
+        "heldout": heldout,
+        "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
+        "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
+        "versions": _versions(), **cfg.extra,
+    }
+    meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp)
+    if (work / "runs").is_dir():
+        shutil.copytree(work / "runs", out / "runs")
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def eval_mode(path: str, data, seq_len: int = 128, batch_size: int = 8, max_blocks: int | None = 64,
+              device: str = "auto", text_field: str = "text", seed: int = 0, base: str | None = None,
+              progress: bool = True) -> dict:
+    """Loss, perplexity and next-token (or masked-token) accuracy of a composed MoDE directory or
+    a single library expert (with its own gate) on a corpus — `lm_loss`'s dict plus what was scored."""
+    from ..data.corpus import load_documents, pack
+    from ..lm import lm_loss
+
+    model, objective, meta = load_mode_model(path, head="lm", base=base)
+    model.to(select_device(device))
+    tokenizer = load_tokenizer(base or meta["base"])
+    blocks = pack(load_documents(data, text_field), tokenizer, seq_len, max_blocks=max_blocks)
+    out = lm_loss(model, blocks, tokenizer, objective, batch_size, seed=seed, progress=progress)
+    experts = meta.get("experts") or [meta.get("domain")]
+    return {"model": str(path), "kind": meta["kind"], "experts": experts, "base": base or meta["base"],
+            "objective": objective, **out}

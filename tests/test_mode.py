@@ -1,0 +1,318 @@
+"""MoDE: the block/gate architecture, expert pre-training, composition, save/load, refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from domix import Library, LibraryError
+from domix.mode import apply_mode, find_layers, load_mode, load_mode_model, mode_of, remove_mode, save_mode
+from domix.mode.cli import main
+from domix.mode.train import ModePretrainConfig, compose, eval_mode, pretrain_expert
+from domix.modules.executors import load_config, pretrain_all
+
+FAST = dict(max_steps=8, batch_size=4, seq_len=16, lr=1e-2, gate_lr=5e-2, scale_lr=5e-2, progress=False, device="cpu", threads=1)
+IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 6, 8], [4, 6, 8, 10, 12, 14, 5, 7]])
+MASK = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])  # left padding: masks must reach the experts
+
+
+def _load(base, head="lm", kind="tiny_decoder"):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    if head == "classify":
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).eval()
+    return (AutoModelForCausalLM if kind == "tiny_decoder" else AutoModelForMaskedLM).from_pretrained(base).eval()
+
+
+@torch.no_grad()
+def _logits(model, **kw):
+    return model(input_ids=IDS, attention_mask=MASK, **kw).logits
+
+
+@torch.no_grad()
+def _randomise_gates(mode, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for blk in mode.blocks:
+        blk.gate.weight.copy_(torch.randn(blk.gate.weight.shape, generator=g))
+        blk.gate.bias.copy_(torch.randn(blk.gate.bias.shape, generator=g))
+        blk.scale.fill_(1.0)
+
+
+@pytest.fixture(scope="module")
+def lib(tiny_decoder, corpora, tmp_path_factory):
+    """A library with two decoder experts (default layout: 2 blocks x 1 layer on the 4-layer model)."""
+    path = tmp_path_factory.mktemp("mode-lib")
+    for dom in ("bio", "law"):
+        pretrain_expert(domain=dom, data=[corpora[dom]], library=str(path), base=tiny_decoder, **FAST)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
+@pytest.mark.parametrize("head", ["lm", "classify"])
+def test_fresh_gates_give_the_base_model(kind, head, request):
+    base = request.getfixturevalue(kind)
+    model = _load(base, head, kind)
+    ref = _logits(model)
+    n_hidden = len(model(input_ids=IDS, output_hidden_states=True).hidden_states)
+    for init in ("copy", "random"):
+        mode = apply_mode(model, ["a", "b"], init=init)
+        assert torch.equal(_logits(model), ref), init  # exactly: the gate's scale starts at 0
+        # the experts are real and trainable, the base is frozen
+        assert all(p.requires_grad for p in mode.parameters())
+        assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("domix_mode."))
+        _randomise_gates(mode)
+        assert not torch.allclose(_logits(model), ref, atol=1e-4)
+        # the expert layers do not add hidden states to the model's outputs
+        assert len(model(input_ids=IDS, output_hidden_states=True).hidden_states) == n_hidden
+        remove_mode(model)
+        assert torch.equal(_logits(model), ref)
+
+
+@pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
+def test_expert_layers_receive_masks_and_position_embeddings(kind, request):
+    """An expert copying the whole backbone, with all gate weight on it, is the backbone again:
+    the expert layers get the same attention mask, rotary embeddings and positions."""
+    model = _load(request.getfixturevalue(kind), kind=kind)
+    ref = _logits(model)
+    mode = apply_mode(model, ["all"], blocks=1, expert_layers=4, init="copy")
+    with torch.no_grad():
+        mode.blocks[0].scale.fill_(1.0)
+        mode.blocks[0].gate.bias.copy_(torch.tensor([-1e4, 1e4]))
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder):
+    model = _load(tiny_decoder)
+    _randomise_gates(apply_mode(model, ["a", "b"], init="random"))
+    ids = IDS[:1]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :4], use_cache=True)
+        steps, cache = [out.logits], out.cache
+        for t in range(4, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.cache
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+class Capture:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_train_end(self, args, state, control, model=None, **kw):
+                outer.model = model
+
+        self.cb = _CB()
+
+
+@pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
+def test_expert_pretraining_changes_only_its_expert_and_gates(kind, request, corpora, tmp_path):
+    base = request.getfixturevalue(kind)
+    before = {k: v.clone() for k, v in _load(base, kind=kind).state_dict().items()}
+    cap = Capture()
+    meta = pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path), base=base,
+                           callbacks=[cap.cb], **{**FAST, "max_steps": 30})
+    assert meta["kind"] == "mode-expert" and meta["objective"] == ("clm" if kind == "tiny_decoder" else "mlm")
+    trained = cap.model
+    for name, p in trained.named_parameters():
+        assert p.requires_grad == name.startswith("domix_mode."), name
+    state = trained.state_dict()
+    for k, v in before.items():
+        assert torch.equal(state[k], v), k  # the base, head included, is bitwise unchanged
+    # the expert started as a copy of each block's last layer and has moved; so have the gates
+    mode, layers = mode_of(trained), find_layers(trained)
+    for b, (_, end) in enumerate(mode.layout.spans):
+        src, ex = layers[end - 1].state_dict(), mode.blocks[b].experts[0][0].state_dict()
+        assert src.keys() == ex.keys() and any(not torch.equal(src[k], ex[k]) for k in src)
+        assert mode.blocks[b].scale.item() != 0 and mode.blocks[b].gate.weight.abs().sum() > 0
+    hist = [h["loss"] for h in meta["loss_history"]]
+    assert sum(hist[-3:]) < sum(hist[:3]), hist  # the loss falls (MLM losses are noisy: means of three)
+    # the library entry: weights + metadata with the parameter count
+    entry = Library(tmp_path).get("bio")
+    assert entry.kind == "mode-expert"
+    tensors = load_file(str(tmp_path / "bio" / "expert.safetensors"))
+    assert sum(t.numel() for t in tensors.values()) == meta["params"]["total"]
+    assert meta["params"]["expert"] > 0 and meta["params"]["gate"] > 0
+    assert meta["layout"]["blocks"] == 2 and meta["layout"]["expert_layers"] == 1
+    assert meta["heldout_loss"] > 0 and 0 <= meta["heldout_accuracy"] <= 1
+    assert not list(tmp_path.glob(".bio*")) and not (tmp_path / ".work" / "bio").exists()
+    # a single expert evaluates with its own gate; its model is the trained one
+    model, _, _ = load_mode_model(tmp_path / "bio")
+    trained.eval()
+    assert torch.equal(_logits(model), _logits(trained))
+    out = eval_mode(str(tmp_path / "bio"), corpora["bio"], seq_len=16, device="cpu", progress=False)
+    assert {"loss", "perplexity", "accuracy", "tokens"} <= out.keys() and out["experts"] == ["bio"]
+
+
+def _config(tmp_path, base, corpora, names, name):
+    doc = {"base": base, "defaults": {"max_steps": 4, "batch_size": 4, "seq_len": 16, "lr": 1e-2,
+                                      "device": "cpu", "threads": 1},
+           "domains": {n: {"data": [corpora[n]]} for n in names}}
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_experts_do_not_depend_on_their_company(tiny_decoder, corpora, tmp_path, capsys):
+    lib1, lib2 = tmp_path / "lib1", tmp_path / "lib2"
+    config = _config(tmp_path, tiny_decoder, corpora, ["bio", "law"], "a.yaml")
+    code = main(["mode", "pretrain", "--config", str(config), "--library", str(lib1), "--workers", "2",
+                 "--expert-init", "random"])
+    assert code == 0, capsys.readouterr()
+    configs = load_config(_config(tmp_path, tiny_decoder, corpora, ["law"], "b.yaml"), str(lib2),
+                          {"expert_init": "random"}, config_cls=ModePretrainConfig)
+    r = pretrain_all(configs, workers=1, progress=False, runner=pretrain_expert)
+    assert r["law"]["status"] == "done", r
+    t1, t2 = (load_file(str(lib / "law" / "expert.safetensors")) for lib in (lib1, lib2))
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert Library(lib1).get("law").kind == "mode-expert"
+    # complete experts are skipped on a rerun
+    again = pretrain_all(configs, workers=1, progress=False, runner=pretrain_expert)
+    assert again["law"]["status"] == "skipped"
+
+
+def test_expert_order_is_a_gate_permutation(tiny_decoder, lib):
+    ab, ba = _load(tiny_decoder), _load(tiny_decoder)
+    mab = apply_mode(ab, Library(lib).select("bio,law", kind="mode-expert"))
+    mba = apply_mode(ba, Library(lib).select("law,bio", kind="mode-expert"))
+    assert mab.names == ["bio", "law"] and mba.names == ["law", "bio"]
+    _randomise_gates(mab)
+    with torch.no_grad():
+        for x, y in zip(mab.blocks, mba.blocks):
+            y.gate.weight.copy_(x.gate.weight[[0, 2, 1]])
+            y.gate.bias.copy_(x.gate.bias[[0, 2, 1]])
+            y.scale.copy_(x.scale)
+    torch.testing.assert_close(_logits(ba), _logits(ab), rtol=1e-5, atol=1e-6)
+
+
+def test_compose_trains_gates_and_round_trips(tiny_decoder, lib, corpora, tmp_path, capsys):
+    cap = Capture()
+    meta = compose(library=str(lib), experts="all", data=[f"bio={corpora['bio']}", f"law={corpora['law']}"],
+                   out=str(tmp_path / "frozen"), freeze_experts=True, callbacks=[cap.cb], **FAST)
+    assert meta["kind"] == "mode" and meta["experts"] == ["bio", "law"] and set(meta["heldout"]) == {"bio", "law"}
+    assert meta["blocks_per_part"][0] > 0
+    saved = load_file(str(tmp_path / "frozen" / "mode.safetensors"))
+    for j, name in enumerate(["bio", "law"]):  # frozen experts: bitwise the library's
+        lib_t = load_file(str(lib / name / "expert.safetensors"))
+        for key, t in lib_t.items():
+            if ".layers." in key:
+                b, rest = key.split(".layers.")
+                assert torch.equal(saved[f"{b}.experts.{j}.{rest}"], t), key
+    assert saved["blocks.0.gate.weight"].shape[0] == 3 and saved["blocks.0.scale"].item() != 0
+    # save/load round-trip: the loaded model computes what the trained one computed
+    model, _, _ = load_mode_model(tmp_path / "frozen")
+    cap.model.eval()
+    assert torch.equal(_logits(model), _logits(cap.model))
+    # the CLI: compose with trainable experts (default: the experts' own corpora), then eval
+    assert main(["mode", "compose", "--library", str(lib), "--experts", "law,bio", "--out", str(tmp_path / "full"),
+                 "--max-steps", "3", "--batch-size", "4", "--seq-len", "16", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["experts"] == ["law", "bio"] and out["parts"] == ["law", "bio"] and not out["freeze_experts"]
+    assert main(["mode", "eval", "--model", str(tmp_path / "full"), "--data", corpora["law"], "--seq-len", "16",
+                 "--device", "cpu", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"loss", "perplexity", "accuracy"} <= scores.keys()
+    assert main(["mode", "compose", "--library", str(lib), "--out", str(tmp_path / "full"), "--max-steps", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_classifier_with_mode_round_trips_with_its_head(tiny_encoder, tmp_path):
+    model = _load(tiny_encoder, "classify")
+    mode = apply_mode(model, ["a", "b"])
+    _randomise_gates(mode)
+    model.classifier.requires_grad_(True)  # a task head trains with the experts; it is saved with them
+    with torch.no_grad():
+        model.classifier.weight.mul_(3.0)
+    ref = _logits(model)
+    save_mode(model, tmp_path / "m", {"base": tiny_encoder, "objective": "mlm"})
+    fresh = _load(tiny_encoder, "classify")
+    load_mode(fresh, tmp_path / "m")
+    assert torch.equal(_logits(fresh), ref)
+
+
+def test_foreign_experts_are_refused(tiny_decoder, tiny_encoder, lib, corpora, tmp_path, capsys):
+    # another base
+    pretrain_expert(domain="enc", data=[corpora["food"]], library=str(tmp_path / "enc"), base=tiny_encoder,
+                    **{**FAST, "max_steps": 1})
+    with pytest.raises(LibraryError, match="'enc' was trained on base"):
+        apply_mode(_load(tiny_decoder), [Library(tmp_path / "enc").get("enc")])
+    # another block layout, next to experts of the default layout
+    pretrain_expert(domain="food", data=[corpora["food"]], library=str(lib), base=tiny_decoder, blocks=1,
+                    **{**FAST, "max_steps": 1})
+    try:
+        with pytest.raises(LibraryError, match="expert 'food' has block layout 1 blocks x 1 expert layers"):
+            apply_mode(_load(tiny_decoder), Library(lib).select("bio,food", kind="mode-expert"))
+        with pytest.raises(LibraryError, match="block layout"):
+            apply_mode(_load(tiny_decoder), [Library(lib).get("bio")], blocks=4)
+        assert main(["mode", "compose", "--library", str(lib), "--out", str(tmp_path / "x"), "--max-steps", "1",
+                     "--device", "cpu"]) == 2
+        assert "block layout" in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+    finally:
+        import shutil
+        shutil.rmtree(lib / "food")
+    # a composed model onto another base
+    model = _load(tiny_decoder)
+    apply_mode(model, ["a"])
+    save_mode(model, tmp_path / "m", {"base": tiny_decoder})
+    with pytest.raises(LibraryError, match="trained on base"):
+        load_mode(_load(tiny_encoder, kind="tiny_encoder"), tmp_path / "m")
+    # an expert name that exists as another kind is not silently replaced or skipped
+    with pytest.raises(FileExistsError, match="kind mode-expert"):
+        pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(lib), base=tiny_decoder, **FAST)
+
+
+def test_interrupted_expert_training_resumes_to_the_same_expert(tiny_decoder, corpora, tmp_path):
+    from transformers import TrainerCallback
+
+    class Stop(RuntimeError):
+        pass
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise Stop("simulated interruption")
+
+    opts = {**FAST, "save_steps": 3}
+    pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "ref"), base=tiny_decoder, **opts)
+    with pytest.raises(Stop):
+        pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
+                        callbacks=[Interrupt()], **opts)
+    assert "bio" not in Library(tmp_path / "run")
+    meta = pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
+                           resume=True, **opts)
+    assert meta["resumed_from"] == "checkpoint-3"
+    ref, run = (load_file(str(tmp_path / d / "bio" / "expert.safetensors")) for d in ("ref", "run"))
+    for k in ref:
+        torch.testing.assert_close(run[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_default_model_layout_and_exact_start():
+    from domix.models import load_model, load_tokenizer
+
+    model, _ = load_model("smollm2-135m")
+    model.eval()
+    tok = load_tokenizer("smollm2-135m")
+    enc = tok(["The trial enrolled adults with chronic asthma.", "A charming, funny film."], return_tensors="pt",
+              padding=True)
+    with torch.no_grad():
+        ref = model(**enc).logits
+    mode = apply_mode(model, ["a", "b"])
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, ref)
+    assert (mode.layout.blocks, mode.layout.expert_layers) == (3, 2)
+    assert mode.layout.spans == [(0, 10), (10, 20), (20, 30)]
+    per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3 + 2 * 576
+    assert mode.param_counts()["per_expert"] == 6 * per_layer == 21_240_576
+    # one backward pass: gradients reach the gates' scales, and nothing outside MoDE
+    model(**enc, labels=enc["input_ids"]).loss.backward()
+    assert all(blk.scale.grad is not None and blk.scale.grad.item() != 0 for blk in mode.blocks)
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("domix_mode."))
