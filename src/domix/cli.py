@@ -302,14 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--library", help="module library (needed by --method domix)")
     p.add_argument("--modules", default="all", help="'all' or a comma list of module names")
-    p.add_argument("--method", choices=["domix", "lora", "dora", "full"], default="domix",
-                   help="domix (bridge over modules); lora/dora/full are the baselines from the base")
+    p.add_argument("--method", choices=["domix", "lora", "dora", "full", "mode"], default="domix",
+                   help="domix (bridge over modules); mode (MoDE experts of --library, or --from-composed); "
+                        "lora/dora/full are the baselines from the base")
+    p.add_argument("--from-composed", default=None, help="--method mode: start from a composed MoDE model")
+    p.add_argument("--freeze-experts", action="store_true", help="--method mode: train gates and head only")
     p.add_argument("--train", required=True, help="JSONL: text,label[,text_pair] (classify) or prompt,answer (generate)")
     p.add_argument("--eval", required=True, help="JSONL of the same shape, evaluated during and after training")
     p.add_argument("--out", required=True, help="task model directory (written atomically)")
     p.add_argument("--task", choices=["classify", "generate"], default="classify")
     p.add_argument("--bridge-init", default="rank", help="uniform (I/N), rank (I/(N*r)), identity (I), own:DOMAIN")
-    p.add_argument("--bridge-lr", type=float, default=3e-3, help="learning rate of the bridge P (weight decay 0)")
+    p.add_argument("--bridge-lr", type=float, default=3e-3, help="learning rate of the bridge P, or of MoDE's gates (weight decay 0)")
     p.add_argument("--freeze-bridge", action="store_true", help="keep P at its initial value (ablation)")
     p.add_argument("--lora-rank", type=int, default=32, help="rank for --method lora/dora")
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of B_cat and the task head")

@@ -32,13 +32,24 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: in
            overwrite: bool = False) -> dict:
     """Write `out` (atomically) and return a report (format, rank, per-layer relative errors)."""
     model, tokenizer, spec = load_task_model(model_dir, device="cpu")
-    if spec["method"] not in ("domix", "full"):
-        raise ValueError(f"export supports domix and full task models, not '{spec['method']}'")
+    if spec["method"] not in ("domix", "full", "mode"):
+        raise ValueError(f"export supports domix, mode and full task models, not '{spec['method']}'")
     if fmt not in ("merged", "peft-lora"):
         raise ValueError(f"unknown --format {fmt!r} (merged or peft-lora)")
+    if spec["method"] == "mode" and (fmt != "merged" or rank is not None):
+        raise ValueError("a MoDE task model exports only as --format merged (experts are layers, not a LoRA)")
     report = {"format": fmt, "model": str(model_dir), "out": str(out), "base": spec["base"], "rank": rank}
     with atomic_dir(Path(out), overwrite=overwrite) as stage:
-        if fmt == "merged":
+        if spec["method"] == "mode":
+            # MoDE is a new architecture: no transformers class can load it. The export is the
+            # base id + MoDE state (experts, gates, head): load with domix.mode.load_mode_model.
+            from .mode import save_mode
+
+            save_mode(model, stage / "mode", meta={"base": spec["base"], "labels": spec["labels"],
+                                                   "task": spec["task"]})
+            report["needs_domix"] = ("load with domix.mode.load_mode_model(DIR/'mode', head='classify', "
+                                     "num_labels=..., id2label=...) — MoDE layers are not a transformers class")
+        elif fmt == "merged":
             if rank is not None:
                 for layer in bridged_layers(model).values():
                     A2, B2, s2, _ = _lora_factors(layer, rank)

@@ -10,7 +10,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from .tasks import (TaskDataError, classify_dataset, generate_dataset, label_nam
 
 TASK_FILE = "task.json"
 WEIGHTS = "model.safetensors"
-METHODS = ("domix", "lora", "dora", "full")
+METHODS = ("domix", "lora", "dora", "full", "mode")
 
 
 @dataclass
@@ -43,6 +43,9 @@ class FinetuneConfig:
     freeze_bridge: bool = False
     lora_rank: int = 32
     lora_alpha: float | None = None
+    init_module: str | None = None  # method lora: start from this module of `library` (A and B trainable)
+    from_composed: str | None = None  # method mode: start from a composed MoDE model
+    freeze_experts: bool = False  # method mode: train gates and head only
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup: float = 0.1
@@ -95,17 +98,82 @@ def build_model(cfg: FinetuneConfig, labels: list[str] | None, layout: dict | No
 
         from .models import target_regex
 
-        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
-                          target_modules=target_regex(model, "all-linear"), use_dora=cfg.method == "dora",
+        shape = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+                     target_modules=target_regex(model, "all-linear"))
+        init = None
+        if cfg.init_module:
+            init, shape = _init_module(cfg)
+            init.check_base(base_fp)
+            info["init_module"] = {"name": init.name, "path": str(init.path), **shape,
+                                   "base_fingerprint": init.meta["base_fingerprint"],
+                                   "domain": init.meta.get("domain"), "tokens": init.meta.get("tokens")}
+        lcfg = LoraConfig(**shape, use_dora=cfg.method == "dora",
                           modules_to_save=sorted({n.rsplit(".", 1)[0] for n in head}) or None)
         torch.manual_seed(cfg.seed)
         model = get_peft_model(model, lcfg).base_model.model  # keep the plain class; PEFT layers stay inside
+        if init is not None:
+            _load_lora(model, init)
+    elif cfg.method == "mode":
+        _build_mode(model, cfg, info, base_fp, saved=layout)
+        for n, p in model.named_parameters():
+            if n in head:
+                p.requires_grad_(True)
     elif cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         raise ValueError(f"unknown --method {cfg.method!r} ({', '.join(METHODS)})")
     return model, info
+
+
+def _init_module(cfg: FinetuneConfig):
+    """The library module a LoRA fine-tuning starts from, and its LoRA shape (r, alpha, targets)."""
+    if cfg.method != "lora" or not cfg.library:
+        raise ValueError("--init-module needs --method lora and --library")
+    mod = Library(cfg.library).get(cfg.init_module)
+    if mod.kind != "lora":
+        raise ValueError(f"module '{mod.name}' is a {mod.kind}, not a LoRA domain module")
+    acfg = json.loads((mod.path / "adapter_config.json").read_text())
+    return mod, {"r": acfg["r"], "lora_alpha": acfg["lora_alpha"], "target_modules": acfg["target_modules"],
+                 "use_rslora": bool(acfg.get("use_rslora"))}
+
+
+def _load_lora(model, mod) -> None:
+    """Copy a module's A and B into the (default) LoRA of every layer it adapts."""
+    from .lora import lora_pairs
+    from .modules.library import LibraryError
+
+    pairs = lora_pairs(mod.tensors())
+    wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    if set(pairs) != wrapped:
+        raise LibraryError(f"module '{mod.name}' adapts {len(pairs)} layers; the LoRA built from its config "
+                           f"has {len(wrapped)} (e.g. {sorted(set(pairs) ^ wrapped)[:2]})")
+    with torch.no_grad():
+        for layer, (a, b) in pairs.items():
+            m = model.get_submodule(layer)
+            m.lora_A["default"].weight.copy_(a)
+            m.lora_B["default"].weight.copy_(b)
+
+
+def _build_mode(model, cfg: FinetuneConfig, info: dict, base_fp: str, saved: dict | None) -> None:
+    """MoDE experts beside the frozen base: from a composed model, from library experts with
+    fresh gates, or (`saved` layout, when loading a task model) empty experts to load into."""
+    from .mode import apply_mode, load_mode, set_trainable
+
+    if saved:
+        apply_mode(model, saved["experts"], blocks=saved["blocks"], expert_layers=saved["expert_layers"],
+                   init="random")
+    elif cfg.from_composed:
+        load_mode(model, cfg.from_composed)
+    else:
+        if not cfg.library:
+            raise ValueError("--method mode needs --library (its MoDE experts) or --from-composed")
+        apply_mode(model, Library(cfg.library).select(cfg.modules, kind="mode-expert"), base_fingerprint=base_fp)
+    mode = model.domix_mode
+    set_trainable(model, experts=not cfg.freeze_experts, gates=True)
+    info["mode_layout"] = {"experts": list(mode.names), "blocks": mode.layout.blocks,
+                           "expert_layers": mode.layout.expert_layers}
+    info["modules"] = [{"name": n, "kind": "mode-expert"} for n in mode.names]
 
 
 def _load_base(cfg: FinetuneConfig, id2label):
@@ -138,11 +206,16 @@ def _empty_bridge_tensors(layout, model):
     return out
 
 
+def _mixing(name: str) -> bool:
+    """The parameters that mix modules — DoMIX's bridge P, MoDE's gates and scales — get `bridge_lr`."""
+    return name.endswith("lora_P") or (name.startswith("domix_mode.") and (".gate." in name or name.endswith(".scale")))
+
+
 def saved_state(model) -> dict:
     """Every tensor a task model needs beyond the base: trainable parameters and bridge buffers."""
     from .bridge.layer import BridgeLinear
 
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep = {n for n, p in model.named_parameters() if p.requires_grad or n.startswith("domix_mode.")}
     for name, m in model.named_modules():
         if isinstance(m, BridgeLinear):
             keep |= {f"{name}.lora_A", f"{name}.lora_P", f"{name}.lora_B"}
@@ -281,6 +354,9 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     if cfg.method == "domix" and not cfg.library:
         raise ValueError("--method domix needs --library")
+    if cfg.init_module:  # the LoRA's shape is the module's: say so in the saved settings
+        _, shape = _init_module(cfg)
+        cfg = replace(cfg, lora_rank=shape["r"], lora_alpha=shape["lora_alpha"])
     if cfg.task not in ("classify", "generate"):
         raise ValueError(f"unknown --task {cfg.task!r} (classify or generate)")
     if cfg.task == "generate":
@@ -313,8 +389,8 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
     set_seed(cfg.seed)
     model, info = build_model(cfg, labels)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    bridge = [p for n, p in trainable if n.endswith("lora_P")]
-    rest = [p for n, p in trainable if not n.endswith("lora_P")]
+    bridge = [p for n, p in trainable if _mixing(n)]
+    rest = [p for n, p in trainable if not _mixing(n)]
     groups = [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if bridge:
         groups.append({"params": bridge, "lr": cfg.bridge_lr, "weight_decay": 0.0})
@@ -394,6 +470,8 @@ def load_task_model(path: str | Path, device: str = "auto"):
     cfg = FinetuneConfig(**{**s, "base": spec["base"]})
     if spec["method"] == "domix":
         model, info = build_model(cfg, spec["labels"], layout=spec["layout"])
+    elif spec["method"] == "mode":
+        model, info = build_model(cfg, spec["labels"], layout=spec["mode_layout"])
     else:
         model, info = build_model(cfg, spec["labels"])
     if info["base_fingerprint"] != spec["base_fingerprint"]:
