@@ -228,6 +228,7 @@ def cmd_export(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
+    a.out = a.out or f"bench-out/{a.which}.json"
     out = run_bench(a.which, a)
     _print_json(out) if a.json else print(out.get("table", ""))
     return 0
@@ -360,12 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     register_mode(sub)
 
     p = sub.add_parser("bench", help="efficiency benchmarks (results as JSON)")
-    p.add_argument("which", choices=["dap"])
+    p.add_argument("which", choices=["dap", "finetune"],
+                   help="dap: stage-1 module training vs plain PEFT and full training; finetune: DoMIX vs "
+                        "LoRA/DoRA/full fine-tuning and merged-export inference")
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default="bench-out/dap.json", help="where to write the JSON result")
+    p.add_argument("--library", default=None, help="finetune: modules to mix (default: 4 built in the cache)")
+    p.add_argument("--lora-rank", type=int, default=32, help="finetune: rank of the LoRA/DoRA baselines")
+    p.add_argument("--out", default=None, help="where to write the JSON result (default bench-out/<which>.json)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the runs, alternating their order")
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
     p.add_argument("--data", default=None,

@@ -9,7 +9,13 @@ def _dap(args) -> dict:
     return run(args)
 
 
-BENCHMARKS = {"dap": _dap}
+def _finetune(args) -> dict:
+    from .finetune import run
+
+    return run(args)
+
+
+BENCHMARKS = {"dap": _dap, "finetune": _finetune}
 
 
 def run_bench(which: str, args) -> dict:
