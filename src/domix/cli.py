@@ -228,7 +228,8 @@ def cmd_export(a) -> int:
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    a.out = a.out or f"bench-out/{a.which}.json"
+    if a.which != "quality":  # quality writes a directory (default bench-out/quality-<preset>/)
+        a.out = a.out or f"bench-out/{a.which}.json"
     out = run_bench(a.which, a)
     _print_json(out) if a.json else print(out.get("table", ""))
     return 0
@@ -360,10 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_mode(sub)
 
-    p = sub.add_parser("bench", help="efficiency benchmarks (results as JSON)")
-    p.add_argument("which", choices=["dap", "finetune"],
+    p = sub.add_parser("bench", help="efficiency and quality benchmarks (results as JSON)")
+    p.add_argument("which", choices=["dap", "finetune", "quality"],
                    help="dap: stage-1 module training vs plain PEFT and full training; finetune: DoMIX vs "
-                        "LoRA/DoRA/full fine-tuning and merged-export inference")
+                        "LoRA/DoRA/full fine-tuning and merged-export inference; quality: DoMIX against every "
+                        "baseline on the four-domain benchmark (REPORT.md, results.json, plots)")
+    p.add_argument("--preset", choices=["quick", "full"], default="quick", help="quality: run size")
+    p.add_argument("--methods", default=None, help="quality: comma list of methods (default: all)")
+    p.add_argument("--seeds", default=None, help="quality: comma list of seeds (default: the preset's)")
+    p.add_argument("--workers", type=int, default=None, help="quality: trainings run at once")
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     p.add_argument("--seq-len", type=int, default=128)
@@ -372,9 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=32, help="finetune: rank of the LoRA/DoRA baselines")
     p.add_argument("--out", default=None, help="where to write the JSON result (default bench-out/<which>.json)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the runs, alternating their order")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every run (default: torch's; 1 is least disturbed by other load)")
     p.add_argument("--data", default=None,
-                   help="corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample)")
+                   help="dap: corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample); "
+                        "quality: benchmark data root (default: $DOMIX_CACHE/data)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return ap

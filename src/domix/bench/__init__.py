@@ -1,4 +1,4 @@
-"""Efficiency benchmarks (`domix bench <which>`): each returns a JSON-able dict with a
+"""Benchmarks (`domix bench <which>`): efficiency (dap, finetune) and quality: each returns a JSON-able dict with a
 markdown `table` and writes its result to `--out`."""
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ def _finetune(args) -> dict:
     return run(args)
 
 
-BENCHMARKS = {"dap": _dap, "finetune": _finetune}
+def _quality(args) -> dict:
+    from .quality import run
+
+    return run(args)
+
+
+BENCHMARKS = {"dap": _dap, "finetune": _finetune, "quality": _quality}
 
 
 def run_bench(which: str, args) -> dict:

@@ -11,7 +11,12 @@ peak RSS is that run's own), with the same thread count, batch size, sequence le
 
 A Trainer callback stamps every optimizer step. The first `WARMUP_STEPS` steps are warm-up;
 the timed steps are the intervals between consecutive step ends (forward, backward, optimizer,
-data collation, logging: everything a training step costs). Peak RSS is the process's
+data collation, logging: everything a training step costs). tokens/s is tokens per step over
+the median step time (robust to a few steps slowed by other load); the `*_best` ratios use the
+fastest step of each run instead — on a shared machine they estimate the uncontended cost; the
+CPU seconds per step (all threads of the process) are a third view, least disturbed by other
+work when `--threads 1`.
+The load average before and after each run is recorded. Peak RSS is the process's
 `ru_maxrss` at exit. Results are ratios, measured in one invocation (DESIGN §8).
 """
 from __future__ import annotations
@@ -136,6 +141,7 @@ def _step_timer():
         def __init__(self):
             self.begin: list[float] = []
             self.end: list[float] = []
+            self.cpu_end: list[float] = []  # this process's CPU time (all threads)
             self.rss_loaded = 0
             self.trainable = self.total = None
 
@@ -150,6 +156,7 @@ def _step_timer():
 
         def on_step_end(self, args, state, control, **kw):
             self.end.append(time.perf_counter())
+            self.cpu_end.append(time.process_time())
 
     return StepTimer()
 
@@ -201,7 +208,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
     timer = _step_timer()
     total_steps = steps + WARMUP_STEPS
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"domix-bench-{kind}-") as tmp:
         if kind == "domix":
             from ..modules.pretrain import pretrain
@@ -218,16 +225,20 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
         raise RuntimeError(f"{kind}: expected {total_steps} optimizer steps, the timer saw {len(timer.end)}")
     intervals = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
     compute = [timer.end[i] - timer.begin[i] for i in range(WARMUP_STEPS, total_steps)]
-    tokens = steps * batch_size * seq_len
+    cpu = [timer.cpu_end[i] - timer.cpu_end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
+    per_step = batch_size * seq_len
     return {
-        "run": kind, "timed_steps": steps, "warmup_steps": WARMUP_STEPS, "tokens_timed": tokens,
-        "tokens_per_s": tokens / sum(intervals),
-        "step_time_s": statistics.median(intervals), "step_times_s": [round(x, 4) for x in intervals],
-        "step_compute_s": statistics.median(compute),
+        "run": kind, "timed_steps": steps, "warmup_steps": WARMUP_STEPS, "tokens_per_step": per_step,
+        "tokens_per_s": per_step / statistics.median(intervals),
+        "tokens_per_s_mean": per_step * steps / sum(intervals),
+        "step_time_s": statistics.median(intervals), "step_time_min_s": min(intervals),
+        "step_times_s": [round(x, 4) for x in intervals],
+        "step_compute_s": statistics.median(compute), "step_cpu_s": statistics.median(cpu),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "rss_at_train_start_mb": timer.rss_loaded / 2**20,
         "trainable_params": timer.trainable, "total_params": timer.total,
         "threads": torch.get_num_threads(), "wall_s": wall,
+        "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
     }
 
 
@@ -250,10 +261,12 @@ def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
 def _aggregate(runs: list[dict]) -> dict:
     pooled = [t for r in runs for t in r["step_times_s"]]
+    per_step = runs[0]["tokens_per_step"]
     return {
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-        "step_time_s": statistics.median(pooled),
+        "tokens_per_s": per_step / statistics.median(pooled),
+        "step_time_s": statistics.median(pooled), "step_time_min_s": min(pooled),
         "step_compute_s": statistics.median(r["step_compute_s"] for r in runs),
+        "step_cpu_s": statistics.median(r["step_cpu_s"] for r in runs),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "rss_at_train_start_mb": statistics.median(r["rss_at_train_start_mb"] for r in runs),
         "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
@@ -270,20 +283,26 @@ def _table(res: dict) -> str:
     lines = [f"DAP efficiency — base {s['base']}, {s['steps']} timed steps (+{s['warmup_steps']} warm-up), "
              f"batch {s['batch_size']} × seq {s['seq_len']}, {s['threads']} threads, torch {s['torch']}, "
              f"repeats {s['repeats']}", "",
-             "| run | tokens/s | step time (s, median) | peak RSS (MB) | RSS at train start (MB) | trainable params |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| run | tokens/s | step time (s, median) | fastest step (s) | CPU s/step | peak RSS (MB) | "
+             "trainable params | load avg |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["runs"].items():
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['rss_at_train_start_mb']:.0f} | {r['trainable_params']:,} |")
+        load = max(max(x["loadavg_before"], x["loadavg_after"]) for x in res["raw"][name])
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | "
+                     f"{r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['trainable_params']:,} | {load:.1f} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:-:|"]
     for name, v in res["ratios"].items():
         t = res["targets"].get(name)
         if t:
             lines.append(f"| {name} | {v:.3f} | {t['op']} {t['target']} | {'yes' if t['met'] else 'NO'} |")
-        elif name == "step_time_lora_over_full":
+        elif name.startswith("step_time_lora_over_full"):
             lines.append(f"| {name} | {v:.3f} | ≈{THEORY_STEP_TIME_LORA_OVER_FULL:.2f} (theory) | |")
         else:
             lines.append(f"| {name} | {v:.3f} | | |")
+    load = max(max(x["loadavg_before"], x["loadavg_after"]) for v in res["raw"].values() for x in v)
+    if load > (s["cpu_count"] or 1) + 0.5:
+        lines += ["", f"Note: the 1-min load average reached {load:.1f} on {s['cpu_count']} CPUs during the runs; "
+                      f"other work shared the machine, so the timing ratios are noisy (compare the *_best ratios)."]
     return "\n".join(lines)
 
 
@@ -314,8 +333,9 @@ def run(args) -> dict:
             print(f"[{i}/{len(schedule)}] {kind:12s} ...", end="", file=sys.stderr, flush=True)
             r = _spawn(kind, base, data, steps, seq_len, batch_size, threads, tmp)
             raw[kind].append(r)
-            print(f" {r['tokens_per_s']:8.1f} tokens/s  {r['step_time_s']:.3f} s/step  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB  ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            print(f" {r['tokens_per_s']:8.1f} tokens/s  {r['step_time_s']:.3f} s/step (fastest "
+                  f"{r['step_time_min_s']:.3f})  peak RSS {r['peak_rss_mb']:.0f} MB  {r['wall_s']:.0f} s  "
+                  f"load avg {r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}", file=sys.stderr, flush=True)
 
     runs = {k: _aggregate(v) for k, v in raw.items()}
     ratios = {
@@ -324,6 +344,10 @@ def run(args) -> dict:
         # the two plain Trainer runs differ only by PEFT: the cleanest LoRA-vs-full comparison
         "step_time_lora_over_full": runs["peft-trainer"]["step_time_s"] / runs["full-ft"]["step_time_s"],
         "step_time_domix_over_full": runs["domix"]["step_time_s"] / runs["full-ft"]["step_time_s"],
+        # the same from each run's fastest step: the uncontended cost on a shared machine
+        "tokens_per_s_domix_over_peft_best": runs["peft-trainer"]["step_time_min_s"] / runs["domix"]["step_time_min_s"],
+        "cpu_per_step_domix_over_peft": runs["domix"]["step_cpu_s"] / runs["peft-trainer"]["step_cpu_s"],
+        "step_time_lora_over_full_best": runs["peft-trainer"]["step_time_min_s"] / runs["full-ft"]["step_time_min_s"],
     }
     targets = {name: {"value": ratios[name], "target": target, "op": op, "met": _met(op, ratios[name], target)}
                for name, (op, target) in TARGETS.items()}

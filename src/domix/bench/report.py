@@ -1,0 +1,310 @@
+"""REPORT.md and plots of `domix bench quality` — from results.json alone."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..data.benchmark import DOMAINS, GENERAL
+from ..io import write_json  # noqa: F401  (kept for symmetry with quality.py)
+
+BASELINES = ("base-full", "base-lora", "base-dora", "own-lora", "joint-lora", "ncl", "cat-merge")
+
+
+def _fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    s = f"{stat['mean']:.{digits}f}"
+    return s + (f" ± {stat['std']:.{digits}f}" if len(stat.get("runs", [])) > 1 else "")
+
+
+def _num(x, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _params(n) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+
+
+def _secs(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x / 60:.1f} min" if x >= 120 else f"{x:.1f} s"
+
+
+def metric_table(results: dict, metric: str = "macro_f1") -> str:
+    tasks = list(results["tasks"])
+    methods = [m for m in results["methods"] if any(m in results["tasks"][t] for t in tasks)]
+    best = {t: max((results["tasks"][t][m][metric]["mean"] for m in methods if m in results["tasks"][t]),
+                   default=None) for t in tasks}
+    lines = ["| method | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    for m in methods:
+        cells, means = [], []
+        for t in tasks:
+            st = results["tasks"][t].get(m, {}).get(metric)
+            cell = _fmt(st)
+            if st and st["mean"] is not None and best[t] is not None and abs(st["mean"] - best[t]) < 1e-12:
+                cell = f"**{cell}**"
+            cells.append(cell)
+            if st and st["mean"] is not None:
+                means.append(st["mean"])
+        avg = f"{sum(means) / len(means):.3f}" if len(means) == len(tasks) else "—"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def verdicts(results: dict) -> list[str]:
+    """Plain statements: on which task does DoMIX beat, or not beat, each other method (test macro-F1)."""
+    shared = results.get("shared_runs", {})
+    same = {m for m, o in shared.items() if o == "domix"} | {o for m, o in shared.items() if m == "domix"}
+    out = []
+    if same:
+        out.append(f"- {', '.join(sorted(same))}: the same settings as domix, hence the same runs (not compared).")
+    tasks = results["tasks"]
+    for t, by in tasks.items():
+        if "domix" not in by:
+            continue
+        d = by["domix"]["macro_f1"]
+        wins, losses, ties = [], [], []
+        for m, st in by.items():
+            if m == "domix" or m in same or st["macro_f1"]["mean"] is None:
+                continue
+            o = st["macro_f1"]
+            gap = d["mean"] - o["mean"]
+            noise = max(d["std"], o["std"])
+            note = f"{m} ({d['mean']:.3f} vs {o['mean']:.3f}" + (", within one std" if noise and abs(gap) <= noise
+                                                                 else "") + ")"
+            (wins if gap > 0 else ties if gap == 0 else losses).append(note)
+        if losses:
+            out.append(f"- **{t}**: DoMIX does **not** beat " + "; ".join(losses) + ".")
+        if ties:
+            out.append(f"- **{t}**: DoMIX ties " + "; ".join(ties) + " (does not beat).")
+        if wins:
+            out.append(f"- **{t}**: DoMIX beats " + "; ".join(wins) + ".")
+    means = {m: sum(tasks[t][m]["macro_f1"]["mean"] for t in tasks) / len(tasks)
+             for m in results["methods"] if all(m in tasks[t] for t in tasks)}
+    if "domix" in means:
+        below = [f"{m} ({v:.3f})" for m, v in means.items() if m != "domix" and m not in same and v >= means["domix"]]
+        above = [m for m, v in means.items() if m != "domix" and m not in same and v < means["domix"]]
+        out.append(f"- **Mean over tasks** (domix {means['domix']:.3f}): DoMIX is above {len(above)} of "
+                   f"{len(above) + len(below)} other methods" + (f"; **not** above {', '.join(below)}." if below else "."))
+    return out
+
+
+def _plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    made = []
+    tasks = list(results["tasks"])
+    # per-task bars with error bars
+    if tasks:
+        methods = [m for m in results["methods"] if any(m in results["tasks"][t] for t in tasks)]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.8), squeeze=False)
+        colors = plt.cm.tab20(np.linspace(0, 1, max(1, len(methods))))
+        for ax, t in zip(axes[0], tasks):
+            ms = [m for m in methods if m in results["tasks"][t]]
+            means = [results["tasks"][t][m]["macro_f1"]["mean"] for m in ms]
+            stds = [results["tasks"][t][m]["macro_f1"]["std"] for m in ms]
+            ax.bar(range(len(ms)), means, yerr=stds, capsize=3,
+                   color=[colors[methods.index(m)] for m in ms], edgecolor=["k" if m == "domix" else "none" for m in ms])
+            ax.set_xticks(range(len(ms)), ms, rotation=70, fontsize=7)
+            ax.set_title(t, fontsize=9)
+            ax.set_ylabel("test macro-F1", fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(f"end tasks (mean ± std over seeds {results['seeds']})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(plots / "tasks.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/tasks.png")
+    # per-domain LM loss
+    lm = results["lm_loss"]
+    if lm:
+        doms = list(lm)
+        series = [("base", [lm[d]["base"] for d in doms]), ("own module", [lm[d]["own"] for d in doms]),
+                  ("joint-lora", [lm[d]["joint"] for d in doms])]
+        for o in results["settings"]["orders"]:
+            key = ",".join(o)
+            series.append((f"ncl [{key}]", [lm[d]["ncl"].get(key) for d in doms]))
+        ret = results["retention_loss"]
+        doms_g = doms + [GENERAL]
+        gen = {"base": ret.get("base"), "own module": ret.get("own-lora"), "joint-lora": ret.get("joint-lora")}
+        for o in results["settings"]["orders"]:
+            key = ",".join(o)
+            gen[f"ncl [{key}]"] = results["lm_loss_detail"].get("ncl", {}).get(key)
+        fig, ax = plt.subplots(figsize=(1.6 * len(doms_g) + 2, 3.6))
+        w = 0.8 / len(series)
+        for i, (name, vals) in enumerate(series):
+            ys = [v if v is not None else np.nan for v in vals] + [gen.get(name) or np.nan]
+            ax.bar(np.arange(len(doms_g)) + i * w, ys, w, label=name)
+        ax.set_xticks(np.arange(len(doms_g)) + 0.4 - w / 2, [*doms, f"{GENERAL}\n(retention)"])
+        ax.set_ylabel("held-out LM loss (nats/token)")
+        lo = np.nanmin([v for _, vals in series for v in vals if v is not None] or [0])
+        ax.set_ylim(max(0, lo - 0.5), None)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plots / "lm_loss.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/lm_loss.png")
+    # bridge heatmaps of DoMIX (first seed), averaged over layer types
+    grids = results.get("bridge_blocks", {})
+    if grids:
+        names = results["settings"]["domains"]
+        fig, axes = plt.subplots(1, len(grids), figsize=(3.3 * len(grids), 3.2), squeeze=False)
+        for ax, (t, g) in zip(axes[0], grids.items()):
+            im = ax.imshow(np.array(g), cmap="viridis")
+            ax.set_title(t, fontsize=9)
+            ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle("DoMIX bridge: mean ||P block|| over layers (rows: output domain, cols: input domain)",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(plots / "bridge.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/bridge.png")
+    return made
+
+
+def write_report(results: dict, out: Path) -> str:
+    """Write out/REPORT.md and out/plots/*.png; return the main markdown table."""
+    out = Path(out)
+    s = results["settings"]
+    pre, ft = s["pretrain"], s["finetune"]
+    orders = [",".join(o) for o in s["orders"]]
+    table = metric_table(results, "macro_f1")
+    plots = _plots(results, out)
+    n_seeds = len(results["seeds"])
+    tokens = pre["steps"] * pre["batch_size"] * pre["seq_len"]
+    ran = [h for h in results.get("history", []) if h["jobs_run"]]
+    L = [f"# DoMIX quality benchmark — preset `{results['preset']}`", ""]
+    if ran and (len(ran) > 1 or results["reused_jobs"]):
+        L += [f"Measured wall time of the invocations that computed these results: **"
+              f"{sum(h['wall_time_s'] for h in ran) / 60:.1f} min** ("
+              + "; ".join(f"{h['finished']}: {h['wall_time_s'] / 60:.1f} min, {h['jobs_run']} jobs run, "
+                          f"{h['jobs_reused']} reused" for h in ran) + ").", ""]
+    L += [f"Measured wall time of this invocation: **{results['wall_time_s'] / 60:.1f} min** "
+         f"({results['reused_jobs']} of {len(results['jobs'])} jobs reused from earlier runs; the jobs' own measured "
+         f"time, summed: {results['compute_time_s'] / 60:.1f} min; their CPU time: "
+         f"{results.get('cpu_time_s', 0) / 60:.1f} min on {results.get('cores', '?')} cores). {s['workers']} worker(s) × "
+         f"{s['threads']} thread(s), base `{s['base']}`, seeds {results['seeds']}, written "
+         f"{time.strftime('%Y-%m-%d %H:%M')}."
+         + (f" The machine was shared: mean 1-minute load average {results['load_avg_1m']} while jobs finished "
+            f"(this run alone keeps it near {s['workers']})." if results.get("load_avg_1m") else ""), "",
+         "Command: `domix bench quality --preset " + results["preset"] + "`", ""]
+    if results["failures"]:
+        L += ["## Failures", "", *[f"- `{n}`: {e}" for n, e in results["failures"].items()], ""]
+    L += [f"## End tasks: test macro-F1 (mean ± std over {n_seeds} seed(s); best per task in bold)", "", table, "",
+          "## End tasks: test accuracy", "", metric_table(results, "accuracy"), "",
+          "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
+          "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`).", "",
+          "## DoMIX against each other method (test macro-F1)", "", *verdicts(results), ""]
+    lm = results["lm_loss"]
+    if lm:
+        L += ["## Did pre-training learn the domain? Held-out LM loss (nats/token, lower is better)", "",
+              "| domain | base | own module | joint-lora | " + " | ".join(f"ncl [{o}]" for o in orders) + " |",
+              "|---|---|---|---|" + "---|" * len(orders)]
+        for d, r in lm.items():
+            L.append(f"| {d} | {_num(r['base'])} | {_num(r['own'])} | {_num(r['joint'])} | "
+                     + " | ".join(_num(r["ncl"].get(o)) for o in orders) + " |")
+        ret = results["retention_loss"]
+        det = results["lm_loss_detail"]
+        L += ["", f"General text (retention, {GENERAL} held-out): base {_num(ret.get('base'))}; "
+              f"own modules {_num(ret.get('own-lora'))} (mean; "
+              + ", ".join(f"{d} {_num(v)}" for d, v in det.get("own-lora", {}).items()) + f"); joint-lora "
+              f"{_num(ret.get('joint-lora'))}; ncl " + ", ".join(f"[{o}] {_num(v)}" for o, v in det.get("ncl", {}).items())
+              + ". ncl is measured after its last domain.", ""]
+        cross = det.get("cross", {})
+        if cross:
+            cols = list(next(iter(cross.values())))
+            L += ["Each domain module on every held-out set (rows: module, columns: text):", "",
+                  "| module | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            L += [f"| {d} | " + " | ".join(_num(v.get(c)) for c in cols) + " |" for d, v in cross.items()]
+            L.append("")
+    rob, chk = results["order_robustness"], results.get("order_checks", {})
+    if rob:
+        L += ["## Order robustness (test macro-F1, first seed)", ""]
+        cols = [(m, o) for m in ("domix", "ncl") if m in rob for o in rob[m]]
+        L += ["| task | " + " | ".join(f"{m} [{o}]" for m, o in cols) + (" | ncl spread |" if "ncl" in rob else " |"),
+              "|---|" + "---|" * (len(cols) + ("ncl" in rob))]
+        for t in results["tasks"]:
+            row = [_num(rob[m][o].get(t), 4) for m, o in cols]
+            if "ncl" in rob:
+                row.append(_num(chk.get("ncl", {}).get("spread", {}).get(t), 4))
+            L.append(f"| {t} | " + " | ".join(row) + " |")
+        L.append("")
+        if "domix" in chk:
+            c = chk["domix"]
+            eq = c["modules_bitwise_equal"]
+            L.append(f"DoMIX: the two libraries were trained in the orders {orders[0]} and {orders[1]} (separate "
+                     f"directories and processes). Module tensors bitwise equal: "
+                     + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in eq.items())
+                     + f". Scores identical across orders: **{'yes' if c['identical_scores'] else 'NO'}**. "
+                     + ("The order-B fine-tunes ran for real." if c["order_b_finetuned"] else
+                        "Because the modules are bitwise equal, the order-B fine-tunes are the same computation on "
+                        "the same inputs and reuse the order-A runs (preset setting `order_check_finetune: false`; "
+                        "the full preset runs them)."))
+        if "ncl" in chk:
+            L.append("ncl depends on the order: its spread is the max − min over orders of the first seed's score.")
+        L.append("")
+    eff = results["efficiency"]
+    if eff:
+        L += ["## Efficiency (each training in its own process; fine-tuning numbers are means per run)", "",
+              "| method | trainable (fine-tune) | DAP time (CPU) | DAP step | DAP peak RSS | fine-tune time (CPU) | "
+              "fine-tune step | fine-tune peak RSS |", "|---|---|---|---|---|---|---|---|"]
+        for m, e in eff.items():
+            dap = f"{_secs(e['pretrain_s'])} ({_secs(e.get('pretrain_cpu_s'))})" if e["pretrain_s"] else "—"
+            L.append(f"| {m} | {_params(e['trainable_params'])} ({100 * e['trainable_params'] / e['total_params']:.2f}%)"
+                     f" | {dap} | {_num(e['pretrain_step_time_s'], 2)} s"
+                     f" | {_num(e['pretrain_peak_rss_mb'], 0)} MB | {_secs(e['finetune_s'])} "
+                     f"({_secs(e.get('finetune_cpu_s'))}) | {_num(e['step_time_s'], 3)} s | {_num(e['peak_rss_mb'], 0)} MB |")
+        L += ["", "DAP time: the jobs' wall time, and in brackets their CPU time (process, data, training, save) — for "
+              "the domix family and own-lora "
+              "the four modules together, for joint-lora its one run, for ncl one order's four stages. "
+              "Fine-tune time includes loading, training, dev and test scoring. Step times are wall-clock medians "
+              "after the first step. With more than one worker, or other work on the machine, jobs share the cores "
+              "and their memory bandwidth: compare ratios within one run, not absolute times; CPU time is the "
+              "least disturbed measure. Peak RSS includes a few hundred MB of imported libraries common to every job.", ""]
+    L += ["## Settings and budgets", "",
+          f"- Data: the benchmark data of `domix fetch data` (DESIGN.md §6); deterministic subsets in "
+          f"`{results['data']['key']}`: task train/dev/test = "
+          + ", ".join(f"{t} {v['train']['examples']}/{v['dev']['examples']}/{v['test']['examples']}"
+                      for t, v in results["data"]["tasks"].items()) + ".",
+          f"- Pre-training, equal in tokens per domain: every module and every ncl stage sees {pre['steps']} steps × "
+          f"{pre['batch_size']} × {pre['seq_len']} tokens = {tokens:,} tokens of its domain; **joint-lora gets the sum**, "
+          f"{pre['steps'] * len(s['domains'])} steps = {tokens * len(s['domains']):,} tokens over the union in one run. "
+          f"LoRA r={pre['rank']}, alpha={pre['alpha']}, all linear layers, lr {pre['lr']}; ncl trains all weights "
+          f"at lr {pre['full_lr']} (a LoRA lr would wreck a full model; not tuned). Pre-training runs once (seed "
+          f"{pre['seed']}); the seeds vary fine-tuning.",
+          f"- Fine-tuning, equal in epochs: {ft['epochs']} epoch(s) of batch {ft['batch_size']}, max length "
+          f"{ft['max_seq_len']} tokens, linear schedule with 10% warm-up, for every method. Learning rates are each "
+          f"family's usual default, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
+          f"{s['domix_defaults']['bridge_lr']}), {ft['full_lr']} for full fine-tuning (base-full, ncl).",
+          f"- Budgets that are not equal: trainable parameters (see Efficiency); base-lora/base-dora use rank "
+          f"{ft['base_lora_rank']} (≈ DoMIX's trainable budget: N·r/2 for N={len(s['domains'])} modules of r="
+          f"{pre['rank']}), own-lora and joint-lora keep their module's rank {pre['rank']}.",
+          f"- domix = FinetuneConfig defaults (bridge_init `{s['domix_defaults']['bridge_init']}`); the ablations set "
+          "P = I/(N·r) (domix-rank), I/N (domix-uniform), I (domix-identity, trainable), the default init frozen "
+          "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",
+          f"- ncl orders: {'; '.join(orders)}; the ncl row of the task tables pools both orders.",
+          f"- Preset `{results['preset']}` is small by necessity (2 CPU cores): treat differences within one std, or "
+          "of a few points on a few hundred test examples, as noise.", ""]
+    if plots:
+        L += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
+    (out / "REPORT.md").write_text("\n".join(L))
+    return table
+
+
+if __name__ == "__main__":  # python -m domix.bench.report DIR: rebuild REPORT.md and plots from DIR/results.json
+    import json
+    import sys
+
+    d = Path(sys.argv[1])
+    print(write_report(json.loads((d / "results.json").read_text()), d))

@@ -1,0 +1,131 @@
+"""`domix bench quality` end to end on a tiny random decoder and tiny synthetic benchmark data:
+every method, the results.json schema, DoMIX's order robustness, resuming, cache keys."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pytest
+from conftest import WORDS, make_corpus
+
+from domix.bench.quality import METHODS, plan, prepare_data, resolve_settings, run_quality, _base_id
+from domix.data.benchmark import DOMAINS
+
+VOCAB = {"bio": "bio", "reviews": "food", "news": "law", "health": "bio", "general": "law"}
+DOMS = ["bio", "reviews"]  # two of the four domains keep the test short; the data holds all four
+TASKS = {DOMAINS[d] for d in DOMS}
+TINY = {"domains": DOMS, "pretrain": {"seq_len": 16, "batch_size": 4, "steps": 3, "lr": 1e-2, "full_lr": 1e-3},
+        "lm_eval": {"blocks": 4, "batch_size": 4},
+        "finetune": {"train": 24, "dev": 8, "test": 12, "epochs": 1.0, "batch_size": 8, "max_seq_len": 24,
+                     "base_lora_rank": 4}}
+
+
+def _write(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+    return {"path": str(path.relative_to(path.parents[1] if path.parent.name == "corpora" else path.parents[2])),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The layout of the real benchmark data: corpora/*.txt, tasks/<task>/{train,dev,test}.jsonl, manifest.json."""
+    root = tmp_path_factory.mktemp("bench-data")
+    manifest = {"version": 1, "seed": 0, "corpora": {}, "tasks": {}}
+    for dom in [*DOMAINS, "general"]:
+        manifest["corpora"][dom] = _write(root / "corpora" / f"{dom}.txt", make_corpus(VOCAB[dom], 80, seed=1))
+    for i, (dom, task) in enumerate(DOMAINS.items()):
+        labels = list(WORDS)[: 2 + i % 2]  # 2 or 3 classes: the vocabulary a text is written in
+        rows = [{"text": t, "label": lab} for lab in labels for t in make_corpus(lab, 30, seed=10 + i)]
+        random.Random(i).shuffle(rows)
+        n = len(rows)
+        splits = {"train": rows[: n // 2], "dev": rows[n // 2: 3 * n // 4], "test": rows[3 * n // 4:]}
+        manifest["tasks"][task] = {"domain": dom, "labels": labels, "splits": {
+            s: {**_write(root / "tasks" / task / f"{s}.jsonl", [json.dumps(r) for r in rs]), "examples": len(rs)}
+            for s, rs in splits.items()}}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_decoder, data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    res = run_quality("quick", out=out, base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                      overrides=TINY)
+    return out, res
+
+
+def test_results_schema(bench):
+    out, res = bench
+    saved = json.loads((out / "results.json").read_text())
+    assert not saved["failures"], saved["failures"]
+    for key in ("preset", "seeds", "settings", "wall_time_s", "tasks", "lm_loss", "retention_loss",
+                "order_robustness", "efficiency"):
+        assert key in saved, key
+    assert saved["preset"] == "quick" and saved["seeds"] == [0]
+    assert set(saved["tasks"]) == TASKS
+    for task, by in saved["tasks"].items():
+        assert set(by) == set(METHODS), (task, set(METHODS) ^ set(by))
+        for m, st in by.items():
+            for metric in ("macro_f1", "accuracy"):
+                assert set(st[metric]) >= {"mean", "std", "runs"}
+                assert 0.0 <= st[metric]["mean"] <= 1.0
+                assert len(st[metric]["runs"]) == (2 if m == "ncl" else 1)  # ncl: two orders x one seed
+    orders = [",".join(o) for o in saved["settings"]["orders"]]
+    assert set(saved["lm_loss"]) == set(DOMS)
+    for dom in DOMS:
+        row = saved["lm_loss"][dom]
+        assert all(isinstance(row[k], float) for k in ("base", "own", "joint"))
+        assert set(row["ncl"]) == set(orders)
+    assert set(saved["retention_loss"]) >= {"base", "own-lora", "joint-lora", "ncl"}
+    for m in METHODS:
+        e = saved["efficiency"][m]
+        assert e["trainable_params"] > 0 and e["finetune_s"] > 0 and e["step_time_s"] > 0 and e["peak_rss_mb"] > 0
+        assert (e["pretrain_s"] > 0) == (not m.startswith("base-"))
+    eff = saved["efficiency"]
+    assert eff["ncl"]["pretrain_trainable_params"] > eff["domix"]["pretrain_trainable_params"]
+    assert eff["base-full"]["trainable_params"] == eff["base-full"]["total_params"]
+    report = (out / "REPORT.md").read_text()
+    assert "## End tasks" in report and "Measured wall time" in report and res["table"] in report
+    for plot in ("tasks.png", "lm_loss.png", "bridge.png"):
+        assert (out / "plots" / plot).stat().st_size > 0
+
+
+def test_domix_is_order_robust_and_ncl_is_reported_per_order(bench):
+    _, res = bench
+    rob, chk = res["order_robustness"], res["order_checks"]
+    orders = [",".join(o) for o in res["settings"]["orders"]]
+    assert set(rob["domix"]) == set(orders[:2]) and set(rob["ncl"]) == set(orders)
+    assert all(chk["domix"]["modules_bitwise_equal"].values())  # trained in two orders, in separate processes
+    a, b = (rob["domix"][o] for o in orders[:2])
+    assert a == b and set(a) == TASKS
+    assert chk["domix"]["identical_scores"]
+    assert set(chk["ncl"]["spread"]) == TASKS
+
+
+def test_rerun_reuses_every_job(bench, tiny_decoder, data_root):
+    out, res = bench
+    again = run_quality("quick", out=out, base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                        overrides=TINY)
+    assert again["reused_jobs"] == len(again["jobs"]) and not again["failures"]
+    assert again["tasks"] == res["tasks"] and again["lm_loss"] == res["lm_loss"]
+
+
+def test_changed_settings_change_the_cache_keys(bench, tiny_decoder, data_root):
+    out, _ = bench
+
+    def job_dirs(overrides):
+        s = resolve_settings("quick", tiny_decoder, workers=2, overrides=overrides)
+        s["base_id"] = _base_id(tiny_decoder)
+        data = prepare_data(data_root, out, s)
+        jobs, _ = plan(s, data, out / "work", list(METHODS), s["seeds"])
+        return {j.label or j.name: j.result for j in jobs.values()}
+
+    same, ft_lr, pre = (job_dirs(TINY), job_dirs({**TINY, "finetune": {**TINY["finetune"], "lr": 1e-3}}),
+                        job_dirs({**TINY, "pretrain": {**TINY["pretrain"], "steps": 4}}))
+    assert same == job_dirs(TINY)
+    ft = [k for k in same if "/s0" in k]
+    lora_ft = [k for k in ft if not k.startswith(("base-full", "ncl"))]
+    assert all(same[k] != ft_lr[k] for k in lora_ft) and same["module/1/bio"] == ft_lr["module/1/bio"]
+    assert all(same[k] != pre[k] for k in same if not k.startswith(("base-", "lm/base")))
