@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", required=True, help="JSONL of the same shape, evaluated during and after training")
     p.add_argument("--out", required=True, help="task model directory (written atomically)")
     p.add_argument("--task", choices=["classify", "generate"], default="classify")
-    p.add_argument("--bridge-init", default="rank", help="uniform (I/N), rank (I/(N*r)), identity (I), own:DOMAIN")
+    p.add_argument("--bridge-init", default="uniform",
+                   help="uniform (I/N, default), rank (I/(N*r)), identity (I), own:DOMAIN")
     p.add_argument("--bridge-lr", type=float, default=3e-3, help="learning rate of the bridge P, or of MoDE's gates (weight decay 0)")
     p.add_argument("--freeze-bridge", action="store_true", help="keep P at its initial value (ablation)")
     p.add_argument("--lora-rank", type=int, default=32, help="rank for --method lora/dora")
