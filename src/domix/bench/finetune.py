@@ -38,8 +38,14 @@ def _library(base: str, n: int, rank: int) -> str:
     from ..modules.executors import pretrain_all
     from ..modules.pretrain import PretrainConfig
 
+    import hashlib
+
+    from ..models import resolve_base
+
     build_benchmark_data(progress=False)
-    lib = cache_dir() / "bench" / f"finetune-lib-{Path(base).name}-r{rank}"
+    weights = Path(resolve_base(base)) / "model.safetensors"  # a rewritten base gets a new library
+    stamp = f"{base}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.exists() else base
+    lib = cache_dir() / "bench" / f"finetune-lib-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}-r{rank}"
     corpora = cache_dir() / "data" / "corpora"
     cfgs = [PretrainConfig(domain=d, data=[str(corpora / f"{d}.txt")], library=str(lib), base=base, rank=rank,
                            alpha=2 * rank, max_steps=2, seq_len=64, batch_size=4, eval_blocks=1)
