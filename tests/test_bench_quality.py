@@ -129,3 +129,17 @@ def test_changed_settings_change_the_cache_keys(bench, tiny_decoder, data_root):
     lora_ft = [k for k in ft if not k.startswith(("base-full", "ncl"))]
     assert all(same[k] != ft_lr[k] for k in lora_ft) and same["module/1/bio"] == ft_lr["module/1/bio"]
     assert all(same[k] != pre[k] for k in same if not k.startswith(("base-", "lm/base")))
+
+
+def test_a_method_is_keyed_only_on_the_options_it_reads():
+    from dataclasses import asdict
+
+    from domix.bench.quality import _finetune_fields
+    from domix.finetune import FinetuneConfig
+
+    full = _finetune_fields(asdict(FinetuneConfig(train="t", eval="e", out="o", method="full")))
+    lora = _finetune_fields(asdict(FinetuneConfig(train="t", eval="e", out="o", method="lora")))
+    domix = _finetune_fields(asdict(FinetuneConfig(train="t", eval="e", out="o", method="domix")))
+    assert "bridge_init" not in full and "bridge_init" not in lora and "lora_rank" not in full
+    assert {"bridge_init", "bridge_lr", "freeze_bridge", "modules"} <= set(domix) and "lora_rank" not in domix
+    assert {"lr", "epochs", "seed", "batch_size", "max_seq_len"} <= set(full) and "out" not in full

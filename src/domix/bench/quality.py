@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -58,8 +57,10 @@ NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modu
 # ---------------------------------------------------------------------------- presets
 # Sized from measurements on 2 CPU cores, one thread per job (real model): a LoRA module step
 # (8 x 64 tokens) ~2.7 s, a full-weight step ~2x that; a LoRA/DoMIX fine-tune ~210 tokens/s plus
-# ~12 s of loading/saving per run; scoring ~3x faster than training. quick ≈ 3000 CPU-s (≤ 30 min
-# with 2 workers), full ≈ 14000 CPU-s (≤ 2.5 h with 2 workers); REPORT.md states the measured times.
+# ~12 s of loading/saving per run; scoring ~3x faster than training. quick measured 2,608 CPU-s
+# (≈ 22 min on 2 free cores with 2 workers); full ≈ 14,000 CPU-s (≈ 2 h). A fine-tune learns
+# little before ~30 steps (product-sentiment dev F1 0.42 at step 10, 0.71 at step 40): quick's
+# task scores are a smoke test, full's 32 steps per run the least that means something here.
 PRESETS: dict[str, dict] = {
     "quick": {
         "seeds": [0],
@@ -80,7 +81,7 @@ PRESETS: dict[str, dict] = {
         "pretrain": {"seq_len": 64, "batch_size": 8, "steps": 16, "rank": 8, "alpha": 16.0, "lr": 5e-4,
                      "full_lr": 1e-4, "seed": 0},
         "lm_eval": {"blocks": 24, "batch_size": 8},
-        "finetune": {"train": 200, "dev": 48, "test": 300, "epochs": 1.0, "batch_size": 8, "max_seq_len": 64,
+        "finetune": {"train": 256, "dev": 32, "test": 250, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
                      "lr": 5e-4, "full_lr": 5e-5, "base_lora_rank": 16},
         "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
         "keep_full_weights": False,
@@ -246,11 +247,29 @@ class Job:
 
 
 def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, steps: int, **kw) -> dict:
+    """Every PretrainConfig option, defaults included: a changed default changes the key."""
+    from ..modules.pretrain import PretrainConfig
+
     pre = settings["pretrain"]
-    return {"domain": domain, "data": data, "library": str(library), "base": settings["base"],
-            "rank": pre["rank"], "alpha": pre["alpha"], "seq_len": pre["seq_len"], "batch_size": pre["batch_size"],
-            "lr": pre["lr"], "max_steps": steps, "seed": pre["seed"], "eval_blocks": 4, "save_steps": NO_SAVE,
-            "threads": settings["threads"], "progress": False, "overwrite": True, **kw}
+    cfg = {"domain": domain, "data": data, "library": str(library), "base": settings["base"],
+           "rank": pre["rank"], "alpha": pre["alpha"], "seq_len": pre["seq_len"], "batch_size": pre["batch_size"],
+           "lr": pre["lr"], "max_steps": steps, "seed": pre["seed"], "eval_blocks": 4, "save_steps": NO_SAVE,
+           "threads": settings["threads"], "progress": False, "overwrite": True, **kw}
+    return {**asdict(PretrainConfig(**cfg)), **cfg}
+
+
+# FinetuneConfig fields that only some methods read; the others' keys leave them out, so that a
+# changed default (say of bridge_init) reruns exactly the runs it changes
+METHOD_FIELDS = {"domix": {"modules", "bridge_init", "bridge_lr", "freeze_bridge", "library"},
+                 "lora": {"lora_rank", "lora_alpha", "init_module", "library"}, "dora": {"lora_rank", "lora_alpha"},
+                 "mode": {"from_composed", "freeze_experts", "bridge_lr", "library"}}
+NOT_RESULTS = {"out", "progress", "overwrite", "resume", "save_steps", "max_new_tokens"}  # run mechanics only
+
+
+def _finetune_fields(cfg: dict) -> dict:
+    """The FinetuneConfig options that define a run's result: the method's own and the shared ones."""
+    other = set().union(*METHOD_FIELDS.values()) - METHOD_FIELDS.get(cfg["method"], set())
+    return {k: v for k, v in cfg.items() if k not in NOT_RESULTS and k not in other}
 
 
 def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list[int]) -> tuple[dict, list]:
@@ -270,7 +289,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
     # -- stage 1: one LoRA module per domain, each library trained in its own domain order
     libs = {}
     if "modules" in needs:
-        lib_key = _key({**common, "pretrain": {k: v for k, v in pre.items() if k != "full_lr"}, "kind": "lora"})
+        shared = _pretrain_cfg(settings, "", [], Path("."), pre["steps"])  # what every module of a library shares
+        lib_key = _key({**common, "config": {k: v for k, v in shared.items() if k not in ("domain", "data", "library")}})
         for i, order in enumerate(orders if "domix" in methods else orders[:1]):
             lib = work / f"lib-{'-'.join(order)}-{lib_key}"
             libs[order_name(order)] = lib
@@ -335,7 +355,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                     kw = {k: v for k, v in m.items() if k != "init"}
                     kw.update(train=t["train"]["path"], eval=t["dev"]["path"], base=settings["base"], seed=seed,
                               epochs=ft["epochs"], batch_size=ft["batch_size"], max_seq_len=ft["max_seq_len"],
-                              threads=settings["threads"], save_steps=NO_SAVE,
+                              threads=settings["threads"],
                               lr=ft["full_lr"] if m["method"] == "full" else ft["lr"])
                     deps = []
                     if m["method"] in ("lora", "dora") and "init" not in m:
@@ -356,9 +376,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                         deps = [job]
                     steps = max(1, math.ceil(ft["epochs"] * t["train"]["examples"] / ft["batch_size"]))
                     kw["eval_every"] = steps + 1  # no periodic evaluation: the dev set is scored once, at the end
-                    cfg = {**defaults, **kw}
-                    for k in ("out", "progress", "overwrite", "resume"):
-                        cfg.pop(k)
+                    cfg = _finetune_fields({**defaults, **kw})
                     spec = {"config": cfg, "test": t["test"]["path"], **common,
                             "drop_weights": m["method"] == "full" and not settings["keep_full_weights"]}
                     if m.get("init") == "ncl":
@@ -473,7 +491,7 @@ def _run_finetune(spec: dict, out: str) -> dict:
     from ..tasks import read_jsonl
 
     clock = _clock()
-    cfg = FinetuneConfig(**spec["config"], out=out, overwrite=True, progress=False)
+    cfg = FinetuneConfig(**spec["config"], out=out, overwrite=True, progress=False, save_steps=NO_SAVE)
     metrics = finetune(cfg, callbacks=[clock])
     # the test set is scored once, after training, by the model that was saved
     tspec = json.loads((Path(out) / "task.json").read_text())
@@ -871,9 +889,9 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
 
 
 def run(args) -> dict:
-    """`domix bench quality` (args: preset, out, methods, seeds, workers, base, data, json)."""
+    """`domix bench quality` (args: preset, out, methods, seeds, workers, threads, base, data, json)."""
     res = run_quality(preset=args.preset, out=getattr(args, "out", None), methods=getattr(args, "methods", None),
                       seeds=getattr(args, "seeds", None), workers=getattr(args, "workers", None),
                       base=getattr(args, "base", None) or DEFAULT_BASE, data_root=getattr(args, "data", None),
-                      progress=True)
+                      threads=getattr(args, "threads", None), progress=True)
     return res

@@ -4,8 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data.benchmark import DOMAINS, GENERAL
-from ..io import write_json  # noqa: F401  (kept for symmetry with quality.py)
+from ..data.benchmark import GENERAL
 
 BASELINES = ("base-full", "base-lora", "base-dora", "own-lora", "joint-lora", "ncl", "cat-merge")
 
