@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from domix import Library, LibraryError
 from domix.mode import apply_mode, find_layers, load_mode, load_mode_model, mode_of, remove_mode, save_mode
-from domix.mode.cli import main
+from domix.cli import main
 from domix.mode.train import ModePretrainConfig, compose, eval_mode, pretrain_expert
 from domix.modules.executors import load_config, pretrain_all
 

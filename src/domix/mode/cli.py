@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _print_json(obj) -> None:
@@ -158,22 +157,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_eval)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m domix.mode.cli mode …` — the same commands as `domix mode …`."""
-    from ..fetch import FetchError
-    from ..modules.library import LibraryError
-
-    ap = argparse.ArgumentParser(prog="domix")
-    register(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"domix: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
