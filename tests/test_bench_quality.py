@@ -78,7 +78,13 @@ def test_results_schema(bench):
         row = saved["lm_loss"][dom]
         assert all(isinstance(row[k], float) for k in ("base", "own", "joint"))
         assert set(row["ncl"]) == set(orders)
-    assert set(saved["retention_loss"]) >= {"base", "own-lora", "joint-lora", "ncl"}
+    for dom in DOMS:  # MoDE: each expert alone and both compositions, loss and next-token accuracy
+        for metric in ("lm_loss", "lm_accuracy"):
+            row = saved[metric][dom]
+            assert all(isinstance(row[k], float) for k in ("base", "own", "mode-expert", "mode", "mode-frozen-experts"))
+        assert all(0.0 <= v <= 1.0 for k, v in saved["lm_accuracy"][dom].items() if k != "ncl")
+    assert set(saved["retention_loss"]) >= {"base", "own-lora", "joint-lora", "ncl", "mode-expert", "mode",
+                                            "mode-frozen-experts"}
     for m in METHODS:
         e = saved["efficiency"][m]
         assert e["trainable_params"] > 0 and e["finetune_s"] > 0 and e["step_time_s"] > 0 and e["peak_rss_mb"] > 0
@@ -86,8 +92,12 @@ def test_results_schema(bench):
     eff = saved["efficiency"]
     assert eff["ncl"]["pretrain_trainable_params"] > eff["domix"]["pretrain_trainable_params"]
     assert eff["base-full"]["trainable_params"] == eff["base-full"]["total_params"]
+    # frozen experts: only gates and the head train, far fewer than experts + gates + head
+    assert eff["mode-frozen-experts"]["trainable_params"] < eff["mode"]["trainable_params"]
+    assert eff["mode"]["pretrain_trainable_params"] > 0
     report = (out / "REPORT.md").read_text()
     assert "## End tasks" in report and "Measured wall time" in report and res["table"] in report
+    assert "Next-token accuracy" in report and "mode (composed)" in report
     for plot in ("tasks.png", "lm_loss.png", "bridge.png"):
         assert (out / "plots" / plot).stat().st_size > 0
 
@@ -126,7 +136,7 @@ def test_changed_settings_change_the_cache_keys(bench, tiny_decoder, data_root):
                         job_dirs({**TINY, "pretrain": {**TINY["pretrain"], "steps": 4}}))
     assert same == job_dirs(TINY)
     ft = [k for k in same if "/s0" in k]
-    lora_ft = [k for k in ft if not k.startswith(("base-full", "ncl"))]
+    lora_ft = [k for k in ft if not k.startswith(("base-full", "ncl", "mode"))]  # these have their own lr
     assert all(same[k] != ft_lr[k] for k in lora_ft) and same["module/1/bio"] == ft_lr["module/1/bio"]
     assert all(same[k] != pre[k] for k in same if not k.startswith(("base-", "lm/base")))
 

@@ -5,6 +5,7 @@ domains of §6 — the same data subsets, the same seeds, every training in its 
                  ├─ module <domain> ×4, library in order B ─┤
                  ├─ joint  (one LoRA on the union, 4× tokens)┤
                  ├─ ncl <order> ×2 (full weights, domains in turn)
+                 ├─ mode expert <domain> ×4 ─ compose (experts+gates | gates only) ┤
                  └─ finetune <method> <task> <seed> ────────┴─ results.json, REPORT.md, plots/
 
 Every job has a cache key: a hash of everything that defines its result (its settings, the
@@ -50,9 +51,16 @@ METHODS: dict[str, dict] = {
     "domix-uniform": {"method": "domix", "bridge_init": "uniform"},
     "domix-identity": {"method": "domix", "bridge_init": "identity"},
     "domix-frozen-bridge": {"method": "domix", "freeze_bridge": True},
+    # MoDE (DESIGN.md §4): experts trained alone, composed on the mixed corpora, then fine-tuned
+    "mode": {"method": "mode", "init": "composed"},
+    "mode-frozen-experts": {"method": "mode", "init": "composed", "freeze_experts": True},
 }
 DOMIX_LIKE = ("cat-merge", "domix", "domix-rank", "domix-uniform", "domix-identity", "domix-frozen-bridge")
-NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE}}
+NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE},
+         "mode": "mode", "mode-frozen-experts": "mode-frozen"}
+# a composition per MoDE method: experts and gates trained, or the gates only
+COMPOSE = {"mode": {"freeze_experts": False}, "mode-frozen": {"freeze_experts": True}}
+COMPOSED_FOR = {v: m for m, v in NEEDS.items() if v in COMPOSE}  # composition -> the method fine-tuning it
 
 # ---------------------------------------------------------------------------- presets
 # Sized from measurements on 2 CPU cores, one thread per job (real model): a LoRA module step
@@ -70,7 +78,8 @@ PRESETS: dict[str, dict] = {
                      "full_lr": 1e-4, "seed": 0},
         "lm_eval": {"blocks": 12, "batch_size": 8},
         "finetune": {"train": 80, "dev": 24, "test": 128, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
-                     "lr": 5e-4, "full_lr": 5e-5, "base_lora_rank": 16},
+                     "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
+        "mode": {"lr": 1e-4, "compose_steps": 8},
         "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
         "keep_full_weights": False,
     },
@@ -82,7 +91,8 @@ PRESETS: dict[str, dict] = {
                      "full_lr": 1e-4, "seed": 0},
         "lm_eval": {"blocks": 24, "batch_size": 8},
         "finetune": {"train": 256, "dev": 32, "test": 250, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
-                     "lr": 5e-4, "full_lr": 5e-5, "base_lora_rank": 16},
+                     "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
+        "mode": {"lr": 1e-4, "compose_steps": 16},
         "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
         "keep_full_weights": False,
     },
@@ -227,7 +237,7 @@ def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -
 @dataclass
 class Job:
     name: str          # unique; also the label in logs
-    kind: str          # pretrain | ncl | lm-eval | finetune
+    kind: str          # pretrain | ncl | mode-pretrain | mode-compose | lm-eval | finetune
     spec: dict         # the runner's input; hashed (with the upstream paths in it) into the key
     out: str           # the artefact
     result: str        # result.json, written last
@@ -238,7 +248,7 @@ class Job:
     def done(self) -> bool:
         if not Path(self.result).is_file():
             return False
-        if self.kind == "pretrain":
+        if self.kind in ("pretrain", "mode-pretrain", "mode-compose"):
             return (Path(self.out) / "domix.json").is_file()
         if self.kind == "ncl":
             final = json.loads(Path(self.result).read_text()).get("final")
@@ -256,6 +266,15 @@ def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, s
            "lr": pre["lr"], "max_steps": steps, "seed": pre["seed"], "eval_blocks": 4, "save_steps": NO_SAVE,
            "threads": settings["threads"], "progress": False, "overwrite": True, **kw}
     return {**asdict(PretrainConfig(**cfg)), **cfg}
+
+
+def _mode_cfg(settings: dict, cls, **kw) -> dict:
+    """Every ModePretrainConfig / ComposeConfig option, defaults included (as `_pretrain_cfg`)."""
+    pre = settings["pretrain"]
+    cfg = {"seq_len": pre["seq_len"], "batch_size": pre["batch_size"], "lr": settings["mode"]["lr"],
+           "seed": pre["seed"], "eval_blocks": 4, "save_steps": NO_SAVE, "threads": settings["threads"],
+           "progress": False, "overwrite": True, **kw}
+    return {**asdict(cls(**cfg)), **cfg}
 
 
 # FinetuneConfig fields that only some methods read; the others' keys leave them out, so that a
@@ -318,6 +337,27 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
             d = work / f"ncl-{'-'.join(order)}-{_key(spec)}"
             ncl[order_name(order)] = (f"ncl/{i + 1}", d)
             add(Job(f"ncl/{i + 1}", "ncl", spec, str(d), str(d / "result.json")))
+    # -- MoDE: one expert per domain (the modules' token budget), then compositions on the mixture
+    mode_lib, composed = None, {}
+    if needs & set(COMPOSE):
+        from ..mode.train import ComposeConfig, ModePretrainConfig
+
+        shared = _mode_cfg(settings, ModePretrainConfig, domain="", data=[], library="", max_steps=pre["steps"],
+                           base=settings["base"])
+        mode_lib = work / f"mode-lib-{_key({**common, 'config': {k: v for k, v in shared.items() if k not in ('domain', 'data', 'library')}})}"
+        for d in domains:
+            cfg = {**shared, "domain": d, "data": [data["corpora"][d]["path"]], "library": str(mode_lib)}
+            add(Job(f"mode/expert/{d}", "mode-pretrain", {"config": cfg, **common}, str(mode_lib / d),
+                    str(mode_lib / ".results" / f"{d}.json")))
+        for variant in [v for v in COMPOSE if v in needs]:
+            cfg = _mode_cfg(settings, ComposeConfig, library=str(mode_lib), out="", experts=list(domains),
+                            data=[f"{d}={data['corpora'][d]['path']}" for d in domains], base=settings["base"],
+                            max_steps=settings["mode"]["compose_steps"], **COMPOSE[variant])
+            cdir = work / f"{variant}-compose-{_key({**common, 'config': cfg})}"
+            cfg["out"] = str(cdir / "model")
+            composed[variant] = (f"{variant}/compose", cdir / "model")
+            add(Job(f"{variant}/compose", "mode-compose", {"config": cfg, **common}, str(cdir / "model"),
+                    str(cdir / "result.json"), [f"mode/expert/{d}" for d in domains]))
     # -- LM loss on the held-out text of every domain and on general text
     lm = settings["lm_eval"]
     heldout = {k: v["path"] for k, v in data["heldout"].items()}
@@ -330,8 +370,12 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                        ["joint"]))
     for name, (job, d) in ncl.items():
         models.append((f"lm/{job}", {"ncl": str(d)}, [job]))
+    if mode_lib:
+        models += [(f"lm/mode-expert/{d}", {"mode": str(mode_lib / d)}, [f"mode/expert/{d}"]) for d in domains]
+    for variant, (job, d) in composed.items():
+        models.append((f"lm/{variant}", {"mode": str(d)}, [job]))
     for name, model, deps in models:
-        spec = {"model": model, "heldout": heldout, "seq_len": pre["seq_len"], **lm, **common}
+        spec = {"model": model, "heldout": heldout, "seq_len": pre["seq_len"], **lm, **common, "version": 2}
         d = work / f"{name.replace('/', '-')}-{_key(spec)}"
         add(Job(name, "lm-eval", spec, str(d), str(d / "result.json"), deps))
 
@@ -374,6 +418,10 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                         job, nd = upstream
                         kw.update(base=str(nd / order.split(",")[-1]))
                         deps = [job]
+                    if m.get("init") == "composed":
+                        job, cdir = composed[NEEDS[method]]
+                        kw.update(library=str(mode_lib), from_composed=str(cdir), lr=ft["mode_lr"])
+                        deps = [job]
                     steps = max(1, math.ceil(ft["epochs"] * t["train"]["examples"] / ft["batch_size"]))
                     kw["eval_every"] = steps + 1  # no periodic evaluation: the dev set is scored once, at the end
                     cfg = _finetune_fields({**defaults, **kw})
@@ -401,19 +449,21 @@ def _clock():
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.t = []
+            self.t, self.c = [], []
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t = [time.perf_counter()]
+            self.t, self.c = [time.perf_counter()], [time.process_time()]
 
         def on_step_end(self, args, state, control, **kw):
             self.t.append(time.perf_counter())
+            self.c.append(time.process_time())  # CPU time: barely disturbed by other work on the machine
 
         def on_train_end(self, args, state, control, model=None, **kw):
             self.model = model  # the trained model, to score the test set without reloading it
 
-        def step_time(self):
-            d = [b - a for a, b in zip(self.t, self.t[1:])]
+        def step_time(self, cpu: bool = False):
+            t = self.c if cpu else self.t
+            d = [b - a for a, b in zip(t, t[1:])]
             return round(statistics.median(d[1:] if len(d) > 2 else d), 4) if d else None
 
     return StepClock()
@@ -424,7 +474,8 @@ def _run_pretrain(spec: dict, out: str) -> dict:
 
     clock = _clock()
     meta = pretrain(PretrainConfig(**spec["config"]), callbacks=[clock])
-    return {"step_time_s": clock.step_time(), "train_time_s": meta["train_time_s"], "steps": meta["steps"],
+    return {"step_time_s": clock.step_time(), "step_cpu_s": clock.step_time(cpu=True),
+            "train_time_s": meta["train_time_s"], "steps": meta["steps"],
             "tokens": meta["tokens"], "trainable_params": meta["trainable_params"],
             "train_loss": meta["train_loss"], "module_seed": meta["module_seed"]}
 
@@ -445,7 +496,8 @@ def _run_ncl(spec: dict, out: str) -> dict:
         clock = _clock()
         meta = pretrain(PretrainConfig(**cfg), callbacks=[clock])
         write_json(out / ".stages" / f"{cfg['domain']}.json",
-                   {"step_time_s": clock.step_time(), "train_time_s": meta["train_time_s"],
+                   {"step_time_s": clock.step_time(), "step_cpu_s": clock.step_time(cpu=True),
+                    "train_time_s": meta["train_time_s"],
                     "wall_time_s": meta["wall_time_s"], "steps": meta["steps"], "tokens": meta["tokens"],
                     "trainable_params": meta["trainable_params"], "train_loss": meta["train_loss"]})
         if i > 0 and not spec.get("keep_stages"):
@@ -454,16 +506,38 @@ def _run_ncl(spec: dict, out: str) -> dict:
     done = [json.loads((out / ".stages" / f"{s['domain']}.json").read_text()) for s in stages]
     return {"final": prev, "stages": done, "train_time_s": round(sum(s["train_time_s"] for s in done), 2),
             "step_time_s": round(statistics.mean(s["step_time_s"] for s in done if s["step_time_s"]), 4),
+            "step_cpu_s": _mean([s.get("step_cpu_s") for s in done]),
             "tokens": sum(s["tokens"] for s in done), "trainable_params": done[0]["trainable_params"]}
 
 
+def _run_mode(spec: dict, out: str) -> dict:
+    """A MoDE expert alone on its corpus (kind mode-pretrain) or a composition (mode-compose)."""
+    from ..mode.train import ComposeConfig, ModePretrainConfig, compose, pretrain_expert
+
+    clock = _clock()
+    if "domain" in spec["config"]:
+        meta = pretrain_expert(ModePretrainConfig(**spec["config"]), callbacks=[clock])
+    else:
+        meta = compose(ComposeConfig(**spec["config"]), callbacks=[clock])
+    return {"step_time_s": clock.step_time(), "step_cpu_s": clock.step_time(cpu=True),
+            "train_time_s": meta["train_time_s"], "steps": meta["steps"], "tokens": meta["tokens"],
+            "trainable_params": meta["trainable_params"], "train_loss": meta["train_loss"],
+            "params": meta.get("params")}
+
+
 def _run_lm_eval(spec: dict, out: str) -> dict:
+    """Held-out LM loss and next-token (masked-token) accuracy of one model on every held-out text."""
     from ..data.corpus import load_documents, pack
     from ..lm import lm_loss, load_with_module
     from ..models import load_model, load_tokenizer
 
     m = spec["model"]
-    if "ncl" in m:
+    if "mode" in m:
+        from ..mode.model import load_mode_model
+
+        model, objective, meta = load_mode_model(m["mode"], head="lm")
+        base = meta["base"]
+    elif "ncl" in m:
         ncl = json.loads((Path(m["ncl"]) / "result.json").read_text()) if (Path(m["ncl"]) / "result.json").is_file() \
             else None
         base = ncl["final"] if ncl else None
@@ -477,12 +551,12 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
         base = m["base"]
         model, objective = load_model(base, head="lm")
     tok = load_tokenizer(base)
-    loss, tokens = {}, {}
+    loss, accuracy, tokens = {}, {}, {}
     for name, path in spec["heldout"].items():
         blocks = pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"])
         r = lm_loss(model, blocks, tok, objective, spec["batch_size"], seed=0)
-        loss[name], tokens[name] = round(r["loss"], 5), r["tokens"]
-    return {"loss": loss, "tokens": tokens}
+        loss[name], accuracy[name], tokens[name] = round(r["loss"], 5), round(r["accuracy"], 5), r["tokens"]
+    return {"loss": loss, "accuracy": accuracy, "tokens": tokens}
 
 
 def _run_finetune(spec: dict, out: str) -> dict:
@@ -503,12 +577,14 @@ def _run_finetune(spec: dict, out: str) -> dict:
     return {"dev": {k: metrics["eval"][k] for k in ("accuracy", "macro_f1", "examples")},
             "test": {k: test[k] for k in keep if k in test},
             "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
-            "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(), "steps": metrics["steps"],
+            "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),
+            "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"],
             "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
             "weights_dropped": bool(spec.get("drop_weights"))}
 
 
-RUNNERS = {"pretrain": _run_pretrain, "ncl": _run_ncl, "lm-eval": _run_lm_eval, "finetune": _run_finetune}
+RUNNERS = {"pretrain": _run_pretrain, "ncl": _run_ncl, "mode-pretrain": _run_mode, "mode-compose": _run_mode,
+           "lm-eval": _run_lm_eval, "finetune": _run_finetune}
 
 
 def _cpu_s() -> float:
@@ -554,7 +630,8 @@ def _context():
         ctx = get_context("forkserver")
         # the server imports these once; every job forks from it instead of importing them again
         ctx.set_forkserver_preload(["torch", "transformers", "peft", "datasets", "sklearn.metrics", "matplotlib.pyplot",
-                                    "domix.finetune", "domix.modules.pretrain", "domix.lm", "domix.bench.quality"])
+                                    "domix.finetune", "domix.modules.pretrain", "domix.mode.train", "domix.lm",
+                                    "domix.bench.quality"])
         return ctx
     return get_context("spawn")
 
@@ -626,6 +703,11 @@ def execute(jobs: dict, workers: int, progress: bool = True, log=None) -> dict:
 
 
 # ---------------------------------------------------------------------------- results
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.mean(xs), 4) if xs else None
+
+
 def _stats(xs: list[float]) -> dict:
     xs = [float(x) for x in xs]
     return {"mean": round(statistics.mean(xs), 4) if xs else None,
@@ -667,14 +749,29 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             "dev_macro_f1": _stats([r["dev"]["macro_f1"] for r in done]),
             "runs": [{"seed": s, **({"order": o} if o else {}), "job": n} for o, s, n in rs if ok(n)]}
     # -- LM loss and retention
-    lm = {n: res[n]["loss"] for n in res if n.startswith("lm/") and ok(n)}
     ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}
-    lm_loss, retention, detail = {}, {}, {"own-lora": {}, "ncl": {}, "cross": {}}
+
+    def per_domain(metric: str) -> dict:
+        """{domain: {model: value}} of one LM metric: each domain's own module or expert, the
+        single models (base, joint, the compositions) and ncl per order."""
+        lm = {n: res[n][metric] for n in res if n.startswith("lm/") and ok(n) and metric in res[n]}
+        rows = {}
+        for d in domains:
+            row = {"base": lm.get("lm/base", {}).get(d), "own": lm.get(f"lm/module/{d}", {}).get(d),
+                   "joint": lm.get("lm/joint", {}).get(d),
+                   "ncl": {o: lm[f"lm/{j}"][d] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}}
+            if f"lm/mode-expert/{d}" in lm:
+                row["mode-expert"] = lm[f"lm/mode-expert/{d}"][d]
+            for variant in COMPOSE:
+                if f"lm/{variant}" in lm:
+                    row[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][d]
+            rows[d] = row
+        return rows
+
+    lm = {n: res[n]["loss"] for n in res if n.startswith("lm/") and ok(n)}
+    lm_loss, lm_accuracy = per_domain("loss"), per_domain("accuracy")
+    retention, detail = {}, {"own-lora": {}, "ncl": {}, "cross": {}}
     for d in domains:
-        row = {"base": lm.get("lm/base", {}).get(d), "own": lm.get(f"lm/module/{d}", {}).get(d),
-               "joint": lm.get("lm/joint", {}).get(d),
-               "ncl": {o: lm[f"lm/{j}"][d] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}}
-        lm_loss[d] = row
         if f"lm/module/{d}" in lm:
             detail["cross"][d] = {k: v for k, v in lm[f"lm/module/{d}"].items()}
     if "lm/base" in lm:
@@ -689,6 +786,13 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     if ncl_ret:
         retention["ncl"] = round(statistics.mean(ncl_ret.values()), 5)
         detail["ncl"] = ncl_ret
+    experts = {d: lm[f"lm/mode-expert/{d}"][GENERAL] for d in domains if f"lm/mode-expert/{d}" in lm}
+    if experts:
+        retention["mode-expert"] = round(statistics.mean(experts.values()), 5)
+        detail["mode-expert"] = experts
+    for variant in COMPOSE:
+        if f"lm/{variant}" in lm:
+            retention[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][GENERAL]
     # -- order robustness
     robust, checks = {}, {}
     if "domix" in methods:
@@ -720,7 +824,9 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
                and (method != "domix" or o == orders[0])]
         if not fts:
             continue
-        pre_jobs = {"modules": mod_jobs, "joint": ["joint"], "ncl": list(ncl_jobs.values())}.get(NEEDS.get(method), [])
+        pre_jobs = {"modules": mod_jobs, "joint": ["joint"], "ncl": list(ncl_jobs.values()),
+                    **{v: [f"mode/expert/{d}" for d in domains] + [f"{v}/compose"] for v in COMPOSE}
+                    }.get(NEEDS.get(method), [])
         pre = [res[n] for n in pre_jobs if ok(n)]
         if NEEDS.get(method) == "ncl":  # one sequence per order: the cost of one
             pre_s = statistics.mean(r["wall_s"] for r in pre) if pre else 0.0
@@ -730,6 +836,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             "trainable_params": fts[0]["trainable_params"], "total_params": fts[0]["total_params"],
             "pretrain_s": round(pre_s, 1),
             "pretrain_step_time_s": round(statistics.mean(r["step_time_s"] for r in pre), 4) if pre else None,
+            "pretrain_step_cpu_s": _mean([r.get("step_cpu_s") for r in pre]),
             "pretrain_peak_rss_mb": max((r["peak_rss_mb"] for r in pre), default=None),
             "pretrain_trainable_params": pre[0]["trainable_params"] if pre else 0,
             "pretrain_cpu_s": round(sum(r.get("cpu_s", 0) for r in pre) / (len(pre) if NEEDS.get(method) == "ncl"
@@ -739,6 +846,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             "finetune_train_s": round(statistics.mean(r["train_time_s"] for r in fts), 1),
             "finetune_total_s": round(sum(r["wall_s"] for r in fts), 1),
             "step_time_s": round(statistics.mean(r["step_time_s"] for r in fts if r["step_time_s"]), 4),
+            "step_cpu_s": _mean([r.get("step_cpu_s") for r in fts]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in fts), "finetune_runs": len(fts)}
     # -- DoMIX's bridge, first seed: per task the domain-by-domain block norms, averaged over layer types
     bridge = {}
@@ -753,7 +861,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
         if method != "domix" or order == orders[0]:
             job_sets.setdefault(method, set()).add(name)
     shared = {m: o for i, m in enumerate(methods) for o in methods[:i] if m in job_sets and job_sets[m] == job_sets.get(o)}
-    return {"tasks": out_tasks, "lm_loss": lm_loss, "retention_loss": retention, "lm_loss_detail": detail,
+    return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
+            "lm_loss_detail": detail,
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
             "shared_runs": shared}
 

@@ -26,6 +26,12 @@ def _params(n) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
+def _step(wall, cpu) -> str:
+    if wall is None:
+        return "—"
+    return f"{wall:.2f} s" + (f" ({cpu:.2f} s)" if cpu is not None else "")
+
+
 def _secs(x) -> str:
     if x is None:
         return "—"
@@ -51,6 +57,25 @@ def metric_table(results: dict, metric: str = "macro_f1") -> str:
         avg = f"{sum(means) / len(means):.3f}" if len(means) == len(tasks) else "—"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
+
+
+def lm_columns(results: dict) -> list[tuple[str, object]]:
+    """The models of the LM tables and plot, in order: (label, row -> value), those measured only."""
+    rows = list(results["lm_loss"].values())
+    cols = [("base", lambda r: r["base"]), ("own module", lambda r: r["own"]), ("joint-lora", lambda r: r["joint"])]
+    cols += [(f"ncl [{o}]", lambda r, o=o: r["ncl"].get(o)) for o in (",".join(x) for x in results["settings"]["orders"])]
+    cols += [(label, lambda r, k=k: r.get(k)) for label, k in
+             (("MoDE expert", "mode-expert"), ("mode (composed)", "mode"),
+              ("mode-frozen-experts (composed)", "mode-frozen-experts"))]
+    return [(label, get) for label, get in cols if any(get(r) is not None for r in rows)]
+
+
+def lm_table(results: dict, metric: str = "lm_loss", digits: int = 3) -> str:
+    cols = lm_columns(results)
+    L = ["| domain | " + " | ".join(label for label, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for d, r in results.get(metric, {}).items():
+        L.append(f"| {d} | " + " | ".join(_num(get(r), digits) for _, get in cols) + " |")
+    return "\n".join(L)
 
 
 def verdicts(results: dict) -> list[str]:
@@ -126,14 +151,12 @@ def _plots(results: dict, out: Path) -> list[str]:
     lm = results["lm_loss"]
     if lm:
         doms = list(lm)
-        series = [("base", [lm[d]["base"] for d in doms]), ("own module", [lm[d]["own"] for d in doms]),
-                  ("joint-lora", [lm[d]["joint"] for d in doms])]
-        for o in results["settings"]["orders"]:
-            key = ",".join(o)
-            series.append((f"ncl [{key}]", [lm[d]["ncl"].get(key) for d in doms]))
+        series = [(label, [get(lm[d]) for d in doms]) for label, get in lm_columns(results)]
         ret = results["retention_loss"]
         doms_g = doms + [GENERAL]
-        gen = {"base": ret.get("base"), "own module": ret.get("own-lora"), "joint-lora": ret.get("joint-lora")}
+        gen = {"base": ret.get("base"), "own module": ret.get("own-lora"), "joint-lora": ret.get("joint-lora"),
+               "MoDE expert": ret.get("mode-expert"), "mode (composed)": ret.get("mode"),
+               "mode-frozen-experts (composed)": ret.get("mode-frozen-experts")}
         for o in results["settings"]["orders"]:
             key = ",".join(o)
             gen[f"ncl [{key}]"] = results["lm_loss_detail"].get("ncl", {}).get(key)
@@ -172,6 +195,12 @@ def _plots(results: dict, out: Path) -> list[str]:
     return made
 
 
+def _mode_layout(results: dict) -> str:
+    p = (results.get("efficiency", {}).get("mode") or results.get("efficiency", {}).get("mode-frozen-experts") or {})
+    n = p.get("pretrain_trainable_params")
+    return f"{_params(n)} trainable per expert with its gates" if n else "expert layers beside a frozen backbone"
+
+
 def write_report(results: dict, out: Path) -> str:
     """Write out/REPORT.md and out/plots/*.png; return the main markdown table."""
     out = Path(out)
@@ -208,18 +237,21 @@ def write_report(results: dict, out: Path) -> str:
     lm = results["lm_loss"]
     if lm:
         L += ["## Did pre-training learn the domain? Held-out LM loss (nats/token, lower is better)", "",
-              "| domain | base | own module | joint-lora | " + " | ".join(f"ncl [{o}]" for o in orders) + " |",
-              "|---|---|---|---|" + "---|" * len(orders)]
-        for d, r in lm.items():
-            L.append(f"| {d} | {_num(r['base'])} | {_num(r['own'])} | {_num(r['joint'])} | "
-                     + " | ".join(_num(r["ncl"].get(o)) for o in orders) + " |")
+              lm_table(results, "lm_loss")]
+        if results.get("lm_accuracy"):
+            L += ["", "Next-token accuracy on the same held-out text (higher is better; MoDE's paper reports this):",
+                  "", lm_table(results, "lm_accuracy", 4)]
         ret = results["retention_loss"]
         det = results["lm_loss_detail"]
+        mode_ret = [f"{label} {_num(ret[k])}" for k, label in (("mode-expert", "MoDE experts (mean)"),
+                                                                 ("mode", "mode composed"),
+                                                                 ("mode-frozen-experts", "mode-frozen-experts composed"))
+                    if k in ret]
         L += ["", f"General text (retention, {GENERAL} held-out): base {_num(ret.get('base'))}; "
               f"own modules {_num(ret.get('own-lora'))} (mean; "
               + ", ".join(f"{d} {_num(v)}" for d, v in det.get("own-lora", {}).items()) + f"); joint-lora "
               f"{_num(ret.get('joint-lora'))}; ncl " + ", ".join(f"[{o}] {_num(v)}" for o, v in det.get("ncl", {}).items())
-              + ". ncl is measured after its last domain.", ""]
+              + (("; " + "; ".join(mode_ret)) if mode_ret else "") + ". ncl is measured after its last domain.", ""]
         cross = det.get("cross", {})
         if cross:
             cols = list(next(iter(cross.values())))
@@ -256,19 +288,21 @@ def write_report(results: dict, out: Path) -> str:
     eff = results["efficiency"]
     if eff:
         L += ["## Efficiency (each training in its own process; fine-tuning numbers are means per run)", "",
-              "| method | trainable (fine-tune) | DAP time (CPU) | DAP step | DAP peak RSS | fine-tune time (CPU) | "
-              "fine-tune step | fine-tune peak RSS |", "|---|---|---|---|---|---|---|---|"]
+              "| method | trainable (fine-tune) | DAP time (CPU) | DAP step (CPU) | DAP peak RSS | fine-tune time (CPU) | "
+              "fine-tune step (CPU) | fine-tune peak RSS |", "|---|---|---|---|---|---|---|---|"]
         for m, e in eff.items():
             dap = f"{_secs(e['pretrain_s'])} ({_secs(e.get('pretrain_cpu_s'))})" if e["pretrain_s"] else "—"
             L.append(f"| {m} | {_params(e['trainable_params'])} ({100 * e['trainable_params'] / e['total_params']:.2f}%)"
-                     f" | {dap} | {_num(e['pretrain_step_time_s'], 2)} s"
+                     f" | {dap} | {_step(e.get('pretrain_step_time_s'), e.get('pretrain_step_cpu_s'))}"
                      f" | {_num(e['pretrain_peak_rss_mb'], 0)} MB | {_secs(e['finetune_s'])} "
-                     f"({_secs(e.get('finetune_cpu_s'))}) | {_num(e['step_time_s'], 3)} s | {_num(e['peak_rss_mb'], 0)} MB |")
+                     f"({_secs(e.get('finetune_cpu_s'))}) | {_step(e['step_time_s'], e.get('step_cpu_s'))} | "
+                     f"{_num(e['peak_rss_mb'], 0)} MB |")
         L += ["", "DAP time: the jobs' wall time, and in brackets their CPU time (process, data, training, save) — for "
               "the domix family and own-lora "
-              "the four modules together, for joint-lora its one run, for ncl one order's four stages. "
+              "the four modules together, for joint-lora its one run, for ncl one order's four stages, for the "
+              "MoDE methods the four experts and their composition (DAP step and trainable: the experts'). "
               "Fine-tune time includes loading, training, dev and test scoring. Step times are wall-clock medians "
-              "after the first step. With more than one worker, or other work on the machine, jobs share the cores "
+              "after the first step, CPU step times the same for the process's CPU time. With more than one worker, or other work on the machine, jobs share the cores "
               "and their memory bandwidth: compare ratios within one run, not absolute times; CPU time is the "
               "least disturbed measure. Peak RSS includes a few hundred MB of imported libraries common to every job.", ""]
     L += ["## Settings and budgets", "",
@@ -293,6 +327,15 @@ def write_report(results: dict, out: Path) -> str:
           "P = I/(N·r) (domix-rank), I/N (domix-uniform), I (domix-identity, trainable), the default init frozen "
           "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",
           f"- ncl orders: {'; '.join(orders)}; the ncl row of the task tables pools both orders.",
+          *([f"- MoDE (DESIGN.md §4; {_mode_layout(results)}): each domain's expert sees the modules' "
+             f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']}); the composition adds "
+             f"{s['mode']['compose_steps']} steps × {pre['batch_size']} × {pre['seq_len']} = "
+             f"{s['mode']['compose_steps'] * pre['batch_size'] * pre['seq_len']:,} tokens of the four corpora in "
+             "equal parts (DoMIX has no such stage: MoDE's pre-training budget is that much larger). "
+             "mode trains experts and gates in composition and fine-tuning; mode-frozen-experts trains the gates "
+             f"(and the head) only in both. MoDE fine-tunes at lr {ft.get('mode_lr')} (experts are full "
+             "transformer layers; gates at the bridge lr), not tuned."]
+            if any(m.startswith("mode") for m in results["methods"]) and "mode" in s else []),
           f"- Preset `{results['preset']}` is small by necessity (2 CPU cores): treat differences within one std, or "
           "of a few points on a few hundred test examples, as noise.", ""]
     if plots:
