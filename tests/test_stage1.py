@@ -84,6 +84,24 @@ def test_module_seed_depends_on_name_not_position(tiny_decoder, corpora, tmp_pat
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
+def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tmp_path):
+    """Recomputing activations in backward changes memory, not the result."""
+    plain = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "l1"), base=tiny_decoder, **FAST)
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.on = model.get_base_model().is_gradient_checkpointing
+
+    seen = Seen()
+    ckpt = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "l2"), base=tiny_decoder,
+                    gradient_checkpointing=True, callbacks=[seen], **FAST)
+    assert ckpt["gradient_checkpointing"] and not plain["gradient_checkpointing"] and seen.on
+    assert ckpt["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    ta, tb = adapter(tmp_path / "l1", "a"), adapter(tmp_path / "l2", "a")
+    assert all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6) for k in ta)
+
+
 def _config(tmp_path, base, corpora, names, name="domains.yaml"):
     doc = {"base": base, "defaults": {"max_steps": 6, "batch_size": 4, "seq_len": 16, "lr": 5e-3,
                                       "device": "cpu", "threads": 1},

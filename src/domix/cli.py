@@ -35,6 +35,8 @@ def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--seed", type=int, default=d(0), help="run seed; a module's seed derives from it and its name")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d("auto"))
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d("fp32"), help="mixed-precision mode")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None if not defaults else False,
+                   help="recompute activations during backward: much lower peak memory for about 1.5x the compute")
     p.add_argument("--text-field", default=d("text"), help="field holding the text in .jsonl/.json/.csv corpora")
     p.add_argument("--resume", action="store_true", default=None if not defaults else False,
                    help="continue an interrupted run from its last checkpoint")
@@ -77,7 +79,8 @@ def cmd_pretrain_all(a) -> int:
     from .modules.executors import load_config, pretrain_all
 
     overrides = {k: v for k, v in vars(a).items()
-                 if k in ("base", "seed", "device", "dtype", "resume", "overwrite", "threads") and v is not None}
+                 if k in ("base", "seed", "device", "dtype", "gradient_checkpointing", "resume", "overwrite", "threads")
+                 and v is not None}
     configs = load_config(a.config, a.library, overrides)
     results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address)
     if a.json:
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     for opt, kw in [("--base", {}), ("--seed", {"type": int}), ("--device", {"choices": ["auto", "cpu", "cuda"]}),
                     ("--dtype", {"choices": ["fp32", "bf16", "fp16"]}), ("--threads", {"type": int})]:
         p.add_argument(opt, default=None, help="overrides the config for every domain", **kw)
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations during backward (every domain): lower memory, more compute")
     p.add_argument("--resume", action="store_true", default=None)
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--json", action="store_true")
@@ -381,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="repeat the runs, alternating their order")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of every run (default: torch's; 1 is least disturbed by other load)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="dap: every run recomputes activations in backward (the memory-saving setting)")
     p.add_argument("--data", default=None,
                    help="dap: corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample); "
                         "quality: benchmark data root (default: $DOMIX_CACHE/data)")

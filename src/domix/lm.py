@@ -15,6 +15,84 @@ def lm_collator(tokenizer, objective: str):
     return DataCollatorForLanguageModeling(tokenizer, mlm=objective == "mlm", mlm_probability=0.15)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `labels`, a chunk of tokens at a time.
+
+    The full logits (tokens x vocabulary: 200 MB for 8 x 128 tokens of a 49k vocabulary in fp32,
+    several copies of it during backward) never exist: each chunk's logits are made, turned into
+    the loss and into the gradient for `hidden` (softmax - onehot) @ weight, and dropped. The same
+    FLOPs as logits + cross-entropy + their backward; `weight` is frozen (no gradient for it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, chunk):
+        want_grad = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if want_grad else None
+        for s in range(0, hidden.shape[0], chunk):
+            y = labels[s:s + chunk]
+            keep = y != -100
+            if not keep.any():
+                continue
+            logits = (hidden[s:s + chunk] @ weight.to(hidden.dtype).T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(y), device=y.device)
+            safe = y.clamp(min=0)
+            total += ((lse - logits[rows, safe]) * keep).sum()
+            if want_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # in place: one chunk-sized buffer
+                probs[rows, safe] -= 1.0
+                probs *= keep[:, None]
+                grad[s:s + chunk] = (probs @ weight.float()).to(hidden.dtype)
+        ctx.save_for_backward(grad / divisor if want_grad else None)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad * g if grad is not None else None), None, None, None, None
+
+
+def chunked_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None, chunk: int = 256):
+    """The next-token LM loss of a causal LM (PEFT-wrapped or not) without materialising its full
+    logits — or None when the model's head is not a plain frozen linear layer (then use the
+    model's own loss). Equal to transformers' causal-LM loss: labels shifted by one, -100
+    ignored, mean over the scored tokens (or over `num_items_in_batch`, the Trainer's count
+    under gradient accumulation)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    cfg = causal.config
+    plain = (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+             and hasattr(causal, "get_decoder") and not any(getattr(cfg, k, None) for k in (
+                 "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")))
+    if not plain:
+        return None
+    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = labels[:, 1:].reshape(-1).to(hidden.device)
+    n = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+    divisor = torch.as_tensor(n, device=hidden.device, dtype=torch.float32).clamp(min=1)
+    return _LinearCrossEntropy.apply(hidden, head.weight, labels, divisor, chunk)
+
+
+class ChunkedLMLossMixin:
+    """For a transformers `Trainer` subclass (set `lm_objective`): next-token LM batches take
+    `chunked_lm_loss`, everything else the model's own loss."""
+
+    lm_objective: str | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (self.lm_objective == "clm" and not return_outputs and "labels" in inputs
+                and self.label_smoother is None and self.compute_loss_func is None):
+            loss = chunked_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                   num_items_in_batch)
+            if loss is not None:
+                self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the whole batch
+                return loss
+        self.loss_is_scaled_for_ga = None
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
 @torch.no_grad()
 def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed: int = 0,
             progress: bool = False) -> dict:

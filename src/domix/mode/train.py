@@ -16,7 +16,7 @@ from typing import ClassVar
 from ..io import atomic_dir, write_json
 from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, select_device
 from ..modules.library import META, Library, LibraryError
-from ..modules.pretrain import _quiet, _total_steps, _versions, module_seed
+from ..modules.pretrain import _lm_trainer, _quiet, _total_steps, _versions, module_seed
 from .model import EXPERT_FILE, apply_mode, load_mode_model, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"
@@ -107,7 +107,8 @@ def _trainer_class():
     return ModeTrainer
 
 
-def _fit(model, mode, train_blocks, collator, cfg: _TrainOptions, seed: int, work: Path, device, callbacks):
+def _fit(model, mode, train_blocks, collator, objective: str, cfg: _TrainOptions, seed: int, work: Path, device,
+         callbacks):
     """Train the model's trainable MoDE tensors with the Trainer. Returns (result, trainer, steps, last)."""
     import torch
     from transformers import PrinterCallback, TrainingArguments
@@ -134,8 +135,9 @@ def _fit(model, mode, train_blocks, collator, cfg: _TrainOptions, seed: int, wor
         use_cpu=device.type == "cpu", bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not cfg.progress,
     )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=train_blocks, data_collator=collator,
-                               callbacks=callbacks, optimizers=(optimizer, None))
+    trainer = _lm_trainer(_trainer_class(), objective)(model=model, args=args, train_dataset=train_blocks,
+                                                       data_collator=collator, callbacks=callbacks,
+                                                       optimizers=(optimizer, None))
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=last)
@@ -191,8 +193,8 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     mode = apply_mode(model, [cfg.domain], blocks=cfg.blocks, expert_layers=cfg.expert_layers, init=cfg.expert_init,
                       base_fingerprint=base_fp)
     work = lib.path / ".work" / cfg.domain
-    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), cfg, seed,
-                                        work, device, callbacks)
+    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), objective, cfg,
+                                        seed, work, device, callbacks)
     train_time = time.time() - t0
     heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
     counts = mode.param_counts()
@@ -281,8 +283,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
 
     set_seed(cfg.seed)
     work = out.parent / f".{out.name}.work"
-    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), cfg, cfg.seed,
-                                        work, device, callbacks)
+    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), objective, cfg,
+                                        cfg.seed, work, device, callbacks)
     train_time = time.time() - t0
     heldout = {name: lm_loss(model, blocks, tokenizer, objective, cfg.batch_size, seed=0)
                for name, blocks in held_parts.items()}

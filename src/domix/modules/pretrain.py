@@ -39,6 +39,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "fp32"
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1.5x the compute
     resume: bool = False
     overwrite: bool = False
     text_field: str = "text"
@@ -140,9 +141,10 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         save_total_limit=1, report_to=["tensorboard"], seed=seed, data_seed=seed,
         use_cpu=device.type == "cpu", bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not cfg.progress,
+        gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_blocks,
-                      data_collator=lm_collator(tokenizer, objective), callbacks=callbacks)
+    trainer = _lm_trainer(Trainer, objective)(model=model, args=args, train_dataset=train_blocks,
+                                              data_collator=lm_collator(tokenizer, objective), callbacks=callbacks)
     if not cfg.progress:
         from transformers import PrinterCallback
         trainer.remove_callback(PrinterCallback)
@@ -165,7 +167,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
         "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
-        "versions": _versions(), **cfg.extra,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "versions": _versions(), **cfg.extra,
     }
     with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
         model.save_pretrained(stage)
@@ -177,6 +179,14 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         write_json(stage / META, meta)
     shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _lm_trainer(trainer_cls, objective: str):
+    """`trainer_cls` with the chunked next-token loss (domix.lm.ChunkedLMLossMixin): the LM
+    head's full logits are never held, which saves several hundred MB on a large vocabulary."""
+    from ..lm import ChunkedLMLossMixin
+
+    return type(trainer_cls.__name__, (ChunkedLMLossMixin, trainer_cls), {"lm_objective": objective})
 
 
 def _quiet() -> None:
