@@ -102,6 +102,23 @@ def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tm
     assert all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6) for k in ta)
 
 
+def test_bf16_holds_the_frozen_base_in_bf16_and_the_module_in_fp32(tiny_decoder, corpora, tmp_path):
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+            self.trained = {p.dtype for p in model.parameters() if p.requires_grad}
+
+    seen = Seen()
+    meta = pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path), base=tiny_decoder, dtype="bf16",
+                    callbacks=[seen], **FAST)
+    assert seen.dtypes == {torch.bfloat16} and seen.trained == {torch.float32}
+    tensors = adapter(tmp_path, "bio")
+    assert tensors and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert meta["heldout_loss"] < meta["base_heldout_loss"]
+
+
 def _config(tmp_path, base, corpora, names, name="domains.yaml"):
     doc = {"base": base, "defaults": {"max_steps": 6, "batch_size": 4, "seq_len": 16, "lr": 5e-3,
                                       "device": "cpu", "threads": 1},

@@ -34,7 +34,9 @@ def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     budget.add_argument("--max-tokens", type=int, default=None, help="training tokens (sets the steps)")
     p.add_argument("--seed", type=int, default=d(0), help="run seed; a module's seed derives from it and its name")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d("auto"))
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d("fp32"), help="mixed-precision mode")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d("fp32"),
+                   help="precision: bf16/fp16 hold the frozen base in half precision and train with autocast "
+                        "(the module itself stays fp32); bf16 is much faster on CPUs with AVX512-BF16/AMX")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None if not defaults else False,
                    help="recompute activations during backward: much lower peak memory for about 1.5x the compute")
     p.add_argument("--text-field", default=d("text"), help="field holding the text in .jsonl/.json/.csv corpora")
@@ -388,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads of every run (default: torch's; 1 is least disturbed by other load)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="dap: every run recomputes activations in backward (the memory-saving setting)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dap: precision of every run (LoRA runs hold the frozen base in it; full-ft autocasts)")
     p.add_argument("--data", default=None,
                    help="dap: corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample); "
                         "quality: benchmark data root (default: $DOMIX_CACHE/data)")

@@ -162,7 +162,7 @@ def _step_timer():
 
 
 def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: int, batch_size: int,
-                   workdir: str, timer, gradient_checkpointing: bool = False) -> None:
+                   workdir: str, timer, gradient_checkpointing: bool = False, dtype: str = "fp32") -> None:
     """The script-style baseline: what a user would write with transformers + PEFT."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -178,14 +178,17 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
         tokenizer.pad_token = tokenizer.eos_token
     train_docs, _ = split_heldout(load_documents([data]))  # the same blocks domix trains on
     blocks = pack(train_docs, tokenizer, seq_len)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # LoRA: the frozen base in the run's precision; full training keeps fp32 weights (AdamW) and autocasts
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=half if half and kind == "peft-trainer" else torch.float32)
     if kind == "peft-trainer":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     args = TrainingArguments(
         output_dir=workdir, per_device_train_batch_size=batch_size, learning_rate=LR, lr_scheduler_type="linear",
         warmup_steps=int(0.1 * total_steps), max_steps=total_steps, save_strategy="no", report_to="none",
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
         gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = Trainer(model=model, args=args, train_dataset=blocks,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[timer])
@@ -193,7 +196,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
 
 def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           gradient_checkpointing: bool = False) -> dict:
+           gradient_checkpointing: bool = False, dtype: str = "fp32") -> dict:
     """One benchmark run in this process; returns its measurements."""
     import resource
 
@@ -217,9 +220,10 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
             pretrain(domain="bench", data=[data], library=tmp, base=base, seq_len=seq_len, batch_size=batch_size,
                      lr=LR, max_steps=total_steps, device="cpu", threads=threads, progress=False,
-                     gradient_checkpointing=gradient_checkpointing, callbacks=[timer])
+                     gradient_checkpointing=gradient_checkpointing, dtype=dtype, callbacks=[timer])
         elif kind in RUNS:
-            _plain_trainer(kind, base, data, total_steps, seq_len, batch_size, tmp, timer, gradient_checkpointing)
+            _plain_trainer(kind, base, data, total_steps, seq_len, batch_size, tmp, timer, gradient_checkpointing,
+                           dtype)
         else:
             raise ValueError(f"unknown run {kind!r}; known: {RUNS}")
     wall = time.perf_counter() - t0
@@ -245,12 +249,12 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
 
 def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           tmpdir: str, gradient_checkpointing: bool = False) -> dict:
+           tmpdir: str, gradient_checkpointing: bool = False, dtype: str = "fp32") -> dict:
     result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
     cmd = [sys.executable, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
            "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-           "--threads", str(threads), "--result", str(result)] + (["--gradient-checkpointing"] if gradient_checkpointing
-                                                                  else [])
+           "--threads", str(threads), "--dtype", dtype, "--result", str(result)]
+    cmd += ["--gradient-checkpointing"] if gradient_checkpointing else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -300,8 +304,9 @@ def _table(res: dict) -> str:
     s = res["settings"]
     lines = [f"DAP efficiency — base {s['base']}, {s['steps']} timed steps (+{s['warmup_steps']} warm-up), "
              f"batch {s['batch_size']} × seq {s['seq_len']}, {s['threads']} threads, torch {s['torch']}, "
-             f"repeats {s['repeats']}" + (", gradient checkpointing in every run" if s.get("gradient_checkpointing")
-                                          else ""), "",
+             f"repeats {s['repeats']}, {s.get('dtype', 'fp32')}" + (" (LoRA runs: frozen base in "
+             f"{s.get('dtype')}; full-ft: fp32 weights + autocast)" if s.get("dtype", "fp32") != "fp32" else "")
+             + (", gradient checkpointing in every run" if s.get("gradient_checkpointing") else ""), "",
              "| run | tokens/s | step time (s, median) | fastest step (s) | CPU s/step | peak RSS (MB) | "
              "trainable params | load avg |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -340,6 +345,7 @@ def run(args) -> dict:
     repeats = max(1, getattr(args, "repeats", None) or 1)
     threads = getattr(args, "threads", None) or torch.get_num_threads()
     checkpointing = bool(getattr(args, "gradient_checkpointing", False))
+    dtype = getattr(args, "dtype", None) or "fp32"
     base = resolve_base(args.base)  # fetch the default model once, here, not in each worker
     if getattr(args, "data", None):
         data, source = str(args.data), str(args.data)
@@ -351,7 +357,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="domix-bench-dap-") as tmp:
         for i, kind in enumerate(schedule, 1):
             print(f"[{i}/{len(schedule)}] {kind:12s} ...", end="", file=sys.stderr, flush=True)
-            r = _spawn(kind, base, data, steps, seq_len, batch_size, threads, tmp, checkpointing)
+            r = _spawn(kind, base, data, steps, seq_len, batch_size, threads, tmp, checkpointing, dtype)
             raw[kind].append(r)
             print(f" {r['tokens_per_s']:8.1f} tokens/s  {r['step_time_s']:.3f} s/step (fastest "
                   f"{r['step_time_min_s']:.3f})  peak RSS {r['peak_rss_mb']:.0f} MB  {r['wall_s']:.0f} s  "
@@ -369,7 +375,7 @@ def run(args) -> dict:
         "settings": {
             "base": args.base, "base_path": base, "steps": steps, "warmup_steps": WARMUP_STEPS,
             "seq_len": seq_len, "batch_size": batch_size, "lr": LR, "threads": threads, "repeats": repeats,
-            "gradient_checkpointing": checkpointing,
+            "gradient_checkpointing": checkpointing, "dtype": dtype,
             "order": schedule, "corpus": data, "corpus_source": source, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -400,11 +406,12 @@ def _main(argv=None) -> int:
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--result", required=True, help="where to write this run's JSON")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     a = ap.parse_args(argv)
     from ..io import write_json
 
     write_json(a.result, worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads,
-                                a.gradient_checkpointing))
+                                a.gradient_checkpointing, a.dtype))
     return 0
 
 

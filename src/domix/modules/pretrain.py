@@ -38,7 +38,7 @@ class PretrainConfig:
     max_tokens: int | None = None
     seed: int = 0
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # bf16/fp16: the frozen base in that precision, plus autocast (full: autocast only)
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~1.5x the compute
     resume: bool = False
     overwrite: bool = False
@@ -107,8 +107,10 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     t0 = time.time()
 
     tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
-    model, objective = load_model(cfg.base, head="lm", objective=cfg.objective, dtype="fp32",
-                                  trust_remote_code=cfg.trust_remote_code)
+    # a LoRA module's frozen base can be held in half precision (the adapter, its gradients and
+    # AdamW state stay fp32); full-weight training keeps fp32 weights and uses autocast instead
+    model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
+                                  dtype="fp32" if cfg.full else cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     base_fp = fingerprint(model)
     docs = load_documents(cfg.data, cfg.text_field)
     train_docs, held_docs = split_heldout(docs)
