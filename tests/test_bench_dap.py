@@ -49,3 +49,18 @@ def test_bench_dap_schema_on_tiny_llama(tiny_decoder, corpora, tmp_path, capsys)
         assert t["value"] == ratios[name] and isinstance(t["met"], bool)
     assert set(res["targets"]) == {"tokens_per_s_domix_over_peft", "peak_rss_domix_over_full"}
     assert "| domix |" in res["table"] and "peak_rss_domix_over_full" in res["table"]
+
+
+def test_bench_dap_memory_settings_reach_every_run(tiny_decoder, corpora, tmp_path):
+    """--dtype bf16 --gradient-checkpointing: LoRA runs hold the base in bf16, full-ft keeps fp32
+    weights; every run recomputes activations."""
+    out = tmp_path / "dap.json"
+    assert main(["bench", "dap", "--base", tiny_decoder, "--data", corpora["bio"], "--steps", "1", "--seq-len", "16",
+                 "--batch-size", "4", "--threads", "1", "--dtype", "bf16", "--gradient-checkpointing",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["settings"]["dtype"] == "bf16" and res["settings"]["gradient_checkpointing"]
+    raw = {k: v[0] for k, v in res["raw"].items()}
+    assert all(r["gradient_checkpointing"] for r in raw.values())
+    assert raw["domix"]["weights_dtype"] == raw["peft-trainer"]["weights_dtype"] == "bfloat16"
+    assert raw["full-ft"]["weights_dtype"] == "float32"

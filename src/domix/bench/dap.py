@@ -144,12 +144,16 @@ def _step_timer():
             self.cpu_end: list[float] = []  # this process's CPU time (all threads)
             self.rss_loaded = 0
             self.trainable = self.total = None
+            self.weights_dtype, self.checkpointing = None, None  # what the run really trained with
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.rss_loaded = psutil.Process().memory_info().rss
             if model is not None:
                 self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 self.total = sum(p.numel() for p in model.parameters())
+                body = model.get_base_model() if hasattr(model, "get_base_model") else model
+                self.weights_dtype = str(body.get_input_embeddings().weight.dtype).replace("torch.", "")
+                self.checkpointing = bool(getattr(body, "is_gradient_checkpointing", False))
 
         def on_step_begin(self, args, state, control, **kw):
             self.begin.append(time.perf_counter())
@@ -243,6 +247,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "rss_at_train_start_mb": timer.rss_loaded / 2**20,
         "trainable_params": timer.trainable, "total_params": timer.total,
+        "weights_dtype": timer.weights_dtype, "gradient_checkpointing": timer.checkpointing,
         "threads": torch.get_num_threads(), "wall_s": wall,
         "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
     }
