@@ -28,12 +28,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if want_grad else None
+        weight = weight.to(hidden.dtype)  # both products in the hidden states' precision (bf16 stays fast)
         for s in range(0, hidden.shape[0], chunk):
             y = labels[s:s + chunk]
             keep = y != -100
             if not keep.any():
                 continue
-            logits = (hidden[s:s + chunk] @ weight.to(hidden.dtype).T).float()
+            logits = (hidden[s:s + chunk] @ weight.T).float()
             lse = torch.logsumexp(logits, dim=-1)
             rows = torch.arange(len(y), device=y.device)
             safe = y.clamp(min=0)
@@ -42,7 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()  # in place: one chunk-sized buffer
                 probs[rows, safe] -= 1.0
                 probs *= keep[:, None]
-                grad[s:s + chunk] = (probs @ weight.float()).to(hidden.dtype)
+                grad[s:s + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad / divisor if want_grad else None)
         return total / divisor
 
