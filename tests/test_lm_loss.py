@@ -62,3 +62,37 @@ def test_a_trainable_head_falls_back_to_the_models_loss(tiny_decoder):
     model = AutoModelForCausalLM.from_pretrained(tiny_decoder)  # every weight trainable, the head too
     ids, labels, mask = _batch(model, pad=False)
     assert chunked_lm_loss(model, ids, labels, mask) is None
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_lm_loss_in_chunks_equals_the_whole_batch(objective, tiny_decoder, tiny_encoder):
+    """`lm_loss` scores a chunk of tokens at a time; the totals equal scoring the whole logits."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from domix.lm import lm_collator, lm_loss
+    from domix.models import load_tokenizer
+
+    base = tiny_decoder if objective == "clm" else tiny_encoder
+    model = (AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM).from_pretrained(base).eval()
+    tok = load_tokenizer(base)
+    g = torch.Generator().manual_seed(2)
+    from datasets import Dataset
+
+    ids = torch.randint(5, model.config.vocab_size, (6, 200), generator=g).tolist()  # several chunks of 256 tokens
+    blocks = Dataset.from_dict({"input_ids": ids})
+    got = lm_loss(model, blocks, tok, objective, batch_size=3, seed=0)
+    torch.manual_seed(0)  # lm_loss masks (MLM) under seed 0
+    batch = lm_collator(tok, objective)([{"input_ids": x} for x in ids[:3]])
+    batch2 = lm_collator(tok, objective)([{"input_ids": x} for x in ids[3:]])
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for b in (batch, batch2):
+            logits, labels = model(input_ids=b["input_ids"]).logits, b["labels"]
+            if objective == "clm":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            keep = labels != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            correct += (logits[keep].argmax(-1) == labels[keep]).sum().item()
+            count += int(keep.sum())
+    assert got["tokens"] == count and got["accuracy"] == pytest.approx(correct / count)
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
