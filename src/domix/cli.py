@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
 from . import __version__
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+from .io import print_json
 
 
 def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -60,7 +56,7 @@ def cmd_fetch(a) -> int:
 
         manifest = build_benchmark_data(a.out, seed=a.seed)
         out = {"data": str(a.out or cache_dir() / "data"), **{k: manifest[k] for k in ("corpora", "tasks")}}
-    _print_json(out) if a.json else print(out.get("path") or out["data"])
+    print_json(out) if a.json else print(out.get("path") or out["data"])
     return 0
 
 
@@ -70,7 +66,7 @@ def cmd_pretrain(a) -> int:
     fields = {k: v for k, v in vars(a).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
     meta = pretrain(PretrainConfig(**fields))
     if a.json:
-        _print_json(meta)
+        print_json(meta)
     else:
         print(f"module '{meta['domain']}' -> {a.library}/{meta['domain']}  steps {meta['steps']}  "
               f"train loss {meta['train_loss']:.4f}  held-out loss {meta['heldout_loss']}")
@@ -86,7 +82,7 @@ def cmd_pretrain_all(a) -> int:
     configs = load_config(a.config, a.library, overrides)
     results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address)
     if a.json:
-        _print_json(results)
+        print_json(results)
     else:
         for name, r in results.items():
             line = f"{name:16s} {r['status']:8s}"
@@ -112,7 +108,7 @@ def cmd_library(a) -> int:
             except Exception as e:  # a broken entry is listed, not fatal
                 rows.append({"name": name, "error": str(e)})
         if a.json:
-            _print_json(rows)
+            print_json(rows)
         elif not rows:
             print(f"library {lib.path} is empty")
         else:
@@ -126,7 +122,7 @@ def cmd_library(a) -> int:
                       f"{held:>9s}  {r['base']}")
         return 0
     if a.action == "show":
-        _print_json(lib.get(a.name).meta)
+        print_json(lib.get(a.name).meta)
         return 0
     from .models import fingerprint, load_model
 
@@ -135,7 +131,7 @@ def cmd_library(a) -> int:
     for p in problems:
         print(p)
     if a.json:
-        _print_json({"modules": lib.names(), "problems": problems})
+        print_json({"modules": lib.names(), "problems": problems})
     elif not problems:
         print(f"all {len(lib.names())} modules in {lib.path} fit base {a.base}")
     return 1 if problems else 0
@@ -153,7 +149,7 @@ def cmd_eval_lm(a) -> int:
 
         out = eval_lm(a.base, a.data, a.library, a.module, **opts)
     if a.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(f"loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}  accuracy {out['accuracy']:.4f}  "
               f"({out['tokens']} tokens)")
@@ -166,7 +162,7 @@ def cmd_finetune(a) -> int:
     fields = {k: v for k, v in vars(a).items() if k in FinetuneConfig.__dataclass_fields__ and v is not None}
     m = finetune(FinetuneConfig(**fields))
     if a.json:
-        _print_json({k: v for k, v in m.items() if k != "history"})
+        print_json({k: v for k, v in m.items() if k != "history"})
     else:
         print(f"{a.out}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  trainable "
               f"{m['trainable_params']:,} / {m['total_params']:,} params  ({m['train_time_s']:.0f} s)")
@@ -181,7 +177,7 @@ def cmd_evaluate(a) -> int:
     rows = read_jsonl(a.data, ("text", "label") if spec["task"] == "classify" else ("prompt", "answer"))
     m = evaluate_rows(model, tok, {**spec, "where": a.data}, rows)
     if a.json:
-        _print_json(m)
+        print_json(m)
     else:
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['examples']} examples)")
         for name, f1 in m.get("per_class_f1", {}).items():
@@ -208,7 +204,7 @@ def cmd_predict(a) -> int:
         answers = generate_answers(model, tok, [r["prompt"] for r in rows], spec.get("max_new_tokens", 32))
         out = [{"prompt": r["prompt"], "answer": ans} for r, ans in zip(rows, answers)]
     if a.json:
-        _print_json(out)
+        print_json(out)
     else:
         for o in out:
             print(f"{o['label']}\t{o['probabilities'][o['label']]:.4f}\t{o['text'][:80]}" if "label" in o
@@ -221,7 +217,7 @@ def cmd_export(a) -> int:
 
     rep = export(a.model, a.out, a.format, a.rank, overwrite=a.overwrite)
     if a.json:
-        _print_json({k: v for k, v in rep.items() if k != "layer_errors"})
+        print_json({k: v for k, v in rep.items() if k != "layer_errors"})
     else:
         line = f"exported {a.model} -> {a.out} ({a.format})"
         if "max_relative_error" in rep:
@@ -236,7 +232,7 @@ def cmd_bench(a) -> int:
     if a.which != "quality":  # quality writes a directory (default bench-out/quality-<preset>/)
         a.out = a.out or f"bench-out/{a.which}.json"
     out = run_bench(a.which, a)
-    _print_json(out) if a.json else print(out.get("table", ""))
+    print_json(out) if a.json else print(out.get("table", ""))
     return 0
 
 

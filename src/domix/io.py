@@ -43,3 +43,10 @@ def atomic_dir(dest: Path | str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def print_json(obj) -> None:
+    """The commands' `--json` output: indented, anything unknown as its str()."""
+    import json
+
+    print(json.dumps(obj, indent=2, default=str))

@@ -1,15 +1,12 @@
 """`domix mode …`: MoDE expert pre-training, composition and LM evaluation (thin: parse, call, print).
 
-`register(subparsers)` adds the `mode` command group to a parser; `main(argv)` runs it alone.
+`register(subparsers)` adds the `mode` command group to the `domix` parser.
 """
 from __future__ import annotations
 
 import argparse
-import json
 
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+from ..io import print_json
 
 
 def _train_opts(p: argparse.ArgumentParser) -> None:
@@ -61,7 +58,7 @@ def cmd_pretrain(a) -> int:
         results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,
                                progress=not a.json, runner=pretrain_expert)
         if a.json:
-            _print_json(results)
+            print_json(results)
         else:
             for name, r in results.items():
                 line = f"{name:16s} {r['status']:8s}"
@@ -73,7 +70,7 @@ def cmd_pretrain(a) -> int:
         raise ValueError("mode pretrain needs --domain NAME --data PATH... (one domain) or --config domains.yaml")
     meta = pretrain_expert(ModePretrainConfig(**_given(a, ModePretrainConfig)))
     if a.json:
-        _print_json(meta)
+        print_json(meta)
     else:
         lay = meta["layout"]
         print(f"expert '{meta['domain']}' -> {a.library}/{meta['domain']}  {lay['blocks']} blocks x "
@@ -88,7 +85,7 @@ def cmd_compose(a) -> int:
     fields = _given(a, ComposeConfig)
     meta = compose(ComposeConfig(**fields))
     if a.json:
-        _print_json(meta)
+        print_json(meta)
     else:
         print(f"MoDE model of {', '.join(meta['experts'])} -> {a.out}  steps {meta['steps']}  "
               f"train loss {meta['train_loss']:.4f}")
@@ -103,7 +100,7 @@ def cmd_eval(a) -> int:
     out = eval_mode(a.model, a.data, seq_len=a.seq_len, batch_size=a.batch_size, max_blocks=a.max_blocks,
                     device=a.device, text_field=a.text_field, base=a.base, progress=not a.json)
     if a.json:
-        _print_json(out)
+        print_json(out)
     else:
         print(f"loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}  accuracy {out['accuracy']:.4f}  "
               f"({out['tokens']} tokens)")
