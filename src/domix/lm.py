@@ -120,7 +120,7 @@ class ChunkedLMLossMixin:
         # under gradient checkpointing the activations are small already, and there the chunked
         # loss measured ~15% slower per step (bf16, CPU): keep the model's own loss
         if (self.lm_objective == "clm" and not return_outputs and "labels" in inputs
-                and not self.args.gradient_checkpointing
+                and not getattr(self.args, "gradient_checkpointing", False)
                 and self.label_smoother is None and self.compute_loss_func is None):
             loss = chunked_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
                                    num_items_in_batch)

@@ -175,6 +175,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
     from ..data.corpus import load_documents, pack, split_heldout
     from ..models import resolve_base
+    from ..modules.pretrain import checkpointing_args
 
     path = resolve_base(base)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -193,7 +194,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
         warmup_steps=int(0.1 * total_steps), max_steps=total_steps, save_strategy="no", report_to="none",
         use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=dtype == "bf16",
         fp16=dtype == "fp16",
-        gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+        **checkpointing_args(gradient_checkpointing))
     trainer = Trainer(model=model, args=args, train_dataset=blocks,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[timer])
     trainer.train()

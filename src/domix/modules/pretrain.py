@@ -143,7 +143,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         save_total_limit=1, report_to=["tensorboard"], seed=seed, data_seed=seed,
         use_cpu=device.type == "cpu", bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not cfg.progress,
-        gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_args(cfg.gradient_checkpointing),
     )
     trainer = _lm_trainer(Trainer, objective)(model=model, args=args, train_dataset=train_blocks,
                                               data_collator=lm_collator(tokenizer, objective), callbacks=callbacks)
@@ -181,6 +181,12 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         write_json(stage / META, meta)
     shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def checkpointing_args(on: bool) -> dict:
+    """TrainingArguments for gradient (activation) checkpointing, non-reentrant; none when off
+    (so no deprecation noise from transformers 5, which renamed the option)."""
+    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
 
 
 def _lm_trainer(trainer_cls, objective: str):
