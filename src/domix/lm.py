@@ -70,14 +70,19 @@ def _plain_head(model):
     return (causal, head) if plain else None
 
 
+def _next_token_hidden(causal, input_ids, labels, attention_mask=None):
+    """The decoder's final hidden states and the labels they predict (shifted by one), flattened."""
+    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1).to(hidden.device)
+
+
 def _scored_logits(model, ids, labels, objective: str, chunk: int = 256):
     """fp32 logits and targets of the scored tokens, a chunk at a time: the whole batch's logits
     over a large vocabulary (and its fp32 copies) would be the largest thing in memory."""
     plain = _plain_head(model) if objective == "clm" else None
     if plain is not None:
         causal, head = plain
-        hidden = causal.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-        hidden, labels = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+        hidden, labels = _next_token_hidden(causal, ids, labels)
         keep = labels != -100
         hidden, labels = hidden[keep], labels[keep]
         weight = head.weight.to(hidden.dtype)
@@ -102,9 +107,7 @@ def chunked_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_
     if plain is None or plain[1].weight.requires_grad:
         return None
     causal, head = plain
-    hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = labels[:, 1:].reshape(-1).to(hidden.device)
+    hidden, labels = _next_token_hidden(causal, input_ids, labels, attention_mask)
     n = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
     divisor = torch.as_tensor(n, device=hidden.device, dtype=torch.float32).clamp(min=1)
     return _LinearCrossEntropy.apply(hidden, head.weight, labels, divisor, chunk)

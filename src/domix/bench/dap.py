@@ -174,7 +174,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
                               TrainingArguments)
 
     from ..data.corpus import load_documents, pack, split_heldout
-    from ..models import resolve_base
+    from ..models import DTYPES, resolve_base
     from ..modules.pretrain import checkpointing_args
 
     path = resolve_base(base)
@@ -184,8 +184,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
     train_docs, _ = split_heldout(load_documents([data]))  # the same blocks domix trains on
     blocks = pack(train_docs, tokenizer, seq_len)
     # LoRA: the frozen base in the run's precision; full training keeps fp32 weights (AdamW) and autocasts
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=half if half and kind == "peft-trainer" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] if kind == "peft-trainer" else torch.float32)
     if kind == "peft-trainer":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))

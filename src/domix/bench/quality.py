@@ -63,48 +63,44 @@ COMPOSE = {"mode": {"freeze_experts": False}, "mode-frozen": {"freeze_experts": 
 COMPOSED_FOR = {v: m for m, v in NEEDS.items() if v in COMPOSE}  # composition -> the method fine-tuning it
 
 # ---------------------------------------------------------------------------- presets
-# Sized from measurements on 2 CPU cores, one thread per job (real model): a LoRA module step
-# (8 x 64 tokens) ~2.7 s, a full-weight step ~2x that; a LoRA/DoMIX fine-tune ~210 tokens/s plus
-# ~12 s of loading/saving per run; scoring ~3x faster than training. quick measured 2,608 CPU-s
-# (≈ 22 min on 2 free cores with 2 workers); full ≈ 14,000 CPU-s (≈ 2 h). A fine-tune learns
-# little before ~30 steps (product-sentiment dev F1 0.42 at step 10, 0.71 at step 40): quick's
-# task scores are a smoke test, full's 32 steps per run the least that means something here.
-PRESETS: dict[str, dict] = {
-    "quick": {
-        "seeds": [0],
-        "workers": 2,
-        "domains": list(DOMAINS),
-        "pretrain": {"seq_len": 64, "batch_size": 8, "steps": 8, "rank": 8, "alpha": 16.0, "lr": 5e-4,
-                     "full_lr": 1e-4, "seed": 0},
-        "lm_eval": {"blocks": 12, "batch_size": 8},
-        "finetune": {"train": 80, "dev": 24, "test": 128, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
-                     "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
-        "mode": {"lr": 1e-4, "compose_steps": 8},
-        "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
-        "keep_full_weights": False,
-    },
-    "full": {
-        "seeds": [0, 1, 2],
-        "workers": 2,
-        "domains": list(DOMAINS),
-        "pretrain": {"seq_len": 64, "batch_size": 8, "steps": 16, "rank": 8, "alpha": 16.0, "lr": 5e-4,
-                     "full_lr": 1e-4, "seed": 0},
-        "lm_eval": {"blocks": 24, "batch_size": 8},
-        "finetune": {"train": 256, "dev": 32, "test": 250, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
-                     "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
-        "mode": {"lr": 1e-4, "compose_steps": 16},
-        "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
-        "keep_full_weights": False,
-    },
-}
-NO_SAVE = 10 ** 9  # Trainer checkpoints are not needed: a job is redone whole if it dies
-
-
 def _merge(a: dict, b: dict) -> dict:
     out = deepcopy(a)
     for k, v in (b or {}).items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else deepcopy(v)
     return out
+
+
+# Sized from measurements on 2 CPU cores, one thread per job (real model): a LoRA module step
+# (8 x 64 tokens) ~2.7 s, a full-weight step ~2x that; a LoRA/DoMIX fine-tune ~210 tokens/s plus
+# ~12 s of loading/saving per run; scoring ~3x faster than training. quick (with MoDE) measured
+# 54 CPU-min (27.8 min on 2 quiet cores with 2 workers); full ≈ 2.5 h estimated. A fine-tune learns
+# little before ~30 steps (product-sentiment dev F1 0.42 at step 10, 0.71 at step 40): quick's
+# task scores are a smoke test, full's 32 steps per run the least that means something here.
+QUICK = {
+    "seeds": [0],
+    "workers": 2,
+    "domains": list(DOMAINS),
+    "pretrain": {"seq_len": 64, "batch_size": 8, "steps": 8, "rank": 8, "alpha": 16.0, "lr": 5e-4,
+                 "full_lr": 1e-4, "seed": 0},
+    "lm_eval": {"blocks": 12, "batch_size": 8},
+    "finetune": {"train": 80, "dev": 24, "test": 128, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
+                 "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
+    "mode": {"lr": 1e-4, "compose_steps": 8},
+    "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
+    "keep_full_weights": False,
+}
+PRESETS: dict[str, dict] = {
+    "quick": QUICK,
+    "full": _merge(QUICK, {  # what differs from quick
+        "seeds": [0, 1, 2],
+        "pretrain": {"steps": 16},
+        "lm_eval": {"blocks": 24},
+        "finetune": {"train": 256, "dev": 32, "test": 250},
+        "mode": {"compose_steps": 16},
+        "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
+    }),
+}
+NO_SAVE = 10 ** 9  # Trainer checkpoints are not needed: a job is redone whole if it dies
 
 
 def _key(obj) -> str:
@@ -256,25 +252,31 @@ class Job:
         return True
 
 
+def _train_cfg(settings: dict, cls, **kw) -> dict:
+    """Every option of the training config `cls` (PretrainConfig, ModePretrainConfig,
+    ComposeConfig), defaults included, so that a changed default changes the key."""
+    pre = settings["pretrain"]
+    cfg = {"seq_len": pre["seq_len"], "batch_size": pre["batch_size"], "seed": pre["seed"], "eval_blocks": 4,
+           "save_steps": NO_SAVE, "threads": settings["threads"], "progress": False, "overwrite": True, **kw}
+    return {**asdict(cls(**cfg)), **cfg}
+
+
 def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, steps: int, **kw) -> dict:
-    """Every PretrainConfig option, defaults included: a changed default changes the key."""
     from ..modules.pretrain import PretrainConfig
 
     pre = settings["pretrain"]
-    cfg = {"domain": domain, "data": data, "library": str(library), "base": settings["base"],
-           "rank": pre["rank"], "alpha": pre["alpha"], "seq_len": pre["seq_len"], "batch_size": pre["batch_size"],
-           "lr": pre["lr"], "max_steps": steps, "seed": pre["seed"], "eval_blocks": 4, "save_steps": NO_SAVE,
-           "threads": settings["threads"], "progress": False, "overwrite": True, **kw}
-    return {**asdict(PretrainConfig(**cfg)), **cfg}
+    return _train_cfg(settings, PretrainConfig, **{
+        "domain": domain, "data": data, "library": str(library), "base": settings["base"], "rank": pre["rank"],
+        "alpha": pre["alpha"], "lr": pre["lr"], "max_steps": steps, **kw})
 
 
 def _mode_cfg(settings: dict, cls, **kw) -> dict:
-    """Every ModePretrainConfig / ComposeConfig option, defaults included (as `_pretrain_cfg`)."""
-    pre = settings["pretrain"]
-    cfg = {"seq_len": pre["seq_len"], "batch_size": pre["batch_size"], "lr": settings["mode"]["lr"],
-           "seed": pre["seed"], "eval_blocks": 4, "save_steps": NO_SAVE, "threads": settings["threads"],
-           "progress": False, "overwrite": True, **kw}
-    return {**asdict(cls(**cfg)), **cfg}
+    return _train_cfg(settings, cls, **{"lr": settings["mode"]["lr"], **kw})
+
+
+def _library_key(common: dict, member_cfg: dict) -> str:
+    """A library's key: what every member's config shares (all but its domain, data and place)."""
+    return _key({**common, "config": {k: v for k, v in member_cfg.items() if k not in ("domain", "data", "library")}})
 
 
 # FinetuneConfig fields that only some methods read; the others' keys leave them out, so that a
@@ -309,7 +311,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
     libs = {}
     if "modules" in needs:
         shared = _pretrain_cfg(settings, "", [], Path("."), pre["steps"])  # what every module of a library shares
-        lib_key = _key({**common, "config": {k: v for k, v in shared.items() if k not in ("domain", "data", "library")}})
+        lib_key = _library_key(common, shared)
         for i, order in enumerate(orders if "domix" in methods else orders[:1]):
             lib = work / f"lib-{'-'.join(order)}-{lib_key}"
             libs[order_name(order)] = lib
@@ -344,7 +346,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
 
         shared = _mode_cfg(settings, ModePretrainConfig, domain="", data=[], library="", max_steps=pre["steps"],
                            base=settings["base"])
-        mode_lib = work / f"mode-lib-{_key({**common, 'config': {k: v for k, v in shared.items() if k not in ('domain', 'data', 'library')}})}"
+        mode_lib = work / f"mode-lib-{_library_key(common, shared)}"
         for d in domains:
             cfg = {**shared, "domain": d, "data": [data["corpora"][d]["path"]], "library": str(mode_lib)}
             add(Job(f"mode/expert/{d}", "mode-pretrain", {"config": cfg, **common}, str(mode_lib / d),
@@ -751,10 +753,13 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     # -- LM loss and retention
     ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}
 
-    def per_domain(metric: str) -> dict:
+    def lm_metric(metric: str) -> dict:
+        """{lm job: {held-out text: value}} of one LM metric."""
+        return {n: res[n][metric] for n in res if n.startswith("lm/") and ok(n) and metric in res[n]}
+
+    def per_domain(lm: dict) -> dict:
         """{domain: {model: value}} of one LM metric: each domain's own module or expert, the
         single models (base, joint, the compositions) and ncl per order."""
-        lm = {n: res[n][metric] for n in res if n.startswith("lm/") and ok(n) and metric in res[n]}
         rows = {}
         for d in domains:
             row = {"base": lm.get("lm/base", {}).get(d), "own": lm.get(f"lm/module/{d}", {}).get(d),
@@ -768,8 +773,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             rows[d] = row
         return rows
 
-    lm = {n: res[n]["loss"] for n in res if n.startswith("lm/") and ok(n)}
-    lm_loss, lm_accuracy = per_domain("loss"), per_domain("accuracy")
+    lm = lm_metric("loss")
+    lm_loss, lm_accuracy = per_domain(lm), per_domain(lm_metric("accuracy"))
     retention, detail = {}, {"own-lora": {}, "ncl": {}, "cross": {}}
     for d in domains:
         if f"lm/module/{d}" in lm:

@@ -59,14 +59,17 @@ def metric_table(results: dict, metric: str = "macro_f1") -> str:
     return "\n".join(lines)
 
 
+# MoDE's rows of results["lm_loss"] / ["retention_loss"] and their labels in tables and plots
+MODE_LM = (("mode-expert", "MoDE expert"), ("mode", "mode (composed)"),
+           ("mode-frozen-experts", "mode-frozen-experts (composed)"))
+
+
 def lm_columns(results: dict) -> list[tuple[str, object]]:
     """The models of the LM tables and plot, in order: (label, row -> value), those measured only."""
     rows = list(results["lm_loss"].values())
     cols = [("base", lambda r: r["base"]), ("own module", lambda r: r["own"]), ("joint-lora", lambda r: r["joint"])]
     cols += [(f"ncl [{o}]", lambda r, o=o: r["ncl"].get(o)) for o in (",".join(x) for x in results["settings"]["orders"])]
-    cols += [(label, lambda r, k=k: r.get(k)) for label, k in
-             (("MoDE expert", "mode-expert"), ("mode (composed)", "mode"),
-              ("mode-frozen-experts (composed)", "mode-frozen-experts"))]
+    cols += [(label, lambda r, k=k: r.get(k)) for k, label in MODE_LM]
     return [(label, get) for label, get in cols if any(get(r) is not None for r in rows)]
 
 
@@ -155,8 +158,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         ret = results["retention_loss"]
         doms_g = doms + [GENERAL]
         gen = {"base": ret.get("base"), "own module": ret.get("own-lora"), "joint-lora": ret.get("joint-lora"),
-               "MoDE expert": ret.get("mode-expert"), "mode (composed)": ret.get("mode"),
-               "mode-frozen-experts (composed)": ret.get("mode-frozen-experts")}
+               **{label: ret.get(k) for k, label in MODE_LM}}
         for o in results["settings"]["orders"]:
             key = ",".join(o)
             gen[f"ncl [{key}]"] = results["lm_loss_detail"].get("ncl", {}).get(key)
