@@ -84,8 +84,20 @@ def test_module_seed_depends_on_name_not_position(tiny_decoder, corpora, tmp_pat
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
-def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tmp_path):
-    """Recomputing activations in backward changes memory, not the result."""
+def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tmp_path, monkeypatch):
+    """Recomputing activations in backward changes memory, not the result; both runs take the
+    chunked next-token loss (the full logits never exist), with and without checkpointing."""
+    import domix.lm
+
+    calls = []
+    real = domix.lm.chunked_lm_loss
+
+    def counting(*a, **kw):
+        loss = real(*a, **kw)
+        calls.append(loss is not None)
+        return loss
+
+    monkeypatch.setattr(domix.lm, "chunked_lm_loss", counting)
     plain = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "l1"), base=tiny_decoder, **FAST)
     from transformers import TrainerCallback
 
@@ -97,6 +109,7 @@ def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tm
     ckpt = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "l2"), base=tiny_decoder,
                     gradient_checkpointing=True, callbacks=[seen], **FAST)
     assert ckpt["gradient_checkpointing"] and not plain["gradient_checkpointing"] and seen.on
+    assert calls == [True] * (2 * FAST["max_steps"])  # every training step of both runs
     assert ckpt["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
     ta, tb = adapter(tmp_path / "l1", "a"), adapter(tmp_path / "l2", "a")
     assert all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6) for k in ta)

@@ -184,9 +184,17 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
 
 
 def checkpointing_args(on: bool) -> dict:
-    """TrainingArguments for gradient (activation) checkpointing, non-reentrant; none when off
-    (so no deprecation noise from transformers 5, which renamed the option)."""
-    return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
+    """TrainingArguments for gradient (activation) checkpointing, non-reentrant; none when off.
+    Recent transformers renamed the option `activation_checkpointing` (the old name warns)."""
+    if not on:
+        return {}
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _lm_trainer(trainer_cls, objective: str):
