@@ -84,6 +84,24 @@ def test_module_seed_depends_on_name_not_position(tiny_decoder, corpora, tmp_pat
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
+def test_chunked_loss_runs_under_the_runs_mixed_precision(tiny_decoder, corpora, tmp_path, monkeypatch):
+    """The chunked loss calls the decoder itself, bypassing the autocast that accelerate wraps
+    around model.forward: with --dtype bf16 it must still run under bf16 autocast."""
+    import domix.lm
+
+    seen = []
+    real = domix.lm.chunked_lm_loss
+
+    def recording(*a, **kw):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(domix.lm, "chunked_lm_loss", recording)
+    meta = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "lib"), base=tiny_decoder,
+                    dtype="bf16", **{**FAST, "max_steps": 2})
+    assert meta["dtype"] == "bf16" and seen == [True, True]
+
+
 def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tmp_path, monkeypatch):
     """Recomputing activations in backward changes memory, not the result; both runs take the
     chunked next-token loss (the full logits never exist), with and without checkpointing."""

@@ -122,8 +122,11 @@ class ChunkedLMLossMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (self.lm_objective == "clm" and not return_outputs and "labels" in inputs
                 and self.label_smoother is None and self.compute_loss_func is None):
-            loss = chunked_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                                   num_items_in_batch)
+            # the decoder is called directly, not through the (accelerate-wrapped) model.forward that
+            # carries the mixed-precision autocast: enter it here, or bf16/fp16 runs compute in fp32
+            with self.accelerator.autocast():
+                loss = chunked_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                       num_items_in_batch)
             if loss is not None:
                 self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the whole batch
                 return loss
