@@ -13,12 +13,15 @@ def test_bench_finetune_schema(tiny_decoder, tmp_path, capsys):
     assert main(["bench", "finetune", "--base", tiny_decoder, "--steps", "2", "--batch-size", "2", "--seq-len", "16",
                  "--lora-rank", "4", "--threads", "1", "--out", str(out), "--json"]) == 0
     res = json.loads(out.read_text())
-    assert set(res["runs"]) == {"domix", "base-lora", "base-dora", "base-full"}
+    assert set(res["runs"]) == {"domix", "base-lora", "base-dora", "base-full", "floor"}
     for r in res["runs"].values():
         assert r["step_time_s"] > 0 and r["peak_rss_mb"] > 0 and r["trainable_params"] > 0
         assert len(r["step_times_s"]) == 2
     runs = res["runs"]
     assert runs["base-full"]["trainable_params"] > runs["base-lora"]["trainable_params"]
+    assert runs["floor"]["trainable_params"] < runs["base-lora"]["trainable_params"]  # the rank-1 adapter
+    assert res["ratios"]["step_time_floor_over_dora"] == pytest.approx(
+        runs["floor"]["step_time_s"] / runs["base-dora"]["step_time_s"])
     assert res["ratios"]["step_time_domix_over_lora"] == pytest.approx(
         runs["domix"]["step_time_s"] / runs["base-lora"]["step_time_s"])
     assert res["ratios"]["peak_rss_domix_over_full"] == pytest.approx(
