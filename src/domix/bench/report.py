@@ -141,7 +141,7 @@ def _plots(results: dict, out: Path) -> list[str]:
             stds = [results["tasks"][t][m]["macro_f1"]["std"] for m in ms]
             ax.bar(range(len(ms)), means, yerr=stds, capsize=3,
                    color=[colors[methods.index(m)] for m in ms], edgecolor=["k" if m == "domix" else "none" for m in ms])
-            ax.set_xticks(range(len(ms)), ms, rotation=70, fontsize=7)
+            ax.set_xticks(range(len(ms)), ms, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
             ax.set_title(t, fontsize=9)
             ax.set_ylabel("test macro-F1", fontsize=8)
             ax.grid(axis="y", alpha=0.3)
@@ -185,7 +185,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         for ax, (t, g) in zip(axes[0], grids.items()):
             im = ax.imshow(np.array(g), cmap="viridis")
             ax.set_title(t, fontsize=9)
-            ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
             ax.set_yticks(range(len(names)), names, fontsize=7)
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle("DoMIX bridge: mean ||P block|| over layers (rows: output domain, cols: input domain)",
