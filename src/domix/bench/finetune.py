@@ -81,9 +81,10 @@ def _train_worker(name: str, opts: dict) -> dict:
     timer = _step_timer()
     steps = opts["steps"] + WARMUP
     m = finetune(train=opts["train"], eval=opts["eval"], out=opts["out"], library=opts["library"], base=opts["base"],
-                 method=RUNS[name]["method"], lora_rank=RUNS[name].get("lora_rank", opts["lora_rank"]), max_steps=steps, eval_every=10 ** 6,
-                 save_steps=10 ** 6, batch_size=opts["batch_size"], max_seq_len=opts["seq_len"], device="cpu",
-                 threads=opts["threads"], progress=False, overwrite=True, callbacks=[timer])
+                 method=RUNS[name]["method"], lora_rank=RUNS[name].get("lora_rank", opts["lora_rank"]),
+                 max_steps=steps, eval_every=10 ** 6, save_steps=10 ** 6, batch_size=opts["batch_size"],
+                 max_seq_len=opts["seq_len"], device="cpu", threads=opts["threads"], progress=False, overwrite=True,
+                 callbacks=[timer])
     times = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP, steps)]
     return {"run": name, "step_time_s": statistics.median(times), "step_time_min_s": min(times),
             "step_times_s": [round(t, 4) for t in times], "trainable_params": m["trainable_params"],
