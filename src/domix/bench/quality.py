@@ -70,12 +70,13 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-# Sized from measurements on 2 CPU cores, one thread per job (real model): a LoRA module step
-# (8 x 64 tokens) ~2.7 s, a full-weight step ~2x that; a LoRA/DoMIX fine-tune ~210 tokens/s plus
-# ~12 s of loading/saving per run; scoring ~3x faster than training. quick (with MoDE) measured
-# 54 CPU-min (27.8 min on 2 quiet cores with 2 workers); full ≈ 2.5 h estimated. A fine-tune learns
-# little before ~30 steps (product-sentiment dev F1 0.42 at step 10, 0.71 at step 40): quick's
-# task scores are a smoke test, full's 32 steps per run the least that means something here.
+# Sized from measurements on 2 CPU cores, one thread per job (real model). quick (with MoDE)
+# measured 54 CPU-min (27.8 min on 2 quiet cores with 2 workers). A full run with 256 training
+# examples per task (32 steps) measured per fine-tune job ~105 CPU-s (a step ~2.1 CPU-s, plus
+# ~38 s of loading, scoring 282 dev/test examples and saving), projecting ~2.75 h in all: over
+# the 2.5 h budget. 160 examples (20 steps) project ~2.2 h. A fine-tune learns little before
+# ~30 steps (product-sentiment dev F1 0.42 at step 10, 0.71 at step 40): quick's task scores are
+# a smoke test, full's the least that fits the budget.
 QUICK = {
     "seeds": [0],
     "workers": 2,
@@ -95,7 +96,7 @@ PRESETS: dict[str, dict] = {
         "seeds": [0, 1, 2],
         "pretrain": {"steps": 16},
         "lm_eval": {"blocks": 24},
-        "finetune": {"train": 256, "dev": 32, "test": 250},
+        "finetune": {"train": 160, "dev": 32, "test": 250},
         "mode": {"compose_steps": 16},
         "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
     }),
