@@ -122,6 +122,24 @@ def test_rerun_reuses_every_job(bench, tiny_decoder, data_root):
     assert again["tasks"] == res["tasks"] and again["lm_loss"] == res["lm_loss"]
 
 
+def test_an_interrupted_run_is_timed_from_its_jobs(bench, tiny_decoder, data_root):
+    """A run killed before it wrote results.json leaves finished jobs and no history entry: the
+    next run reuses the jobs and counts that run's time, rebuilt from the jobs' own times."""
+    from domix.bench.report import write_report
+
+    out, res = bench
+    (out / "results.json").unlink()  # what a killed run leaves: its jobs, no results
+    again = run_quality("quick", out=out, base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                        overrides=TINY)
+    first, now = again["history"]
+    assert first["interrupted"] and first["jobs_run"] == len(again["jobs"])
+    # it spans at least its longest job and at most the whole first run (1 s: the stamps' resolution)
+    assert max(j["wall_s"] for j in res["jobs"].values()) <= first["wall_time_s"] <= res["wall_time_s"] + 1
+    assert now["jobs_run"] == 0 and now["jobs_reused"] == len(again["jobs"])
+    write_report(again, out)
+    assert "interrupted: timed from its first job's start" in (out / "REPORT.md").read_text()
+
+
 def test_changed_settings_change_the_cache_keys(bench, tiny_decoder, data_root):
     out, _ = bench
 

@@ -623,7 +623,7 @@ def _work(payload: dict) -> dict:
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     return {**out, "status": "done", "wall_s": round(time.time() - t0, 2), "cpu_s": round(_cpu_s() - c0, 2),
             "peak_rss_mb": _peak_rss_mb(),
-            "threads": payload["threads"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "threads": payload["threads"], "finished": time.strftime(STAMP)}
 
 
 def _context():
@@ -892,21 +892,50 @@ def _reuse_order_b(jobs: dict, runs: list, settings: dict, domains: list[str]) -
     return {k: v for k, v in jobs.items() if k not in drop or k in still}, new_runs
 
 
-def _history(path: Path, results: dict) -> list[dict]:
+STAMP = "%Y-%m-%dT%H:%M:%S"  # the local time format of "finished" in job results and the history
+SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation
+
+
+def _unrecorded(res: dict, recorded: list[dict]) -> list[dict]:
+    """Invocations whose finished jobs these results reuse but which left no history entry —
+    killed before they could write results.json, or run with other settings — rebuilt from
+    their jobs' own start and end times. Each spans its first job's start to its last job's end:
+    work in flight when it stopped is lost and not counted."""
+    def ts(stamp: str) -> float:
+        return time.mktime(time.strptime(stamp, STAMP))
+
+    known = [(ts(h["finished"]) - h["wall_time_s"] - 1, ts(h["finished"]) + 1) for h in recorded]
+    spans = sorted((ts(r["finished"]) - r["wall_s"], ts(r["finished"])) for r in res.values()
+                   if r.get("reused") and r.get("finished") and r.get("wall_s") is not None
+                   and not any(a <= ts(r["finished"]) <= b for a, b in known))
+    groups: list[list] = []
+    for a, b in spans:
+        if groups and a <= groups[-1][1] + SAME_RUN_GAP_S:
+            groups[-1][1] = max(groups[-1][1], b)
+            groups[-1][2] += 1
+        else:
+            groups.append([a, b, 1])
+    return [{"finished": time.strftime(STAMP, time.localtime(b)), "wall_time_s": round(b - a, 1), "jobs_run": n,
+             "jobs_reused": None, "methods": None, "interrupted": True} for a, b, n in groups]
+
+
+def _history(path: Path, results: dict, res: dict) -> list[dict]:
     """The invocations that computed these results: earlier ones (from the previous results.json,
-    if its settings are the same) and this one. A run that was killed leaves no entry."""
+    if its settings are the same), earlier ones that left no entry (see `_unrecorded`), and
+    this one."""
     hist = []
     try:
         prev = json.loads(path.read_text())
         if prev.get("settings_key", _key(prev.get("settings"))) == results["settings_key"]:
             hist = prev.get("history") or [{  # written before the history was kept
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime)),
+                "finished": time.strftime(STAMP, time.localtime(path.stat().st_mtime)),
                 "wall_time_s": prev["wall_time_s"], "jobs_run": len(prev["jobs"]) - prev.get("reused_jobs", 0),
                 "jobs_reused": prev.get("reused_jobs", 0), "methods": prev.get("methods")}]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    hist = sorted(hist + _unrecorded(res, hist), key=lambda h: h["finished"])
     n = len(results["jobs"])
-    return hist + [{"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_time_s": results["wall_time_s"],
+    return hist + [{"finished": time.strftime(STAMP), "wall_time_s": results["wall_time_s"],
                     "jobs_run": n - results["reused_jobs"], "jobs_reused": results["reused_jobs"],
                     "methods": results["methods"]}]
 
@@ -995,7 +1024,7 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
                         for n, r in res.items()},
                "failures": {n: r.get("error") for n, r in res.items() if r.get("status") != "done"}}
     results["settings_key"] = _key(results["settings"])
-    results["history"] = _history(out / "results.json", results)
+    results["history"] = _history(out / "results.json", results, res)
     write_json(out / "results.json", results)
     results["table"] = write_report(results, out)
     write_json(out / "results.json", {k: v for k, v in results.items() if k != "table"})

@@ -219,7 +219,9 @@ def write_report(results: dict, out: Path) -> str:
         L += [f"Measured wall time of the invocations that computed these results: **"
               f"{sum(h['wall_time_s'] for h in ran) / 60:.1f} min** ("
               + "; ".join(f"{h['finished']}: {h['wall_time_s'] / 60:.1f} min, {h['jobs_run']} jobs run, "
-                          f"{h['jobs_reused']} reused" for h in ran) + ").", ""]
+                          + ("interrupted: timed from its first job's start to its last job's end, the work in "
+                             "flight when it stopped not counted" if h.get("interrupted")
+                             else f"{h['jobs_reused']} reused") for h in ran) + ").", ""]
     L += [f"Measured wall time of this invocation: **{results['wall_time_s'] / 60:.1f} min** "
          f"({results['reused_jobs']} of {len(results['jobs'])} jobs reused from earlier runs; the jobs' own measured "
          f"time, summed: {results['compute_time_s'] / 60:.1f} min; their CPU time: "
