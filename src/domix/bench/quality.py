@@ -905,9 +905,9 @@ def _unrecorded(res: dict, recorded: list[dict]) -> list[dict]:
         return time.mktime(time.strptime(stamp, STAMP))
 
     known = [(ts(h["finished"]) - h["wall_time_s"] - 1, ts(h["finished"]) + 1) for h in recorded]
-    spans = sorted((ts(r["finished"]) - r["wall_s"], ts(r["finished"])) for r in res.values()
-                   if r.get("reused") and r.get("finished") and r.get("wall_s") is not None
-                   and not any(a <= ts(r["finished"]) <= b for a, b in known))
+    ends = [(ts(r["finished"]), r["wall_s"]) for r in res.values()
+            if r.get("reused") and r.get("finished") and r.get("wall_s") is not None]
+    spans = sorted((end - wall, end) for end, wall in ends if not any(a <= end <= b for a, b in known))
     groups: list[list] = []
     for a, b in spans:
         if groups and a <= groups[-1][1] + SAME_RUN_GAP_S:
