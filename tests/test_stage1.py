@@ -264,7 +264,8 @@ def test_cli_list_show_eval_lm(tiny_decoder, corpora, tmp_path, capsys):
     assert main(["pretrain", "--base", tiny_decoder, "--domain", "law", "--data", corpora["law"], "--library", lib,
                  "--max-steps", "30", "--batch-size", "4", "--seq-len", "16", "--lr", "2e-2",
                  "--device", "cpu", "--json"]) == 0
-    capsys.readouterr()
+    # --json: stdout is one JSON document (the Trainer's log lines go to stderr)
+    assert json.loads(capsys.readouterr().out)["domain"] == "law"
     assert main(["library", "list", lib, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["law"] and rows[0]["kind"] == "lora"

@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     from .modules.library import LibraryError
 
     try:
+        if getattr(args, "json", False):
+            from .io import json_stdout
+
+            with json_stdout():
+                return args.func(args)
         return args.func(args)
     except (FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"domix: error: {e}", file=sys.stderr)

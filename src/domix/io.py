@@ -1,4 +1,4 @@
-"""Atomic writes: a file or a directory is complete or absent."""
+"""Atomic writes: a file or a directory is complete or absent; the commands' JSON output."""
 from __future__ import annotations
 
 import json
@@ -45,8 +45,27 @@ def atomic_dir(dest: Path | str, overwrite: bool = False):
         raise
 
 
+_json_out = None  # set by json_stdout(): where print_json writes while stdout is redirected
+
+
+@contextmanager
+def json_stdout():
+    """For `--json` runs: stdout carries only `print_json`'s document; everything else printed
+    meanwhile (the Trainer's log lines, library notices) goes to stderr."""
+    import contextlib
+    import sys
+
+    global _json_out
+    _json_out = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_out = None
+
+
 def print_json(obj) -> None:
     """The commands' `--json` output: indented, anything unknown as its str()."""
-    import json
+    import sys
 
-    print(json.dumps(obj, indent=2, default=str))
+    print(json.dumps(obj, indent=2, default=str), file=_json_out or sys.stdout, flush=True)
