@@ -84,38 +84,35 @@ def test_module_seed_depends_on_name_not_position(tiny_decoder, corpora, tmp_pat
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
-def test_chunked_loss_runs_under_the_runs_mixed_precision(tiny_decoder, corpora, tmp_path, monkeypatch):
-    """The chunked loss calls the decoder itself, bypassing the autocast that accelerate wraps
-    around model.forward: with --dtype bf16 it must still run under bf16 autocast."""
+@pytest.fixture
+def chunked_calls(monkeypatch) -> list[dict]:
+    """One entry per call of the chunked next-token loss: whether it gave a loss, and whether it
+    ran under bf16 autocast."""
     import domix.lm
 
-    seen = []
-    real = domix.lm.chunked_lm_loss
+    calls, real = [], domix.lm.chunked_lm_loss
 
-    def recording(*a, **kw):
-        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(domix.lm, "chunked_lm_loss", recording)
-    meta = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "lib"), base=tiny_decoder,
-                    dtype="bf16", **{**FAST, "max_steps": 2})
-    assert meta["dtype"] == "bf16" and seen == [True, True]
-
-
-def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tmp_path, monkeypatch):
-    """Recomputing activations in backward changes memory, not the result; both runs take the
-    chunked next-token loss (the full logits never exist), with and without checkpointing."""
-    import domix.lm
-
-    calls = []
-    real = domix.lm.chunked_lm_loss
-
-    def counting(*a, **kw):
+    def spy(*a, **kw):
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         loss = real(*a, **kw)
-        calls.append(loss is not None)
+        calls.append({"loss": loss is not None, "bf16": bf16})
         return loss
 
-    monkeypatch.setattr(domix.lm, "chunked_lm_loss", counting)
+    monkeypatch.setattr(domix.lm, "chunked_lm_loss", spy)
+    return calls
+
+
+def test_chunked_loss_runs_under_the_runs_mixed_precision(tiny_decoder, corpora, tmp_path, chunked_calls):
+    """The chunked loss calls the decoder itself, bypassing the autocast that accelerate wraps
+    around model.forward: with --dtype bf16 it must still run under bf16 autocast."""
+    meta = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "lib"), base=tiny_decoder,
+                    dtype="bf16", **{**FAST, "max_steps": 2})
+    assert meta["dtype"] == "bf16" and [c["bf16"] for c in chunked_calls] == [True, True]
+
+
+def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tmp_path, chunked_calls):
+    """Recomputing activations in backward changes memory, not the result; both runs take the
+    chunked next-token loss (the full logits never exist), with and without checkpointing."""
     plain = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "l1"), base=tiny_decoder, **FAST)
     from transformers import TrainerCallback
 
@@ -127,7 +124,7 @@ def test_gradient_checkpointing_trains_the_same_module(tiny_decoder, corpora, tm
     ckpt = pretrain(domain="a", data=[corpora["bio"]], library=str(tmp_path / "l2"), base=tiny_decoder,
                     gradient_checkpointing=True, callbacks=[seen], **FAST)
     assert ckpt["gradient_checkpointing"] and not plain["gradient_checkpointing"] and seen.on
-    assert calls == [True] * (2 * FAST["max_steps"])  # every training step of both runs
+    assert [c["loss"] for c in chunked_calls] == [True] * (2 * FAST["max_steps"])  # every step of both runs
     assert ckpt["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
     ta, tb = adapter(tmp_path / "l1", "a"), adapter(tmp_path / "l2", "a")
     assert all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6) for k in ta)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import asdict
 
 from . import __version__
-from .io import print_json
+from .io import json_stdout, print_json
 
 
 def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -402,12 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     from .modules.library import LibraryError
 
     try:
-        if getattr(args, "json", False):
-            from .io import json_stdout
-
-            with json_stdout():
-                return args.func(args)
-        return args.func(args)
+        with json_stdout() if getattr(args, "json", False) else contextlib.nullcontext():
+            return args.func(args)
     except (FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"domix: error: {e}", file=sys.stderr)
         return 2

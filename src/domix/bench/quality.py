@@ -102,6 +102,7 @@ PRESETS: dict[str, dict] = {
     }),
 }
 NO_SAVE = 10 ** 9  # Trainer checkpoints are not needed: a job is redone whole if it dies
+STAMP = "%Y-%m-%dT%H:%M:%S"  # the local time format of "finished" in job results and the history
 
 
 def _key(obj) -> str:
@@ -892,7 +893,6 @@ def _reuse_order_b(jobs: dict, runs: list, settings: dict, domains: list[str]) -
     return {k: v for k, v in jobs.items() if k not in drop or k in still}, new_runs
 
 
-STAMP = "%Y-%m-%dT%H:%M:%S"  # the local time format of "finished" in job results and the history
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation
 
 
