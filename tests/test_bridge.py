@@ -12,7 +12,7 @@ from domix import LibraryError, pretrain
 from domix.bridge.apply import apply_bridge, bridged_layers
 from domix.cli import main
 from domix.finetune import FinetuneConfig, finetune, load_task_model
-from domix.modules.library import Library
+from domix.library import Library
 from domix.models import fingerprint
 
 DOMS = ["bio", "law", "food"]

@@ -35,7 +35,7 @@ def test_mode_finetune_save_load_export(tiny_decoder, corpora, tmp_path):
     with torch.no_grad():
         ref = model(**enc).logits
     # frozen experts are still part of the task model: they equal the library's
-    from domix.modules.library import Library
+    from domix.library import Library
 
     lib_law = Library(lib).get("law").tensors()
     mode = model.domix_mode

@@ -62,7 +62,7 @@ def cmd_fetch(a) -> int:
 
 
 def cmd_pretrain(a) -> int:
-    from .modules.pretrain import PretrainConfig, pretrain
+    from .library.pretrain import PretrainConfig, pretrain
 
     fields = {k: v for k, v in vars(a).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
     meta = pretrain(PretrainConfig(**fields))
@@ -75,7 +75,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_pretrain_all(a) -> int:
-    from .modules.executors import load_config, pretrain_all
+    from .library.executors import load_config, pretrain_all
 
     overrides = {k: v for k, v in vars(a).items()
                  if k in ("base", "seed", "device", "dtype", "gradient_checkpointing", "resume", "overwrite", "threads")
@@ -96,7 +96,7 @@ def cmd_pretrain_all(a) -> int:
 
 
 def cmd_library(a) -> int:
-    from .modules.library import Library
+    from .library import Library
 
     lib = Library(a.dir)
     if a.action == "list":
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .fetch import FetchError
-    from .modules.library import LibraryError
+    from .library import LibraryError
 
     try:
         with json_stdout() if getattr(args, "json", False) else contextlib.nullcontext():

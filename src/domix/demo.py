@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from .export import export
     from .fetch import cache_dir
     from .finetune import finetune
-    from .modules.executors import load_config, pretrain_all
+    from .library.executors import load_config, pretrain_all
     from .models import fetch_model
 
     t0 = time.time()

@@ -17,7 +17,7 @@ import torch
 
 from .io import atomic_dir, write_json
 from .models import DEFAULT_BASE, backbone, fingerprint, load_model, load_tokenizer, resolve_base, select_device
-from .modules.library import Library
+from .library import Library
 from .tasks import (TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, prompt_ids,
                     read_jsonl)
 
@@ -141,7 +141,7 @@ def _init_module(cfg: FinetuneConfig):
 def _load_lora(model, mod) -> None:
     """Copy a module's A and B into the (default) LoRA of every layer it adapts."""
     from .lora import lora_pairs
-    from .modules.library import LibraryError
+    from .library import LibraryError
 
     pairs = lora_pairs(mod.tensors())
     wrapped = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
@@ -369,7 +369,7 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.progress:
-        from .modules.pretrain import _quiet
+        from .library.pretrain import _quiet
         _quiet()
     device = select_device(cfg.device)
     t0 = time.time()
@@ -460,7 +460,7 @@ def load_task_model(path: str | Path, device: str = "auto"):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .modules.library import LibraryError
+    from .library import LibraryError
 
     path = Path(path)
     if not (path / TASK_FILE).is_file():

@@ -171,7 +171,7 @@ def load_with_module(base: str, library: str, module: str, objective: str = "aut
     from peft import PeftModel
 
     from .models import fingerprint, load_model
-    from .modules.library import Library
+    from .library import Library
 
     model, objective = load_model(base, head="lm", objective=objective, dtype=dtype,
                                   trust_remote_code=trust_remote_code)

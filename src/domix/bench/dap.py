@@ -6,7 +6,7 @@ peak RSS is that run's own), with the same thread count, batch size, sequence le
 
   peft-trainer  plain script: AutoModelForCausalLM + get_peft_model(LoRA r=8, alpha=16,
                 "all-linear") + Trainer + DataCollatorForLanguageModeling(mlm=False)
-  domix         `domix.modules.pretrain.pretrain` — the real stage-1 code path
+  domix         `domix.library.pretrain.pretrain` — the real stage-1 code path
   full-ft       the plain Trainer run with every parameter trainable (AdamW, the default)
 
 A Trainer callback stamps every optimizer step. The first `WARMUP_STEPS` steps are warm-up;
@@ -175,7 +175,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
     from ..data.corpus import load_documents, pack, split_heldout
     from ..models import DTYPES, resolve_base
-    from ..modules.pretrain import checkpointing_args
+    from ..library.pretrain import checkpointing_args
 
     path = resolve_base(base)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -220,7 +220,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"domix-bench-{kind}-") as tmp:
         if kind == "domix":
-            from ..modules.pretrain import pretrain
+            from ..library.pretrain import pretrain
 
             pretrain(domain="bench", data=[data], library=tmp, base=base, seq_len=seq_len, batch_size=batch_size,
                      lr=LR, max_steps=total_steps, device="cpu", threads=threads, progress=False,

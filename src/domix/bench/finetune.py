@@ -38,8 +38,8 @@ def _library(base: str, n: int, rank: int) -> str:
     The benchmark measures cost, which depends on shapes only; the modules are still real."""
     from ..data.benchmark import DOMAINS, build_benchmark_data
     from ..fetch import cache_dir
-    from ..modules.executors import pretrain_all
-    from ..modules.pretrain import PretrainConfig
+    from ..library.executors import pretrain_all
+    from ..library.pretrain import PretrainConfig
 
     import hashlib
 

@@ -264,7 +264,7 @@ def _train_cfg(settings: dict, cls, **kw) -> dict:
 
 
 def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, steps: int, **kw) -> dict:
-    from ..modules.pretrain import PretrainConfig
+    from ..library.pretrain import PretrainConfig
 
     pre = settings["pretrain"]
     return _train_cfg(settings, PretrainConfig, **{
@@ -474,7 +474,7 @@ def _clock():
 
 
 def _run_pretrain(spec: dict, out: str) -> dict:
-    from ..modules.pretrain import PretrainConfig, pretrain
+    from ..library.pretrain import PretrainConfig, pretrain
 
     clock = _clock()
     meta = pretrain(PretrainConfig(**spec["config"]), callbacks=[clock])
@@ -487,7 +487,7 @@ def _run_pretrain(spec: dict, out: str) -> dict:
 def _run_ncl(spec: dict, out: str) -> dict:
     """The domains in turn, each stage starting from the previous stage's full checkpoint.
     A complete stage is reused (resume); earlier stages' weights are dropped once the next exists."""
-    from ..modules.pretrain import PretrainConfig, pretrain
+    from ..library.pretrain import PretrainConfig, pretrain
 
     out = Path(out)
     stages = spec["stages"]
@@ -613,7 +613,7 @@ def _work(payload: dict) -> dict:
 
     gc.freeze()  # what the fork server imported is permanent: full collections (the Trainer runs some) skip it
 
-    from ..modules.pretrain import _quiet
+    from ..library.pretrain import _quiet
 
     torch.set_num_threads(payload["threads"])
     _quiet()
@@ -634,7 +634,7 @@ def _context():
         ctx = get_context("forkserver")
         # the server imports these once; every job forks from it instead of importing them again
         ctx.set_forkserver_preload(["torch", "transformers", "peft", "datasets", "sklearn.metrics", "matplotlib.pyplot",
-                                    "domix.finetune", "domix.modules.pretrain", "domix.mode.train", "domix.lm",
+                                    "domix.finetune", "domix.library.pretrain", "domix.mode.train", "domix.lm",
                                     "domix.bench.quality"])
         return ctx
     return get_context("spawn")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..lora import lora_pairs
-from ..modules.library import LibraryError, Module
+from ..library import LibraryError, Module
 from .layer import BridgeLinear, bridge_init
 
 

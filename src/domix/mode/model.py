@@ -16,7 +16,7 @@ from torch import nn
 
 from ..io import atomic_dir, write_json
 from ..models import fingerprint
-from ..modules.library import META, Library, LibraryError, Module
+from ..library import META, Library, LibraryError, Module
 from .layer import Layout, Mode, ModeBlock, find_layers, layout_for, make_expert
 
 ATTR = "domix_mode"

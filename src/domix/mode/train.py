@@ -15,8 +15,8 @@ from typing import ClassVar
 
 from ..io import atomic_dir, write_json
 from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, select_device
-from ..modules.library import META, Library, LibraryError
-from ..modules.pretrain import _lm_trainer, _quiet, _total_steps, _versions, module_seed
+from ..library import META, Library, LibraryError
+from ..library.pretrain import _lm_trainer, _quiet, _total_steps, _versions, module_seed
 from .model import EXPERT_FILE, apply_mode, load_mode_model, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"

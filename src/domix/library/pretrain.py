@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..io import atomic_dir, write_json
 from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_base, select_device, target_regex
-from .library import META, Library
+from .store import META, Library
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .library import Library
+from .store import Library
 from .pretrain import PretrainConfig, pretrain
 
 RUN_KEYS = {"base"}  # top-level keys besides `defaults` and `domains`
