@@ -22,7 +22,8 @@ def test_default_model_three_steps_save_and_reload(tmp_path):
 
     from domix import Library, pretrain
     from domix.lm import load_with_module
-    from domix.models import fetch_model, load_tokenizer
+    from domix.checkpoints import fetch_model
+    from domix.models import load_tokenizer
 
     path = fetch_model()
     assert (path / "model.safetensors").exists() and (path / "config.json").exists()

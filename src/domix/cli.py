@@ -46,7 +46,7 @@ def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
 
 def cmd_fetch(a) -> int:
     if a.what == "model":
-        from .models import fetch_model
+        from .checkpoints import fetch_model
 
         path = fetch_model()
         out = {"model": "smollm2-135m", "path": str(path)}

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from .fetch import cache_dir
     from .finetune import finetune
     from .library.executors import load_config, pretrain_all
-    from .models import fetch_model
+    from .checkpoints import fetch_model
 
     t0 = time.time()
     out = Path(a.out)

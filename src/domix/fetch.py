@@ -6,7 +6,6 @@ of the archive (zip or tar). Nothing is installed into the environment.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io import sha256_file
 
 
 class FetchError(RuntimeError):
@@ -55,14 +56,6 @@ PACKAGES: dict[str, Package] = {
 def cache_dir() -> Path:
     """Root of domix's cache: `$DOMIX_CACHE`, default `~/.cache/domix`."""
     return Path(os.environ.get("DOMIX_CACHE", Path.home() / ".cache" / "domix")).expanduser()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_package(name: str) -> Path:

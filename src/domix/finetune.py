@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .io import atomic_dir, write_json
-from .models import DEFAULT_BASE, backbone, fingerprint, load_model, load_tokenizer, resolve_base, select_device
+from .checkpoints import DEFAULT_BASE, resolve_base
+from .models import backbone, fingerprint, load_model, load_tokenizer, select_device
 from .library import Library
 from .tasks import (TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, prompt_ids,
                     read_jsonl)

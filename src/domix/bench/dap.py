@@ -103,6 +103,7 @@ def bench_corpus(steps: int, seq_len: int, batch_size: int) -> tuple[str, str]:
     first documents are kept (a few times the tokens the runs consume, and at least `MIN_DOCS` so
     the held-out split leaves the training blocks intact), written once to the cache."""
     from ..fetch import cache_dir
+    from ..io import atomic_write
 
     tokens = (steps + WARMUP_STEPS) * batch_size * seq_len
     budget = max(100_000, 12 * tokens)  # characters: ~4-5 per token, held-out share, room to spare
@@ -121,11 +122,7 @@ def bench_corpus(steps: int, seq_len: int, batch_size: int) -> tuple[str, str]:
             size += len(doc)
             if size >= budget and len(kept) >= MIN_DOCS:
                 break
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(d + "\n" for d in kept))
-        os.replace(tmp, out)
+        atomic_write(out, "".join(d + "\n" for d in kept))
     return str(out), source
 
 
@@ -174,7 +171,8 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
                               TrainingArguments)
 
     from ..data.corpus import load_documents, pack, split_heldout
-    from ..models import DTYPES, resolve_base
+    from ..checkpoints import resolve_base
+    from ..models import DTYPES
     from ..library.pretrain import checkpointing_args
 
     path = resolve_base(base)
@@ -342,7 +340,7 @@ def run(args) -> dict:
     import transformers
 
     from ..io import write_json
-    from ..models import resolve_base
+    from ..checkpoints import resolve_base
 
     steps, seq_len, batch_size = args.steps, args.seq_len, args.batch_size
     if steps < 1 or seq_len < 2 or batch_size < 1:

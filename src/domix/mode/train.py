@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..io import atomic_dir, write_json
-from ..models import DEFAULT_BASE, fingerprint, load_model, load_tokenizer, select_device
+from ..checkpoints import DEFAULT_BASE
+from ..models import fingerprint, load_model, load_tokenizer, select_device
 from ..library import META, Library, LibraryError
 from ..library.pretrain import _lm_trainer, _quiet, _total_steps, _versions, module_seed
 from .model import EXPERT_FILE, apply_mode, load_mode_model, save_mode, set_trainable
