@@ -9,74 +9,61 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..io import atomic_dir, write_json
 from ..checkpoints import DEFAULT_BASE
-from ..models import fingerprint, load_model, load_tokenizer, select_device
+from ..io import atomic_dir, write_json
 from ..library import META, Library, LibraryError
-from ..library.pretrain import _lm_trainer, _quiet, _total_steps, _versions, module_seed
+from ..models import fingerprint, load_model, load_tokenizer, select_device
+from ..training import LMTrainOptions, build_trainer, keep_logs, option, resume_point, run_record, run_seed, setup, \
+    total_steps
 from .model import EXPERT_FILE, apply_mode, load_mode_model, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"
 
 
-@dataclass
-class _TrainOptions:
-    """Training options shared by `mode pretrain` and `mode compose` (the `domix pretrain` set)."""
+@dataclass(kw_only=True)
+class ModeTrainOptions(LMTrainOptions):
+    """Training options shared by `mode pretrain` and `mode compose`: three learning rates."""
 
-    objective: str = "auto"
-    seq_len: int = 128
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4  # expert layers: full transformer layers, so lower than LoRA's 5e-4
-    gate_lr: float = 1e-3  # the gates' linear layers (zero-initialised; like DoMIX's bridge lr)
-    scale_lr: float = 1e-2  # the per-block scales s: 0 -> 1 (the paper's mixture) within ~100 steps
-    warmup: float = 0.1
-    weight_decay: float = 0.0
-    max_steps: int | None = None
-    epochs: float = 1.0
-    max_tokens: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "fp32"
-    resume: bool = False
-    overwrite: bool = False
-    text_field: str = "text"
-    eval_blocks: int = 64
-    save_steps: int = 50
-    threads: int | None = None
-    trust_remote_code: bool = False
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    lr: float = option(1e-4, "expert layers' learning rate (full transformer layers, so lower than LoRA's 5e-4)")
+    gate_lr: float = option(1e-3, "gates' learning rate (zero-initialised; like DoMIX's bridge lr)")
+    scale_lr: float = option(1e-2, "learning rate of the per-block scale that hands over from the backbone to the "
+                                   "gated mixture (0 -> 1 within ~100 steps)")
+    weight_decay: float = option(0.0, "expert layers' weight decay")
 
 
 @dataclass(kw_only=True)
-class ModePretrainConfig(_TrainOptions):
+class ModePretrainConfig(ModeTrainOptions):
     """Options of `domix mode pretrain` (underscored keys are also its domains.yaml keys)."""
 
     kind: ClassVar[str] = "mode-expert"
-    domain: str
-    data: list[str]
-    library: str
-    base: str = DEFAULT_BASE
-    blocks: int | None = None  # default: domix.mode.default_layout (3 for the default model)
-    expert_layers: int | None = None  # default: domix.mode.default_layout (2 for the default model)
-    expert_init: str = "copy"  # copy | random
+    domain: str = option(help="one domain: the expert's name in the library")
+    data: list[str] = option(help="one domain: .txt (a document per line), .jsonl/.json, .csv, a directory, or a "
+                                  "saved dataset")
+    library: str = option(help="library directory (an expert is an entry of kind mode-expert)")
+    base: str = option(DEFAULT_BASE, "'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
+    blocks: int | None = option(None, "B blocks (default: domix.mode.default_layout, 3 for the default model)")
+    expert_layers: int | None = option(None, "k layers per expert and block (default: domix.mode.default_layout, "
+                                             "2 for the default model)")
+    expert_init: str = option("copy", "copy: the block's last k backbone layers; random: fresh layers",
+                              choices=("copy", "random"))
+    seed: int = option(0, "run seed; an expert's seed derives from it and its name")
 
 
 @dataclass(kw_only=True)
-class ComposeConfig(_TrainOptions):
+class ComposeConfig(ModeTrainOptions):
     """Options of `domix mode compose`."""
 
-    library: str
-    out: str
-    experts: str | list[str] = "all"
-    data: list[str] | None = None  # one corpus per entry ("name=path" or a path); default: the experts' own
-    base: str | None = None  # default: the base the experts were trained on
-    freeze_experts: bool = False
+    library: str = option(help="library directory holding the experts")
+    out: str = option(help="output directory of the MoDE model")
+    experts: str | list[str] = option("all", "'all' (every mode-expert of the library) or a,b,...")
+    data: list[str] | None = option(None, "one corpus per domain, mixed in equal parts (PATH or NAME=PATH); "
+                                          "default: the experts' own")
+    base: str | None = option(None, "default: the base the experts were trained on")
+    freeze_experts: bool = option(False, "train the gates only")
 
 
 def _trainer_class():
@@ -108,17 +95,11 @@ def _trainer_class():
     return ModeTrainer
 
 
-def _fit(model, mode, train_blocks, collator, objective: str, cfg: _TrainOptions, seed: int, work: Path, device,
-         callbacks):
+def _fit(model, mode, train_blocks, collator, objective: str, cfg: ModeTrainOptions, seed: int, work: Path,
+         device, callbacks):
     """Train the model's trainable MoDE tensors with the Trainer. Returns (result, trainer, steps, last)."""
-    import torch
-    from transformers import PrinterCallback, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(work)) if cfg.resume and work.is_dir() else None
-    if last is None and work.exists():
-        shutil.rmtree(work)
-    steps = _total_steps(cfg, len(train_blocks))
+    last = resume_point(work, cfg.resume)
+    steps = total_steps(cfg, len(train_blocks))
     groups = [{"params": [p for p in mode.expert_parameters() if p.requires_grad], "lr": cfg.lr,
                "weight_decay": cfg.weight_decay},
               {"params": [p for p in mode.gate_parameters() if p.requires_grad], "lr": cfg.gate_lr,
@@ -126,37 +107,11 @@ def _fit(model, mode, train_blocks, collator, objective: str, cfg: _TrainOptions
               {"params": [p for p in mode.scale_parameters() if p.requires_grad], "lr": cfg.scale_lr,
                "weight_decay": 0.0}]
     model.to(device)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-    args = TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="linear",
-        warmup_steps=int(cfg.warmup * steps), max_steps=steps,
-        logging_steps=max(1, min(10, steps // 10)), save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, report_to=["tensorboard"], seed=seed, data_seed=seed,
-        use_cpu=device.type == "cpu", bf16=cfg.dtype == "bf16", fp16=cfg.dtype == "fp16",
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not cfg.progress,
-    )
-    trainer = _lm_trainer(_trainer_class(), objective)(model=model, args=args, train_dataset=train_blocks,
-                                                       data_collator=collator, callbacks=callbacks,
-                                                       optimizers=(optimizer, None))
-    if not cfg.progress:
-        trainer.remove_callback(PrinterCallback)
+    trainer = build_trainer(model, cfg, work=work, train_dataset=train_blocks, data_collator=collator, steps=steps,
+                            seed=seed, param_groups=groups, lm_objective=objective, trainer_cls=_trainer_class(),
+                            callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=last)
     return result, trainer, steps, last
-
-
-def _history(trainer) -> list[dict]:
-    return [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-
-
-def _setup(cfg: _TrainOptions):
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if not cfg.progress:
-        _quiet()
-    return select_device(cfg.device)
 
 
 def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwargs) -> dict:
@@ -178,8 +133,8 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
         kind = lib.get(cfg.domain).kind if cfg.domain in lib else "unknown"
         raise FileExistsError(f"module '{cfg.domain}' (kind {kind}) already exists in {lib.path}; pass --overwrite "
                               f"to replace it")
-    device = _setup(cfg)
-    seed = module_seed(cfg.domain, cfg.seed)
+    device = setup(cfg)
+    seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()
 
     tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
@@ -205,24 +160,18 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
         "params": {"expert": counts["per_expert"], "gate": counts["gates"], "total": counts["total"]},
         "seed": cfg.seed, "module_seed": seed, "data": [str(p) for p in cfg.data],
         "documents": len(train_docs), "heldout_documents": len(held_docs),
-        "steps": steps, "tokens": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
-        "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
-        "gate_lr": cfg.gate_lr, "scale_lr": cfg.scale_lr, "train_loss": result.training_loss,
-        "loss_history": _history(trainer),
+        **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
+                     last=last, device=device),
+        "gate_lr": cfg.gate_lr, "scale_lr": cfg.scale_lr,
         "heldout_loss": heldout["loss"] if heldout else None,
         "heldout_accuracy": heldout["accuracy"] if heldout else None,
-        "heldout_tokens": heldout["tokens"] if heldout else 0,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
-        "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
-        "versions": _versions(), **cfg.extra,
+        "heldout_tokens": heldout["tokens"] if heldout else 0, **cfg.extra,
     }
     from safetensors.torch import save_file
 
     with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
         save_file(mode.expert_state(0, gate=True), str(stage / EXPERT_FILE), metadata={"format": "pt"})
-        if (work / "runs").is_dir():
-            shutil.copytree(work / "runs", stage / "runs")
+        keep_logs(work, stage)
         write_json(stage / META, meta)
     shutil.rmtree(work, ignore_errors=True)
     return meta
@@ -262,7 +211,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     if len(bases) > 1:
         raise LibraryError("the experts were trained on different bases: "
                            + ", ".join(f"'{m.name}' on {m.meta.get('base')}" for m in experts))
-    device = _setup(cfg)
+    device = setup(cfg)
     t0 = time.time()
     base = cfg.base or experts[0].meta["base"]
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
@@ -294,20 +243,15 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
         "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
                         for m in experts},
         "freeze_experts": cfg.freeze_experts, "seed": cfg.seed, "parts": [n for n, _ in parts],
-        "blocks_per_part": [len(p) for p in train_parts], "steps": steps,
-        "tokens": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len, "seq_len": cfg.seq_len,
-        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr, "gate_lr": cfg.gate_lr,
-        "scale_lr": cfg.scale_lr, "train_loss": result.training_loss, "loss_history": _history(trainer),
-        "heldout": heldout,
+        "blocks_per_part": [len(p) for p in train_parts],
+        **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
+                     last=last, device=device),
+        "gate_lr": cfg.gate_lr, "scale_lr": cfg.scale_lr, "heldout": heldout,
         "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
-        "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": cfg.dtype,
-        "versions": _versions(), **cfg.extra,
+        **cfg.extra,
     }
     meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp)
-    if (work / "runs").is_dir():
-        shutil.copytree(work / "runs", out / "runs")
+    keep_logs(work, out)
     shutil.rmtree(work, ignore_errors=True)
     return meta
 

@@ -1,0 +1,219 @@
+"""The one training recipe of every stage: the options they share, the `Trainer` built from
+them, and the run mechanics around it.
+
+Stage 1 (`library.pretrain`), MoDE (`mode.train`), fine-tuning (`finetune.train`) and the
+efficiency benchmark's plain-PEFT baseline all train through `build_trainer`; a stage adds only
+what is its own (the model, the data, parameter groups, a Trainer subclass). Run mechanics:
+`setup` (threads, quiet output, device), `resume_point` (the work directory: resume from its
+last checkpoint or start clean), `keep_logs` (the run's TensorBoard logs go with its result),
+`run_record` (what every pre-training result records about its run).
+
+Option fields carry their command-line help in `metadata["help"]`; `domix.cli_config` turns a
+config dataclass into command-line options, so a default is written once, here.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import shutil
+import time
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def option(default=MISSING, help: str = "", **meta):
+    """A config field with its command-line help (and e.g. `choices`, `group`, `cli=False`);
+    without a default it is required."""
+    if default is MISSING:
+        return field(metadata={"help": help, **meta})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """What every training run needs: budget, batch, optimiser, precision, placement, mechanics."""
+
+    lr: float = option(5e-4, "learning rate (AdamW, linear schedule)")
+    warmup: float = option(0.1, "warm-up as a fraction of the steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    epochs: float = option(1.0, "passes over the training data", group="budget")
+    max_steps: int | None = option(None, "optimizer steps (instead of --epochs)", group="budget")
+    batch_size: int = option(8, "examples (blocks) per device and step")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    seed: int = option(0, "run seed")
+    device: str = option("auto", "where to train", choices=DEVICES)
+    dtype: str = option("fp32", "precision: bf16/fp16 hold the frozen base in half precision and train with "
+                                "autocast (trained tensors stay fp32); bf16 is much faster on CPUs with "
+                                "AVX512-BF16/AMX", choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "recompute activations during backward: much lower peak "
+                                                 "memory for about 1.5x the compute")
+    threads: int | None = option(None, "torch intra-op threads (default: torch's)")
+    save_steps: int = option(50, "checkpoint every N steps (for --resume)")
+    resume: bool = option(False, "continue an interrupted run from its last checkpoint")
+    overwrite: bool = option(False, "replace a result that already exists")
+    progress: bool = option(True, "progress bars and log lines", cli=False)
+
+
+@dataclass(kw_only=True)
+class LMTrainOptions(TrainOptions):
+    """Self-supervised training on a corpus (stage-1 modules, MoDE experts and compositions)."""
+
+    objective: str = option("auto", "masked-LM (encoders) or next-token LM (decoders); auto decides from the "
+                                    "model", choices=("auto", "mlm", "clm"))
+    seq_len: int = option(128, "tokens per packed block")
+    max_tokens: int | None = option(None, "training tokens (sets the steps)", group="budget")
+    text_field: str = option("text", "field holding the text in .jsonl/.json/.csv corpora")
+    eval_blocks: int = option(64, "held-out blocks scored before and after training")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint's repository")
+    extra: dict = option({}, "extra metadata recorded with the result", cli=False)
+
+
+def run_seed(name: str, seed: int) -> int:
+    """A module's (or expert's) seed comes from its own name and the run seed, never from a list position."""
+    return int.from_bytes(hashlib.sha256(f"{name}\0{seed}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def total_steps(opts: TrainOptions, n_examples: int, seq_len: int | None = None) -> int:
+    """Optimizer steps from the budget: `max_tokens` (LM runs), else `max_steps`, else `epochs`."""
+    per_step = opts.batch_size * opts.grad_accum
+    if getattr(opts, "max_tokens", None) is not None:
+        return max(1, math.ceil(opts.max_tokens / (per_step * (seq_len or opts.seq_len))))
+    if opts.max_steps is not None:
+        return opts.max_steps
+    return max(1, math.ceil(opts.epochs * n_examples / per_step))
+
+
+def quiet() -> None:
+    """No progress bars or library chatter (worker processes, `--json` runs)."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    datasets.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def setup(opts: TrainOptions):
+    """Threads and output for this run; returns its torch device."""
+    import torch
+
+    from .models import select_device
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if not opts.progress:
+        quiet()
+    return select_device(opts.device)
+
+
+def resume_point(work: Path, resume: bool) -> str | None:
+    """The last checkpoint in `work` when resuming; otherwise `work` is cleared for a fresh run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    work = Path(work)
+    last = get_last_checkpoint(str(work)) if resume and work.is_dir() else None
+    if last is None and work.exists():
+        shutil.rmtree(work)
+    return last
+
+
+def checkpointing_args(on: bool) -> dict:
+    """TrainingArguments for gradient (activation) checkpointing, non-reentrant; none when off.
+    Recent transformers renamed the option `activation_checkpointing` (the old name warns)."""
+    if not on:
+        return {}
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def build_trainer(model, opts: TrainOptions, *, work: Path, train_dataset, data_collator, steps: int,
+                  seed: int | None = None, param_groups: list[dict] | None = None, lm_objective: str | None = None,
+                  trainer_cls=None, eval_dataset=None, eval_steps: int | None = None, compute_metrics=None,
+                  logging_steps: int | None = None, callbacks=None, logs: bool = True):
+    """The `Trainer` of a run: linear schedule with warm-up, `steps` optimizer steps, checkpoints
+    every `opts.save_steps` (0: none), TensorBoard logs under `work/runs` (`logs`), periodic
+    evaluation when `eval_dataset` is given.
+
+    `param_groups` (dicts with params/lr/weight_decay) become one AdamW; without them the Trainer
+    builds its own from `opts.lr`/`opts.weight_decay`. `lm_objective="clm"` trains with the
+    chunked next-token loss (`domix.lm.ChunkedLMLossMixin`); `trainer_cls` replaces `Trainer`."""
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from .lm import ChunkedLMLossMixin
+    from .models import select_device
+
+    seed = opts.seed if seed is None else seed
+    device = select_device(opts.device)
+    evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps, "per_device_eval_batch_size": 32} \
+        if eval_dataset is not None else {}
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, lr_scheduler_type="linear",
+        warmup_steps=int(opts.warmup * steps), weight_decay=opts.weight_decay, max_steps=steps,
+        logging_steps=logging_steps or max(1, min(10, steps // 10)),
+        save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500, save_total_limit=1,
+        report_to=["tensorboard"] if logs else "none", seed=seed, data_seed=seed,
+        use_cpu=device.type == "cpu", bf16=opts.dtype == "bf16", fp16=opts.dtype == "fp16",
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not opts.progress,
+        **evaluation, **checkpointing_args(opts.gradient_checkpointing))
+    cls = trainer_cls or Trainer
+    if lm_objective is not None:
+        cls = type(cls.__name__, (ChunkedLMLossMixin, cls), {"lm_objective": lm_objective})
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]]) if param_groups else None
+    trainer = cls(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                  data_collator=data_collator, callbacks=callbacks, compute_metrics=compute_metrics,
+                  optimizers=(optimizer, None))
+    if not opts.progress:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def loss_history(trainer) -> list[dict]:
+    return [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"domix": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def run_record(opts: TrainOptions, trainer, result, *, steps: int, seq_len: int, t0: float, train_time: float,
+               last: str | None, device) -> dict:
+    """What every pre-training result records about its run (budget, losses, times, environment)."""
+    return {
+        "steps": steps, "tokens": steps * opts.batch_size * opts.grad_accum * seq_len, "seq_len": seq_len,
+        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "lr": opts.lr,
+        "train_loss": result.training_loss, "loss_history": loss_history(trainer),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
+        "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": opts.dtype,
+        "gradient_checkpointing": opts.gradient_checkpointing, "versions": versions(),
+    }
+
+
+def keep_logs(work: Path, stage: Path) -> None:
+    """Copy the run's TensorBoard logs (`work/runs`) into the result being staged."""
+    runs = Path(work) / "runs"
+    if runs.is_dir():
+        shutil.copytree(runs, Path(stage) / "runs")
