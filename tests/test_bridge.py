@@ -140,7 +140,7 @@ def test_classify_finetune_evaluate_predict_export(kind, request, libs, task_fil
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "model.safetensors"))
-    assert all(k.endswith(("lora_A", "lora_P", "lora_B")) or k in model._domix_head for k in saved)
+    assert all(k.endswith(("lora_A", "lora_P", "lora_B")) or k in spec["head"] for k in saved)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {k for k in saved if not k.endswith("lora_A")}
     assert main(["evaluate", "--model", str(out), "--data", str(task_files / "dev.jsonl"), "--device", "cpu", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)

@@ -68,7 +68,7 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: in
 def _peft_export(model, spec: dict, rank: int | None, stage: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from .finetune import _load_base, FinetuneConfig
+    from .finetune import load_task_base
 
     layers = bridged_layers(model)
     if not layers:
@@ -78,15 +78,13 @@ def _peft_export(model, spec: dict, rank: int | None, stage: Path) -> dict:
     alphas = {n: f[2] * f[0].shape[0] for n, f in factors.items()}  # PEFT scaling = alpha / r
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
-    head = sorted({n.rsplit(".", 1)[0] for n in model._domix_head})
+    head = sorted({n.rsplit(".", 1)[0] for n in spec["head"]})
     cfg = LoraConfig(r=r0, lora_alpha=a0, target_modules=sorted(layers), lora_dropout=0.0, bias="none",
                      rank_pattern={n: r for n, r in ranks.items() if r != r0},
                      alpha_pattern={n: a for n, a in alphas.items() if a != a0},
                      modules_to_save=head or None,
                      task_type=None if spec["task"] == "classify" else "CAUSAL_LM")  # SEQ_CLS would add absent head names
-    fresh, _ = _load_base(FinetuneConfig(train="", eval="", out="", base=spec["base"], task=spec["task"]),
-                          {i: l for i, l in enumerate(spec["labels"])} if spec["labels"] else None)
-    peft_model = get_peft_model(fresh, cfg)
+    peft_model = get_peft_model(load_task_base(spec["base"], spec["task"], spec["labels"]).model, cfg)
     inner = peft_model.base_model.model
     with torch.no_grad():
         for name, (A2, B2, _, _) in factors.items():

@@ -84,7 +84,7 @@ def total_steps(opts: TrainOptions, n_examples: int, seq_len: int | None = None)
     per_step = opts.batch_size * opts.grad_accum
     if getattr(opts, "max_tokens", None) is not None:
         return max(1, math.ceil(opts.max_tokens / (per_step * (seq_len or opts.seq_len))))
-    if opts.max_steps is not None:
+    if opts.max_steps:
         return opts.max_steps
     return max(1, math.ceil(opts.epochs * n_examples / per_step))
 

@@ -1,0 +1,122 @@
+"""Task-model files: the base with its task head, writing a task model and loading it back.
+
+A task model directory holds `task.json` (format, base, fingerprint, method, modules, labels,
+the head's parameter names, the method's layout, the settings), `model.safetensors` (every
+tensor that differs from the base: the method's tensors and the task head; all weights for
+full fine-tuning), the tokenizer, `metrics.json` and plots. Format 1 (before the head's names
+were recorded) still loads.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoints import resolve_base
+from ..io import atomic_dir, write_json
+from ..library import LibraryError
+from ..models import backbone, load_model, load_tokenizer, select_device
+
+TASK_FILE = "task.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 2  # 2: task.json records the head's parameter names ("head")
+
+
+@dataclass
+class TaskBase:
+    """The frozen base model with the task's head: `head` names its parameters (trained by every
+    method): a classification head, plus any part of the backbone the checkpoint did not hold."""
+
+    model: torch.nn.Module
+    head: list[str] = field(default_factory=list)
+
+
+def load_task_base(base: str, task: str, labels: list[str] | None) -> TaskBase:
+    """`base` with a fresh sequence-classification head over `labels` (classify) or its LM head
+    (generate); every parameter frozen."""
+    if task == "classify":
+        from transformers import AutoModelForSequenceClassification
+
+        id2label = dict(enumerate(labels))
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            resolve_base(base), num_labels=len(labels), id2label=id2label,
+            label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
+        body = {f"{model.base_model_prefix}.{n}" for n, _ in backbone(model).named_parameters()}
+        missing = set(info["missing_keys"])
+        head = [n for n, _ in model.named_parameters() if n not in body or n in missing]
+    else:
+        model, _ = load_model(base, head="lm", objective="clm")
+        head = []
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(base).pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return TaskBase(model, head)
+
+
+def save_task_model(out: Path, model, tokenizer, spec: dict, metrics: dict, tensors: dict, work: Path,
+                    plots=()) -> None:
+    """Write a task model atomically: weights, tokenizer, task.json, metrics.json, the run's
+    TensorBoard logs and `plots` (callables `plot(stage_dir)`)."""
+    from safetensors.torch import save_file
+
+    from ..training import keep_logs
+
+    with atomic_dir(out, overwrite=True) as stage:
+        save_file(tensors, str(stage / WEIGHTS))
+        tokenizer.save_pretrained(stage)
+        write_json(stage / TASK_FILE, {"format": FORMAT, **spec})
+        for plot in plots:
+            plot(stage)
+        keep_logs(work, stage)
+        write_json(stage / "metrics.json", metrics)
+
+
+def read_spec(path: Path | str) -> dict:
+    """A task model's task.json; refuses a format newer than this domix reads."""
+    path = Path(path)
+    if not (path / TASK_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a domix task model (no {TASK_FILE})")
+    spec = json.loads((path / TASK_FILE).read_text())
+    fmt = spec.get("format", 1)
+    if fmt > FORMAT:
+        raise LibraryError(f"task model {path} has format {fmt}, written by a newer domix; this domix "
+                           f"({__version__}) reads formats up to {FORMAT}")
+    return spec
+
+
+def load_task_model(path: str | Path, device: str = "auto"):
+    """(model, tokenizer, spec) of a saved task model; refuses a base with another fingerprint.
+    `spec["head"]` names the task head's parameters."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..models import fingerprint
+    from .config import FinetuneConfig
+    from .methods import get_method
+
+    path = Path(path)
+    spec = read_spec(path)
+    cfg = FinetuneConfig(**{**spec["settings"], "base": spec["base"]})
+    task = load_task_base(spec["base"], spec["task"], spec["labels"])
+    base_fp = fingerprint(task.model)
+    if base_fp != spec["base_fingerprint"]:
+        raise LibraryError(f"task model {path} was trained on base fingerprint {spec['base_fingerprint']}, "
+                           f"but '{spec['base']}' now has {base_fp}")
+    spec.setdefault("head", task.head)  # format 1 did not record it
+    model = get_method(spec["method"]).restore(task.model, cfg, spec)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LibraryError(f"task model {path}: {WEIGHTS} is unreadable or truncated ({e})") from None
+    own = model.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise LibraryError(f"task model {path}: tensors {unknown[:3]} do not fit the model")
+    model.load_state_dict(tensors, strict=False)
+    model.to(select_device(device)).eval()
+    tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").exists() else load_tokenizer(spec["base"])
+    return model, tokenizer, spec

@@ -1,0 +1,109 @@
+"""Fine-tuning a task model: data, the method's structure on the frozen base, the shared
+training recipe (`domix.training`), evaluation, and the task-model files."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..checkpoints import resolve_base
+from ..models import load_tokenizer
+from ..tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
+from ..training import build_trainer, resume_point, setup, total_steps
+from .config import TASKS, FinetuneConfig
+from .evaluate import classification_metrics, evaluate_rows
+from .methods import build_model, get_method
+from .plots import plot_history
+from .taskmodel import save_task_model
+
+
+def _check(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Refuse a config that cannot run, before anything is loaded; the method's own checks."""
+    if Path(cfg.out).exists() and not cfg.overwrite and not cfg.resume:
+        raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it")
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown --task {cfg.task!r} (classify or generate)")
+    if cfg.init_module and cfg.method != "lora":
+        raise ValueError("--init-module needs --method lora and --library")
+    cfg = get_method(cfg.method).prepare(cfg)
+    if cfg.task == "generate":
+        from transformers import AutoConfig
+
+        from ..models import is_masked_lm
+
+        if is_masked_lm(AutoConfig.from_pretrained(resolve_base(cfg.base))):
+            raise ValueError("--task generate needs a decoder (causal LM) base; this base is an encoder")
+    return cfg
+
+
+def _datasets(cfg: FinetuneConfig, tokenizer):
+    """(train rows, eval rows, labels, train dataset, eval dataset) of the task files."""
+    fields = ("text", "label") if cfg.task == "classify" else ("prompt", "answer")
+    train_rows, eval_rows = read_jsonl(cfg.train, fields), read_jsonl(cfg.eval, fields)
+    if cfg.task == "generate":
+        return (train_rows, eval_rows, None, generate_dataset(train_rows, tokenizer, cfg.max_seq_len),
+                generate_dataset(eval_rows, tokenizer, cfg.max_seq_len))
+    labels = label_names(train_rows)
+    if len(labels) < 2:
+        raise TaskDataError(f"{cfg.train}: a classification task needs at least two labels, found {labels}")
+    return (train_rows, eval_rows, labels, classify_dataset(train_rows, tokenizer, labels, cfg.max_seq_len, cfg.train),
+            classify_dataset(eval_rows, tokenizer, labels, cfg.max_seq_len, cfg.eval))
+
+
+def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dict:
+    """Fine-tune a task model and write it atomically to `cfg.out`. Returns its metrics."""
+    from transformers import set_seed
+
+    cfg = _check(cfg or FinetuneConfig(**kwargs))
+    method = get_method(cfg.method)
+    out = Path(cfg.out)
+    setup(cfg)
+    t0 = time.time()
+    tokenizer = load_tokenizer(cfg.base)
+    train_rows, eval_rows, labels, train_ds, eval_ds = _datasets(cfg, tokenizer)
+
+    set_seed(cfg.seed)
+    model, info = build_model(cfg, labels)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if not method.mixing(n)], "lr": cfg.lr,
+               "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in trainable if method.mixing(n)], "lr": cfg.bridge_lr, "weight_decay": 0.0}]
+    steps = total_steps(cfg, len(train_ds))
+    work = out.parent / f".{out.name}.work"
+    last = resume_point(work, cfg.resume)
+
+    def compute_metrics(p):
+        logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        m = classification_metrics(p.label_ids.tolist(), logits.argmax(-1).tolist(), labels)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+    trainer = build_trainer(model, cfg, work=work, train_dataset=train_ds, data_collator=pad_collator(tokenizer),
+                            steps=steps, param_groups=groups, eval_dataset=eval_ds,
+                            eval_steps=cfg.eval_every or max(1, steps // 4),
+                            compute_metrics=compute_metrics if cfg.task == "classify" else None,
+                            logging_steps=max(1, min(10, steps // 20)), callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=last)
+    train_time = time.time() - t0
+
+    task = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
+            "max_new_tokens": cfg.max_new_tokens, "where": str(cfg.eval)}
+    final = evaluate_rows(model, tokenizer, task, eval_rows)
+    history = [dict(h) for h in trainer.state.log_history]
+    n_train = sum(p.numel() for _, p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    metrics = {"method": cfg.method, "task": cfg.task, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"],
+               "eval": final, "trainable_params": n_train, "total_params": n_total,
+               "trainable_fraction": n_train / n_total, "train_loss": result.training_loss, "steps": steps,
+               "train_time_s": round(train_time, 2),
+               "step_time_s": round(result.metrics.get("train_runtime", train_time) / max(1, steps), 4),
+               "history": history, "resumed_from": Path(last).name if last else None}
+    spec = {"base": cfg.base, "base_path": resolve_base(cfg.base), **info, "method": cfg.method, "task": cfg.task,
+            "labels": labels, "max_seq_len": cfg.max_seq_len, "max_new_tokens": cfg.max_new_tokens,
+            "settings": asdict(cfg)}
+    keep = method.saved(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+    plots = [lambda stage: plot_history(history, stage / "loss.png"), *method.plots(model, info, metrics)]
+    save_task_model(out, model, tokenizer, spec, metrics, tensors, work, plots)
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics
