@@ -62,8 +62,10 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
         A = torch.cat([a for _, a, _, _ in parts], 0)
         B = torch.cat([b * (sk / s) for _, _, b, sk in parts], 1)
         layer_names = [n for n, *_ in parts]
-        init_here = init if not init.startswith("own:") or init[4:] in layer_names else "zeros"
-        P = bridge_init(init_here, ranks, layer_names) if init_here != "zeros" else torch.zeros(sum(ranks), sum(ranks))
+        if init.startswith("own:") and init[4:] not in layer_names:
+            P = torch.zeros(sum(ranks), sum(ranks))  # own:DOMAIN where that module adapts nothing: start from 0
+        else:
+            P = bridge_init(init, ranks, layer_names)
         set_submodule(model, layer, BridgeLinear(base, A, P, B, s, ranks))
         layout[layer] = {"modules": layer_names, "ranks": ranks, "scaling": s}
     if init.startswith("own:") and init[4:] not in names:

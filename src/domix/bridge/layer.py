@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BRIDGE_INITS = ("uniform", "rank", "identity")
-
-
 def bridge_init(init: str, ranks: list[int], names: list[str]) -> torch.Tensor:
     """The initial P for modules of `ranks` (in order): uniform I/N, rank I/(N·r), identity I,
     or own:DOMAIN (I on that domain's block, zeros elsewhere)."""

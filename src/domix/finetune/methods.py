@@ -221,7 +221,7 @@ class Mode(Method):
 
         saved = spec["mode_layout"]
         apply_mode(model, saved["experts"], blocks=saved["blocks"], expert_layers=saved["expert_layers"],
-                   init="random")
+                   init=None)  # placeholders: the task model's tensors fill them
         self._finish(model, cfg, spec.get("head", []))
         return model
 

@@ -228,10 +228,6 @@ class Mode(nn.Module):
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
     # ---- state ---------------------------------------------------------------------------
-    def reset_gates(self) -> None:
-        for blk in self.blocks:
-            blk.reset_gate()
-
     def expert_parameters(self) -> list[nn.Parameter]:
         return [p for blk in self.blocks for p in blk.experts.parameters()]
 
@@ -285,19 +281,20 @@ class Mode(nn.Module):
                     blk.scale.copy_(tensors[f"blocks.{b}.scale"])
 
 
-def make_expert(model: nn.Module, layers: nn.ModuleList, span: tuple[int, int], k: int, init: str,
+def make_expert(model: nn.Module, layers: nn.ModuleList, span: tuple[int, int], k: int, init: str | None,
                 first_index: int) -> nn.ModuleList:
     """k layers of the backbone's class for the block `span`.
 
     `copy`: the block's last k backbone layers (needs k <= block length); `random`: fresh
-    layers with the model's own initialisation; `shape`: placeholders to be loaded into."""
+    layers with the model's own initialisation; None: placeholders (of the block's last layer)
+    that saved tensors are loaded into next."""
     start, end = span
     if init == "copy":
         if k > end - start:
             raise ValueError(f"--expert-init copy takes the last {k} layers of each block, but a block has only "
                              f"{end - start}; use fewer --expert-layers, fewer --blocks, or --expert-init random")
         sources = [layers[i] for i in range(end - k, end)]
-    elif init in ("random", "shape"):
+    elif init in ("random", None):
         sources = [layers[end - 1]] * k  # a template of the block's last layer (its attention type, sizes)
     else:
         raise ValueError(f"unknown --expert-init {init!r} (copy or random)")

@@ -42,14 +42,15 @@ def _check_expert(mod: Module, base_fp: str) -> Layout:
 
 
 def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int | None = None,
-               expert_layers: int | None = None, init: str = "copy", keep_gates: bool = False,
+               expert_layers: int | None = None, init: str | None = "copy", keep_gates: bool = False,
                freeze_base: bool = True, base_fingerprint: str | None = None) -> Mode:
     """Give `model` one expert per item of `experts`, side by side in every block, with fresh
     (N+1)-way gates: the model then computes exactly what it computed before.
 
     An item is a name (a new expert, initialised by `init`: "copy" = the block's last k
-    backbone layers, "random" = fresh layers), a library `Module` of kind mode-expert (loaded;
-    refused if trained on another base or under another block layout), or `(name, tensors)`.
+    backbone layers, "random" = fresh layers, None = placeholders for saved tensors), a
+    library `Module` of kind mode-expert (loaded; refused if trained on another base or under
+    another block layout), or `(name, tensors)`.
     The layout (`blocks`, `expert_layers`; default `default_layout`) comes from the library
     experts when there are any. `keep_gates` also loads a single expert's own trained gate.
     `freeze_base` freezes every parameter the model had (backbone and head); MoDE's experts and
@@ -85,7 +86,7 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
     n, k = len(experts), layout.expert_layers
     blocks_ = []
     for b, span in enumerate(layout.spans):
-        exps = [make_expert(model, layers, span, k, init if isinstance(e, str) else "shape",
+        exps = [make_expert(model, layers, span, k, init if isinstance(e, str) else None,
                             first_index=layout.num_layers + (b * n + j) * k) for j, e in enumerate(experts)]
         blocks_.append(ModeBlock(exps, layout.hidden_size))
     mode = Mode(layout, names, blocks_)
@@ -193,7 +194,7 @@ def load_mode(model: nn.Module, path: Path | str, freeze_base: bool = True) -> M
     except (SafetensorError, OSError, RuntimeError) as e:
         raise LibraryError(f"MoDE model {path}: {MODE_FILE} is unreadable or truncated ({e})") from None
     mode = apply_mode(model, list(meta["experts"]), blocks=saved.blocks, expert_layers=saved.expert_layers,
-                      init="shape", freeze_base=freeze_base)
+                      init=None, freeze_base=freeze_base)
     mode.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EXTRA)}, strict=True)
     extra = {k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)}
     if extra:
