@@ -232,3 +232,60 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_decoder, libs, task
     assert ref.keys() == run.keys()
     for k in ref:
         torch.testing.assert_close(run[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["domix", "lora", "mode"])
+def test_every_method_saves_and_loads_back_the_same_model(method, tiny_decoder, libs, corpora, task_files, tmp_path):
+    """Each method of the registry rebuilds its structure from task.json and gets its tensors back."""
+    opts = dict(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), base=tiny_decoder, **FT)
+    if method == "mode":
+        from domix.mode.train import pretrain_expert
+
+        lib = tmp_path / "experts"
+        for dom in ("bio", "law"):
+            pretrain_expert(domain=dom, data=[corpora[dom]], library=str(lib), base=tiny_decoder, max_steps=2,
+                            batch_size=4, seq_len=16, blocks=2, expert_layers=1, progress=False, device="cpu")
+        opts.update(library=str(lib))
+    elif method == "lora":
+        opts.update(library=libs[tiny_decoder], init_module="law")
+    else:
+        opts.update(library=libs[tiny_decoder])
+    m = finetune(out=str(tmp_path / "task"), method=method, **opts)
+    model, tok, spec = load_task_model(tmp_path / "task", device="cpu")
+    assert spec["method"] == method and spec["format"] == 2 and spec["head"] == ["score.weight"]
+    probs = torch.softmax(model(**tok(["court judge appeal ruling"], return_tensors="pt")).logits, -1)
+    again, _, _ = load_task_model(tmp_path / "task", device="cpu")
+    torch.testing.assert_close(torch.softmax(again(**tok(["court judge appeal ruling"], return_tensors="pt")).logits, -1),
+                               probs)
+    assert m["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_format_1_task_model_loads_and_a_newer_format_is_refused(tiny_decoder, libs, task_files, tmp_path):
+    """Task models written before task.json named the head (format 1) load and predict the same;
+    one written by a newer domix is refused, naming both formats."""
+    import shutil
+
+    out = tmp_path / "task"
+    finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(out),
+             library=libs[tiny_decoder], base=tiny_decoder, **FT)
+    model, tok, spec = load_task_model(out, device="cpu")
+    enc = tok(["court judge appeal ruling", "bake the dough with salt"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    task = json.loads((old / "task.json").read_text())
+    task["format"] = 1  # what format 1 wrote: no head names, the settings of its FinetuneConfig
+    del task["head"]
+    for new_field in ("grad_accum", "gradient_checkpointing"):
+        del task["settings"][new_field]
+    (old / "task.json").write_text(json.dumps(task))
+    model1, _, spec1 = load_task_model(old, device="cpu")
+    assert spec1["head"] == spec["head"] == ["score.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(model1(**enc).logits, ref)
+    assert main(["export", "--model", str(old), "--out", str(tmp_path / "lora"), "--format", "peft-lora"]) == 0
+    task["format"] = 99
+    (old / "task.json").write_text(json.dumps(task))
+    with pytest.raises(LibraryError, match="format 99.*reads formats up to 2"):
+        load_task_model(old, device="cpu")
