@@ -6,8 +6,8 @@
 """
 from .config import FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows, generate_answers, predict_classify
-from .methods import METHODS, build_model, get_method
-from .taskmodel import load_task_base, load_task_model, read_spec
+from .methods import METHODS, get_method
+from .taskmodel import build_model, load_task_base, load_task_model, read_spec
 from .train import finetune
 
 __all__ = ["FinetuneConfig", "METHODS", "build_model", "classification_metrics", "evaluate_rows", "finetune",

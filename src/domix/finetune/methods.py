@@ -257,15 +257,3 @@ def get_method(name: str) -> Method:
     except KeyError:
         raise ValueError(f"unknown --method {name!r} ({', '.join(METHODS)})") from None
 
-
-def build_model(cfg: FinetuneConfig, labels: list[str] | None):
-    """The task base with the method's trainable structure. Returns (model, info): info holds
-    the base fingerprint, the head's parameter names and what the method records."""
-    from ..models import fingerprint
-    from .taskmodel import load_task_base
-
-    task = load_task_base(cfg.base, cfg.task, labels)
-    base_fp = fingerprint(task.model)
-    info = {"base_fingerprint": base_fp, "head": task.head, "modules": []}
-    info.update(get_method(cfg.method).build(task.model, cfg, task.head, base_fp))
-    return task.model, info

@@ -18,7 +18,10 @@ from .. import __version__
 from ..checkpoints import resolve_base
 from ..io import atomic_dir, write_json
 from ..library import LibraryError
-from ..models import backbone, load_model, load_tokenizer, select_device
+from ..models import backbone, fingerprint, load_model, load_tokenizer, select_device
+from ..training import keep_logs
+from .config import FinetuneConfig
+from .methods import get_method
 
 TASK_FILE = "task.json"
 WEIGHTS = "model.safetensors"
@@ -57,13 +60,21 @@ def load_task_base(base: str, task: str, labels: list[str] | None) -> TaskBase:
     return TaskBase(model, head)
 
 
+def build_model(cfg: FinetuneConfig, labels: list[str] | None):
+    """The task base with the method's trainable structure. Returns (model, info): info holds
+    the base fingerprint, the head's parameter names and what the method records."""
+    task = load_task_base(cfg.base, cfg.task, labels)
+    base_fp = fingerprint(task.model)
+    info = {"base_fingerprint": base_fp, "head": task.head, "modules": []}
+    info.update(get_method(cfg.method).build(task.model, cfg, task.head, base_fp))
+    return task.model, info
+
+
 def save_task_model(out: Path, model, tokenizer, spec: dict, metrics: dict, tensors: dict, work: Path,
                     plots=()) -> None:
     """Write a task model atomically: weights, tokenizer, task.json, metrics.json, the run's
     TensorBoard logs and `plots` (callables `plot(stage_dir)`)."""
     from safetensors.torch import save_file
-
-    from ..training import keep_logs
 
     with atomic_dir(out, overwrite=True) as stage:
         save_file(tensors, str(stage / WEIGHTS))
@@ -93,10 +104,6 @@ def load_task_model(path: str | Path, device: str = "auto"):
     `spec["head"]` names the task head's parameters."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from ..models import fingerprint
-    from .config import FinetuneConfig
-    from .methods import get_method
 
     path = Path(path)
     spec = read_spec(path)

@@ -13,9 +13,9 @@ from ..tasks import TaskDataError, classify_dataset, generate_dataset, label_nam
 from ..training import build_trainer, resume_point, setup, total_steps
 from .config import TASKS, FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows
-from .methods import build_model, get_method
+from .methods import get_method
 from .plots import plot_history
-from .taskmodel import save_task_model
+from .taskmodel import build_model, save_task_model
 
 
 def _check(cfg: FinetuneConfig) -> FinetuneConfig:
