@@ -125,7 +125,7 @@ def test_rerun_reuses_every_job(bench, tiny_decoder, data_root):
 def test_an_interrupted_run_is_timed_from_its_jobs(bench, tiny_decoder, data_root):
     """A run killed before it wrote results.json leaves finished jobs and no history entry: the
     next run reuses the jobs and counts that run's time, rebuilt from the jobs' own times."""
-    from domix.bench.report import write_report
+    from domix.bench.quality.report import write_report
 
     out, res = bench
     (out / "results.json").unlink()  # what a killed run leaves: its jobs, no results

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import os
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, fields
-from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
 
+from ..executors import make_executor
 from .store import Library
 from .pretrain import PretrainConfig, pretrain
 
@@ -80,36 +79,15 @@ def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str 
         d.update(progress=False, threads=cfg.threads or threads)
         todo.append(d)
     bar = tqdm(total=len(todo), desc="domains", unit="module", disable=not progress)
-    if executor == "local":
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=get_context("spawn"),
-                                 max_tasks_per_child=1) as pool:
-            futures = [pool.submit(_run_one, d, cfg_cls, runner) for d in todo]
-            for fut in as_completed(futures):
-                r = fut.result()
-                results[r["domain"]] = r
-                bar.set_postfix_str(f"{r['domain']}: {r['status']}")
-                bar.update()
-    elif executor == "ray":
-        import ray
-
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
-                     **({} if ray_address else {"num_cpus": os.cpu_count()}))
-        try:
-            tasks = [ray.remote(num_cpus=d["threads"], num_gpus=1 if d["device"] == "cuda" else 0,
-                                max_retries=0)(_run_one).remote(d, cfg_cls, runner) for d in todo]
-            pending = list(tasks)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                r = ray.get(done[0])
-                results[r["domain"]] = r
-                bar.set_postfix_str(f"{r['domain']}: {r['status']}")
-                bar.update()
-        finally:
-            if started_here:
-                ray.shutdown()
-    else:
-        raise ValueError(f"unknown executor {executor!r} (local or ray)")
+    with make_executor(executor, workers, ray_address) as pool:
+        domains = {pool.submit(_run_one, d, cfg_cls, runner, cpus=d["threads"],
+                               gpus=1 if d["device"] == "cuda" else 0): d["domain"] for d in todo}
+        while pool.in_flight:
+            task, r, error = pool.next_done()
+            if error is not None:  # its worker died: the other domains still finish
+                r = {"domain": domains[task], "status": "failed", "error": f"{type(error).__name__}: {error}"}
+            results[r["domain"]] = r
+            bar.set_postfix_str(f"{r['domain']}: {r['status']}")
+            bar.update()
     bar.close()
     return {c.domain: results[c.domain] for c in configs}

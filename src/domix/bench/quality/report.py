@@ -4,9 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data.benchmark import GENERAL
-
-BASELINES = ("base-full", "base-lora", "base-dora", "own-lora", "joint-lora", "ncl", "cat-merge")
+from ...data.benchmark import GENERAL
+from ...io import atomic_write
 
 
 def _fmt(stat: dict | None, digits: int = 3) -> str:
@@ -344,11 +343,11 @@ def write_report(results: dict, out: Path) -> str:
           "of a few points on a few hundred test examples, as noise.", ""]
     if plots:
         L += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
-    (out / "REPORT.md").write_text("\n".join(L))
+    atomic_write(out / "REPORT.md", "\n".join(L))
     return table
 
 
-if __name__ == "__main__":  # python -m domix.bench.report DIR: rebuild REPORT.md and plots from DIR/results.json
+if __name__ == "__main__":  # python -m domix.bench.quality.report DIR: rebuild REPORT.md and plots from DIR/results.json
     import json
     import sys
 

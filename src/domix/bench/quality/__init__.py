@@ -1,0 +1,117 @@
+"""`domix bench quality`: DoMIX against the baselines of DESIGN.md §3 on the four offline
+domains of §6 — the same data subsets, the same seeds, every training in its own process.
+
+    data subset ─┬─ module <domain> ×4, library in order A ─┬─ lm-eval (held-out + general text)
+                 ├─ module <domain> ×4, library in order B ─┤
+                 ├─ joint  (one LoRA on the union, 4× tokens)┤
+                 ├─ ncl <order> ×2 (full weights, domains in turn)
+                 ├─ mode expert <domain> ×4 ─ compose (experts+gates | gates only) ┤
+                 └─ finetune <method> <task> <seed> ────────┴─ results.json, REPORT.md, plots/
+
+Every job has a cache key: a hash of everything that defines its result (its settings, the
+base model's identity, the data subset, the paths — hence keys — of its inputs, the thread
+count). Its artefact lives under `<out>/work/<name>-<key>/` with a `result.json` written last;
+a rerun reuses every finished job and recomputes nothing whose settings changed. Jobs run in
+fresh processes (locally forked from a server that has imported torch and transformers once,
+or as Ray tasks), so a job's peak RSS (`ru_maxrss`) is its own; `workers` jobs run at once with
+cores // workers threads.
+
+    settings.py  methods, presets, resolve_settings     runners.py  the jobs, in the workers
+    data.py      the data subsets                        execute.py  running jobs with dependencies
+    plan.py      jobs and their cache keys               collect.py  results and the run history
+    report.py    REPORT.md and plots, from results.json alone
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ...checkpoints import DEFAULT_BASE
+from ...io import write_json
+from .collect import _history, collect
+from .data import prepare_data
+from .execute import execute, job_executor
+from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
+from .settings import METHODS, _parse_list, order_name, resolve_settings
+
+__all__ = ["METHODS", "plan", "prepare_data", "resolve_settings", "run_quality", "run", "_base_id",
+           "_finetune_fields"]
+
+
+def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, workers=None, base: str = DEFAULT_BASE,
+                data_root=None, progress: bool = True, threads: int | None = None, overrides: dict | None = None,
+                executor: str = "local", ray_address: str | None = None) -> dict:
+    """Run the quality benchmark (DESIGN.md §6) into `out` and return its results (also
+    `out/results.json`; `out/REPORT.md` and `out/plots/` hold the report). The jobs run in a
+    local process pool (`executor="local"`) or as Ray tasks (`"ray"`, on the cluster at
+    `ray_address`, default a local Ray instance; `out` must be on a file system every node sees)."""
+    from .report import write_report
+
+    t0 = time.time()
+    out = Path(out or f"bench-out/quality-{preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    methods = _parse_list(methods) or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    settings = resolve_settings(preset, base, seeds, workers, threads, overrides)
+    settings["base_id"] = _base_id(base)
+    pool = job_executor(executor, settings["workers"], ray_address)  # starts nothing before its first job
+    seeds = settings["seeds"]
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
+    if data_root is None:
+        from ...data.benchmark import build_benchmark_data
+        from ...fetch import cache_dir
+
+        build_benchmark_data(progress=progress)
+        data_root = cache_dir() / "data"
+    log(f"quality: preset {preset}, {len(methods)} methods, seeds {seeds}, {settings['workers']} worker(s) x "
+        f"{settings['threads']} thread(s), out {out}")
+    data = prepare_data(Path(data_root), out, settings, progress)
+    work = out / "work"
+    jobs, runs = plan(settings, data, work, methods, seeds)
+    res = {}
+    with pool:
+        if "domix" in methods and not settings["order_check_finetune"]:
+            # train everything but order B's domix fine-tunes, then reuse order A's if the modules are equal
+            order_b = {n for m, t, s, o, n in runs if m == "domix" and o != order_name(settings["orders"][0])}
+            first = {k: v for k, v in jobs.items() if k not in order_b}
+            res = execute(first, pool, settings["workers"], log)
+            jobs, runs = _reuse_order_b(jobs, runs, settings, settings["domains"])
+        res.update(execute({k: v for k, v in jobs.items() if k not in res}, pool, settings["workers"], log))
+    wall = time.time() - t0
+    results = {"preset": preset, "seeds": seeds, "methods": methods,
+               "settings": {k: v for k, v in settings.items()}, "data": data,
+               "wall_time_s": round(wall, 1),
+               "compute_time_s": round(sum(r.get("wall_s", 0) for r in res.values()), 1),
+               "cpu_time_s": round(sum(r.get("cpu_s", 0) or 0 for r in res.values()), 1),
+               "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+               "load_avg_1m": round(statistics.mean(ls), 2) if (ls := [r["load_1m"] for r in res.values()
+                                                                      if r.get("load_1m") is not None]) else None,
+               "reused_jobs": sum(1 for r in res.values() if r.get("reused")),
+               **collect(settings, jobs, runs, res, methods, seeds),
+               "jobs": {n: {k: r.get(k) for k in ("label", "kind", "status", "wall_s", "cpu_s", "peak_rss_mb", "load_1m",
+                                                  "reused", "error")}
+                        for n, r in res.items()},
+               "failures": {n: r.get("error") for n, r in res.items() if r.get("status") != "done"}}
+    results["settings_key"] = _key(results["settings"])
+    results["history"] = _history(out / "results.json", results, res)
+    write_json(out / "results.json", results)
+    results["table"] = write_report(results, out)
+    write_json(out / "results.json", {k: v for k, v in results.items() if k != "table"})
+    log(f"quality: done in {wall / 60:.1f} min -> {out / 'REPORT.md'}")
+    return results
+
+
+def run(args) -> dict:
+    """`domix bench quality` (args: preset, out, methods, seeds, workers, threads, base, data, executor,
+    ray_address, json)."""
+    res = run_quality(preset=args.preset, out=getattr(args, "out", None), methods=getattr(args, "methods", None),
+                      seeds=getattr(args, "seeds", None), workers=getattr(args, "workers", None),
+                      base=getattr(args, "base", None) or DEFAULT_BASE, data_root=getattr(args, "data", None),
+                      threads=getattr(args, "threads", None), progress=True,
+                      executor=getattr(args, "executor", None) or "local", ray_address=getattr(args, "ray_address", None))
+    return res

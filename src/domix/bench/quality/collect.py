@@ -1,0 +1,212 @@
+"""The results of a run: per task and method, LM loss and retention, order robustness,
+efficiency and the bridge; and the history of the invocations that computed them."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from ...data.benchmark import DOMAINS, GENERAL
+from .plan import _key, _module_tensors_equal
+from .settings import COMPOSE, COMPOSED_FOR, NEEDS, STAMP, order_name
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.mean(xs), 4) if xs else None
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs]
+    return {"mean": round(statistics.mean(xs), 4) if xs else None,
+            "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0, "runs": [round(x, 4) for x in xs]}
+
+
+def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str], seeds: list[int]) -> dict:
+    domains, orders = settings["domains"], [order_name(o) for o in settings["orders"]]
+    tasks = [DOMAINS[d] for d in domains]
+    ok = lambda n: n in res and res[n].get("status") == "done"  # noqa: E731
+    # -- tasks
+    out_tasks, by = {t: {} for t in tasks}, {}
+    for method, task, seed, order, name in runs:
+        by.setdefault((method, task), []).append((order, seed, name))
+    for (method, task), rs in by.items():
+        if method == "domix":
+            rs = [r for r in rs if r[0] == orders[0]]
+        done = [res[n] for _, _, n in rs if ok(n)]
+        if not done:
+            continue
+        out_tasks[task][method] = {
+            "macro_f1": _stats([r["test"]["macro_f1"] for r in done]),
+            "accuracy": _stats([r["test"]["accuracy"] for r in done]),
+            "dev_macro_f1": _stats([r["dev"]["macro_f1"] for r in done]),
+            "runs": [{"seed": s, **({"order": o} if o else {}), "job": n} for o, s, n in rs if ok(n)]}
+    # -- LM loss and retention
+    ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}
+
+    def lm_metric(metric: str) -> dict:
+        """{lm job: {held-out text: value}} of one LM metric."""
+        return {n: res[n][metric] for n in res if n.startswith("lm/") and ok(n) and metric in res[n]}
+
+    def per_domain(lm: dict) -> dict:
+        """{domain: {model: value}} of one LM metric: each domain's own module or expert, the
+        single models (base, joint, the compositions) and ncl per order."""
+        rows = {}
+        for d in domains:
+            row = {"base": lm.get("lm/base", {}).get(d), "own": lm.get(f"lm/module/{d}", {}).get(d),
+                   "joint": lm.get("lm/joint", {}).get(d),
+                   "ncl": {o: lm[f"lm/{j}"][d] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}}
+            if f"lm/mode-expert/{d}" in lm:
+                row["mode-expert"] = lm[f"lm/mode-expert/{d}"][d]
+            for variant in COMPOSE:
+                if f"lm/{variant}" in lm:
+                    row[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][d]
+            rows[d] = row
+        return rows
+
+    lm = lm_metric("loss")
+    lm_loss, lm_accuracy = per_domain(lm), per_domain(lm_metric("accuracy"))
+    retention, detail = {}, {"own-lora": {}, "ncl": {}, "cross": {}}
+    for d in domains:
+        if f"lm/module/{d}" in lm:
+            detail["cross"][d] = {k: v for k, v in lm[f"lm/module/{d}"].items()}
+    if "lm/base" in lm:
+        retention["base"] = lm["lm/base"][GENERAL]
+    own = {d: lm[f"lm/module/{d}"][GENERAL] for d in domains if f"lm/module/{d}" in lm}
+    if own:
+        retention["own-lora"] = round(statistics.mean(own.values()), 5)
+        detail["own-lora"] = own
+    if "lm/joint" in lm:
+        retention["joint-lora"] = lm["lm/joint"][GENERAL]
+    ncl_ret = {o: lm[f"lm/{j}"][GENERAL] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}
+    if ncl_ret:
+        retention["ncl"] = round(statistics.mean(ncl_ret.values()), 5)
+        detail["ncl"] = ncl_ret
+    experts = {d: lm[f"lm/mode-expert/{d}"][GENERAL] for d in domains if f"lm/mode-expert/{d}" in lm}
+    if experts:
+        retention["mode-expert"] = round(statistics.mean(experts.values()), 5)
+        detail["mode-expert"] = experts
+    for variant in COMPOSE:
+        if f"lm/{variant}" in lm:
+            retention[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][GENERAL]
+    # -- order robustness
+    robust, checks = {}, {}
+    if "domix" in methods:
+        robust["domix"] = {o: {} for o in orders[:2]}
+        for method, task, seed, order, name in runs:
+            if method == "domix" and seed == seeds[0] and ok(name) and order in robust["domix"]:
+                robust["domix"][order][task] = round(res[name]["test"]["macro_f1"], 4)
+        libs = [Path(jobs[f"module/{i + 1}/{domains[0]}"].out).parent for i in range(min(2, len(orders)))]
+        eq = _module_tensors_equal(libs[0], libs[1], domains) if len(libs) == 2 else {}
+        same = [robust["domix"][orders[0]].get(t) == robust["domix"][orders[1]].get(t) for t in tasks] \
+            if len(orders) > 1 else []
+        first = {(t, s): n for m, t, s, o, n in runs if m == "domix" and o == orders[0]}
+        own_runs = [n != first.get((t, s)) for m, t, s, o, n in runs if m == "domix" and o != orders[0]]
+        checks["domix"] = {"modules_bitwise_equal": eq, "identical_scores": bool(same) and all(same),
+                           "order_b_finetuned": bool(own_runs) and all(own_runs),
+                           "libraries": [str(p) for p in libs]}
+    if "ncl" in methods:
+        robust["ncl"] = {o: {} for o in orders}
+        for method, task, seed, order, name in runs:
+            if method == "ncl" and seed == seeds[0] and ok(name):
+                robust["ncl"][order][task] = round(res[name]["test"]["macro_f1"], 4)
+        checks["ncl"] = {"spread": {t: round(max(v) - min(v), 4) for t in tasks
+                                    if len(v := [robust["ncl"][o][t] for o in orders if t in robust["ncl"][o]]) > 1}}
+    # -- efficiency
+    eff = {}
+    mod_jobs = [f"module/1/{d}" for d in domains]
+    for method in methods:
+        fts = [res[n] for m, _, _, o, n in runs if m == method and ok(n)
+               and (method != "domix" or o == orders[0])]
+        if not fts:
+            continue
+        pre_jobs = {"modules": mod_jobs, "joint": ["joint"], "ncl": list(ncl_jobs.values()),
+                    **{v: [f"mode/expert/{d}" for d in domains] + [f"{v}/compose"] for v in COMPOSE}
+                    }.get(NEEDS.get(method), [])
+        pre = [res[n] for n in pre_jobs if ok(n)]
+        if NEEDS.get(method) == "ncl":  # one sequence per order: the cost of one
+            pre_s = statistics.mean(r["wall_s"] for r in pre) if pre else 0.0
+        else:
+            pre_s = sum(r["wall_s"] for r in pre)
+        eff[method] = {
+            "trainable_params": fts[0]["trainable_params"], "total_params": fts[0]["total_params"],
+            "pretrain_s": round(pre_s, 1),
+            "pretrain_step_time_s": round(statistics.mean(r["step_time_s"] for r in pre), 4) if pre else None,
+            "pretrain_step_cpu_s": _mean([r.get("step_cpu_s") for r in pre]),
+            "pretrain_peak_rss_mb": max((r["peak_rss_mb"] for r in pre), default=None),
+            "pretrain_trainable_params": pre[0]["trainable_params"] if pre else 0,
+            "pretrain_cpu_s": round(sum(r.get("cpu_s", 0) for r in pre) / (len(pre) if NEEDS.get(method) == "ncl"
+                                                                           else 1), 1) if pre else 0.0,
+            "finetune_s": round(statistics.mean(r["wall_s"] for r in fts), 1),
+            "finetune_cpu_s": round(statistics.mean(r.get("cpu_s", 0) for r in fts), 1),
+            "finetune_train_s": round(statistics.mean(r["train_time_s"] for r in fts), 1),
+            "finetune_total_s": round(sum(r["wall_s"] for r in fts), 1),
+            "step_time_s": round(statistics.mean(r["step_time_s"] for r in fts if r["step_time_s"]), 4),
+            "step_cpu_s": _mean([r.get("step_cpu_s") for r in fts]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in fts), "finetune_runs": len(fts)}
+    # -- DoMIX's bridge, first seed: per task the domain-by-domain block norms, averaged over layer types
+    bridge = {}
+    for method, task, seed, order, name in runs:
+        if method == "domix" and seed == seeds[0] and order == orders[0] and ok(name) and res[name].get("bridge_blocks"):
+            grids = list(res[name]["bridge_blocks"].values())
+            n = len(grids[0])
+            bridge[task] = [[round(statistics.mean(g[i][j] for g in grids), 5) for j in range(n)] for i in range(n)]
+    # -- methods whose settings coincide (e.g. domix-rank when rank is domix's default) share their runs
+    job_sets = {}
+    for method, task, seed, order, name in runs:
+        if method != "domix" or order == orders[0]:
+            job_sets.setdefault(method, set()).add(name)
+    shared = {m: o for i, m in enumerate(methods) for o in methods[:i] if m in job_sets and job_sets[m] == job_sets.get(o)}
+    return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
+            "lm_loss_detail": detail,
+            "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
+            "shared_runs": shared}
+
+
+SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation
+
+
+def _unrecorded(res: dict, recorded: list[dict]) -> list[dict]:
+    """Invocations whose finished jobs these results reuse but which left no history entry —
+    killed before they could write results.json, or run with other settings — rebuilt from
+    their jobs' own start and end times. Each spans its first job's start to its last job's end:
+    work in flight when it stopped is lost and not counted."""
+    def ts(stamp: str) -> float:
+        return time.mktime(time.strptime(stamp, STAMP))
+
+    known = [(ts(h["finished"]) - h["wall_time_s"] - 1, ts(h["finished"]) + 1) for h in recorded]
+    ends = [(ts(r["finished"]), r["wall_s"]) for r in res.values()
+            if r.get("reused") and r.get("finished") and r.get("wall_s") is not None]
+    spans = sorted((end - wall, end) for end, wall in ends if not any(a <= end <= b for a, b in known))
+    groups: list[list] = []
+    for a, b in spans:
+        if groups and a <= groups[-1][1] + SAME_RUN_GAP_S:
+            groups[-1][1] = max(groups[-1][1], b)
+            groups[-1][2] += 1
+        else:
+            groups.append([a, b, 1])
+    return [{"finished": time.strftime(STAMP, time.localtime(b)), "wall_time_s": round(b - a, 1), "jobs_run": n,
+             "jobs_reused": None, "methods": None, "interrupted": True} for a, b, n in groups]
+
+
+def _history(path: Path, results: dict, res: dict) -> list[dict]:
+    """The invocations that computed these results: earlier ones (from the previous results.json,
+    if its settings are the same), earlier ones that left no entry (see `_unrecorded`), and
+    this one."""
+    hist = []
+    try:
+        prev = json.loads(path.read_text())
+        if prev.get("settings_key", _key(prev.get("settings"))) == results["settings_key"]:
+            hist = prev.get("history") or [{  # written before the history was kept
+                "finished": time.strftime(STAMP, time.localtime(path.stat().st_mtime)),
+                "wall_time_s": prev["wall_time_s"], "jobs_run": len(prev["jobs"]) - prev.get("reused_jobs", 0),
+                "jobs_reused": prev.get("reused_jobs", 0), "methods": prev.get("methods")}]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    hist = sorted(hist + _unrecorded(res, hist), key=lambda h: h["finished"])
+    n = len(results["jobs"])
+    return hist + [{"finished": time.strftime(STAMP), "wall_time_s": results["wall_time_s"],
+                    "jobs_run": n - results["reused_jobs"], "jobs_reused": results["reused_jobs"],
+                    "methods": results["methods"]}]
+

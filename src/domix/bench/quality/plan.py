@@ -1,0 +1,278 @@
+"""The jobs of a run and their cache keys: every job's spec (its settings, the base model's
+identity, the data subset, the paths of its inputs, the thread count) is hashed into the name of
+its artefact directory, so a rerun finds what it already computed."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ...data.benchmark import DOMAINS
+from ...io import sha256_text
+from .settings import COMPOSE, METHODS, NEEDS, NO_SAVE, order_name
+
+
+def _key(obj) -> str:
+    return sha256_text(json.dumps(obj, sort_keys=True, default=str))[:12]
+
+
+def _base_id(base: str) -> dict:
+    """What identifies the base checkpoint cheaply: its config and the sizes of its weight files."""
+    from ...checkpoints import resolve_base
+
+    path = Path(resolve_base(base))
+    if not path.is_dir():
+        return {"base": base}
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin")}
+    cfg = (path / "config.json").read_text() if (path / "config.json").is_file() else ""
+    return {"base": base, "config": sha256_text(cfg)[:16], "weights": files}
+
+
+@dataclass
+class Job:
+    name: str          # unique; also the label in logs
+    kind: str          # pretrain | ncl | mode-pretrain | mode-compose | lm-eval | finetune
+    spec: dict         # the runner's input; hashed (with the upstream paths in it) into the key
+    out: str           # the artefact
+    result: str        # result.json, written last
+    deps: list = field(default_factory=list)
+    threads: int = 1
+    label: str = ""
+
+    def done(self) -> bool:
+        if not Path(self.result).is_file():
+            return False
+        if self.kind in ("pretrain", "mode-pretrain", "mode-compose"):
+            return (Path(self.out) / "domix.json").is_file()
+        if self.kind == "ncl":
+            final = json.loads(Path(self.result).read_text()).get("final")
+            return bool(final) and (Path(final) / "model.safetensors").is_file()
+        return True
+
+
+def _train_cfg(settings: dict, cls, **kw) -> dict:
+    """Every option of the training config `cls` (PretrainConfig, ModePretrainConfig,
+    ComposeConfig), defaults included, so that a changed default changes the key."""
+    pre = settings["pretrain"]
+    cfg = {"seq_len": pre["seq_len"], "batch_size": pre["batch_size"], "seed": pre["seed"], "eval_blocks": 4,
+           "save_steps": NO_SAVE, "threads": settings["threads"], "progress": False, "overwrite": True, **kw}
+    return {**asdict(cls(**cfg)), **cfg}
+
+
+def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, steps: int, **kw) -> dict:
+    from ...library.pretrain import PretrainConfig
+
+    pre = settings["pretrain"]
+    return _train_cfg(settings, PretrainConfig, **{
+        "domain": domain, "data": data, "library": str(library), "base": settings["base"], "rank": pre["rank"],
+        "alpha": pre["alpha"], "lr": pre["lr"], "max_steps": steps, **kw})
+
+
+def _mode_cfg(settings: dict, cls, **kw) -> dict:
+    return _train_cfg(settings, cls, **{"lr": settings["mode"]["lr"], **kw})
+
+
+def _library_key(common: dict, member_cfg: dict) -> str:
+    """A library's key: what every member's config shares (all but its domain, data and place)."""
+    return _key({**common, "config": {k: v for k, v in member_cfg.items() if k not in ("domain", "data", "library")}})
+
+
+# FinetuneConfig fields that only some methods read; the others' keys leave them out, so that a
+# changed default (say of bridge_init) reruns exactly the runs it changes
+METHOD_FIELDS = {"domix": {"modules", "bridge_init", "bridge_lr", "freeze_bridge", "library"},
+                 "lora": {"lora_rank", "lora_alpha", "init_module", "library"}, "dora": {"lora_rank", "lora_alpha"},
+                 "mode": {"from_composed", "freeze_experts", "bridge_lr", "library"}}
+NOT_RESULTS = {"out", "progress", "overwrite", "resume", "save_steps", "max_new_tokens"}  # run mechanics only
+
+
+def _finetune_fields(cfg: dict) -> dict:
+    """The FinetuneConfig options that define a run's result: the method's own and the shared ones."""
+    other = set().union(*METHOD_FIELDS.values()) - METHOD_FIELDS.get(cfg["method"], set())
+    return {k: v for k, v in cfg.items() if k not in NOT_RESULTS and k not in other}
+
+
+def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list[int]) -> tuple[dict, list]:
+    """All jobs (by name) and the fine-tuning runs [(method, task, seed, order | None, job name)]."""
+    from ...finetune import FinetuneConfig
+
+    pre, ft = settings["pretrain"], settings["finetune"]
+    domains, orders = settings["domains"], settings["orders"]
+    common = {"base_id": settings["base_id"], "threads": settings["threads"], "data": data["key"]}
+    jobs: dict[str, Job] = {}
+    needs = {NEEDS.get(m) for m in methods}
+
+    def add(job: Job) -> Job:
+        jobs.setdefault(job.name, job)
+        return jobs[job.name]
+
+    # -- stage 1: one LoRA module per domain, each library trained in its own domain order
+    libs = {}
+    if "modules" in needs:
+        shared = _pretrain_cfg(settings, "", [], Path("."), pre["steps"])  # what every module of a library shares
+        lib_key = _library_key(common, shared)
+        for i, order in enumerate(orders if "domix" in methods else orders[:1]):
+            lib = work / f"lib-{'-'.join(order)}-{lib_key}"
+            libs[order_name(order)] = lib
+            for d in order:
+                cfg = _pretrain_cfg(settings, d, [data["corpora"][d]["path"]], lib, pre["steps"])
+                add(Job(f"module/{i + 1}/{d}", "pretrain", {"config": cfg, **common}, str(lib / d),
+                        str(lib / ".results" / f"{d}.json")))
+    lib_a = libs.get(order_name(orders[0]))
+    # -- joint-lora: one LoRA on the union, the summed token budget
+    joint_lib = None
+    if "joint" in needs:
+        cfg = _pretrain_cfg(settings, "joint", [data["corpora"][d]["path"] for d in domains], Path("."),
+                            pre["steps"] * len(domains))
+        joint_lib = work / f"joint-{_key({**common, 'config': {**cfg, 'library': None}})}"
+        cfg["library"] = str(joint_lib)
+        add(Job("joint", "pretrain", {"config": cfg, **common}, str(joint_lib / "joint"),
+                str(joint_lib / ".results" / "joint.json")))
+    # -- ncl: full-parameter pre-training over the domains in turn, per order
+    ncl = {}
+    if "ncl" in needs:
+        for i, order in enumerate(orders):
+            stages = [_pretrain_cfg(settings, d, [data["corpora"][d]["path"]], Path("."), pre["steps"], full=True,
+                                    lr=pre["full_lr"], rank=None, alpha=None) for d in order]
+            spec = {"stages": stages, "base": settings["base"], "keep_stages": False, **common}
+            d = work / f"ncl-{'-'.join(order)}-{_key(spec)}"
+            ncl[order_name(order)] = (f"ncl/{i + 1}", d)
+            add(Job(f"ncl/{i + 1}", "ncl", spec, str(d), str(d / "result.json")))
+    # -- MoDE: one expert per domain (the modules' token budget), then compositions on the mixture
+    mode_lib, composed = None, {}
+    if needs & set(COMPOSE):
+        from ...mode.train import ComposeConfig, ModePretrainConfig
+
+        shared = _mode_cfg(settings, ModePretrainConfig, domain="", data=[], library="", max_steps=pre["steps"],
+                           base=settings["base"])
+        mode_lib = work / f"mode-lib-{_library_key(common, shared)}"
+        for d in domains:
+            cfg = {**shared, "domain": d, "data": [data["corpora"][d]["path"]], "library": str(mode_lib)}
+            add(Job(f"mode/expert/{d}", "mode-pretrain", {"config": cfg, **common}, str(mode_lib / d),
+                    str(mode_lib / ".results" / f"{d}.json")))
+        for variant in [v for v in COMPOSE if v in needs]:
+            cfg = _mode_cfg(settings, ComposeConfig, library=str(mode_lib), out="", experts=list(domains),
+                            data=[f"{d}={data['corpora'][d]['path']}" for d in domains], base=settings["base"],
+                            max_steps=settings["mode"]["compose_steps"], **COMPOSE[variant])
+            cdir = work / f"{variant}-compose-{_key({**common, 'config': cfg})}"
+            cfg["out"] = str(cdir / "model")
+            composed[variant] = (f"{variant}/compose", cdir / "model")
+            add(Job(f"{variant}/compose", "mode-compose", {"config": cfg, **common}, str(cdir / "model"),
+                    str(cdir / "result.json"), [f"mode/expert/{d}" for d in domains]))
+    # -- LM loss on the held-out text of every domain and on general text
+    lm = settings["lm_eval"]
+    heldout = {k: v["path"] for k, v in data["heldout"].items()}
+    models = [("lm/base", {"base": settings["base"]}, [])]
+    if lib_a:
+        models += [(f"lm/module/{d}", {"base": settings["base"], "library": str(lib_a), "module": d},
+                    [f"module/1/{d}"]) for d in domains]
+    if joint_lib:
+        models.append(("lm/joint", {"base": settings["base"], "library": str(joint_lib), "module": "joint"},
+                       ["joint"]))
+    for name, (job, d) in ncl.items():
+        models.append((f"lm/{job}", {"ncl": str(d)}, [job]))
+    if mode_lib:
+        models += [(f"lm/mode-expert/{d}", {"mode": str(mode_lib / d)}, [f"mode/expert/{d}"]) for d in domains]
+    for variant, (job, d) in composed.items():
+        models.append((f"lm/{variant}", {"mode": str(d)}, [job]))
+    for name, model, deps in models:
+        spec = {"model": model, "heldout": heldout, "seq_len": pre["seq_len"], **lm, **common, "version": 2}
+        d = work / f"{name.replace('/', '-')}-{_key(spec)}"
+        add(Job(name, "lm-eval", spec, str(d), str(d / "result.json"), deps))
+
+    # -- stage 3: fine-tuning
+    runs = []
+    defaults = asdict(FinetuneConfig(train="", eval="", out=""))
+    for method in methods:
+        m = METHODS[method]
+        for d in domains:
+            task = DOMAINS[d]
+            t = data["tasks"][task]
+            variants = [(None, None)]
+            if m.get("init") == "ncl":
+                variants = [(order_name(o), ncl[order_name(o)]) for o in orders]
+            elif method == "domix":
+                variants = [(order_name(o), libs[order_name(o)]) for o in orders]
+            for order, upstream in variants:
+                for seed in seeds:
+                    if method == "domix" and order != order_name(orders[0]) and seed != seeds[0]:
+                        continue  # the order check runs the first seed
+                    kw = {k: v for k, v in m.items() if k != "init"}
+                    kw.update(train=t["train"]["path"], eval=t["dev"]["path"], base=settings["base"], seed=seed,
+                              epochs=ft["epochs"], batch_size=ft["batch_size"], max_seq_len=ft["max_seq_len"],
+                              threads=settings["threads"],
+                              lr=ft["full_lr"] if m["method"] == "full" else ft["lr"])
+                    deps = []
+                    if m["method"] in ("lora", "dora") and "init" not in m:
+                        kw.update(lora_rank=ft["base_lora_rank"], lora_alpha=2.0 * ft["base_lora_rank"])
+                    if m["method"] == "domix":
+                        lib = upstream if method == "domix" else lib_a
+                        kw.update(library=str(lib), modules="all")
+                        deps = [f"module/{orders.index(order.split(',')) + 1 if order else 1}/{x}" for x in domains]
+                    if m.get("init") == "own":
+                        kw.update(library=str(lib_a), init_module=d)
+                        deps = [f"module/1/{d}"]
+                    if m.get("init") == "joint":
+                        kw.update(library=str(joint_lib), init_module="joint")
+                        deps = ["joint"]
+                    if m.get("init") == "ncl":
+                        job, nd = upstream
+                        kw.update(base=str(nd / order.split(",")[-1]))
+                        deps = [job]
+                    if m.get("init") == "composed":
+                        job, cdir = composed[NEEDS[method]]
+                        kw.update(library=str(mode_lib), from_composed=str(cdir), lr=ft["mode_lr"])
+                        deps = [job]
+                    steps = max(1, math.ceil(ft["epochs"] * t["train"]["examples"] / ft["batch_size"]))
+                    kw["eval_every"] = steps + 1  # no periodic evaluation: the dev set is scored once, at the end
+                    cfg = _finetune_fields({**defaults, **kw})
+                    spec = {"config": cfg, "test": t["test"]["path"], **common,
+                            "drop_weights": m["method"] == "full" and not settings["keep_full_weights"]}
+                    if m.get("init") == "ncl":
+                        spec["ncl_base_id"] = str(nd)
+                    key = _key(spec)
+                    d_job = work / f"ft-{task}-s{seed}-{key}"
+                    name = f"finetune/{key}"
+                    if name not in jobs:
+                        add(Job(name, "finetune", spec, str(d_job / "model"), str(d_job / "result.json"), deps))
+                        jobs[name].label = f"{method}/{task}/s{seed}" + (f" [{order}]" if order else "")
+                    runs.append((method, task, seed, order, name))
+    for job in jobs.values():
+        job.threads = settings["threads"]
+    return jobs, runs
+
+
+def _reuse_order_b(jobs: dict, runs: list, settings: dict, domains: list[str]) -> tuple[dict, list]:
+    """When order B's modules are bitwise equal to order A's, its domix fine-tunes are the same
+    computation on the same inputs: point them at order A's jobs instead of running them again."""
+    orders = [order_name(o) for o in settings["orders"]]
+    libs = [Path(jobs[f"module/{i + 1}/{domains[0]}"].out).parent for i in range(2)]
+    eq = _module_tensors_equal(libs[0], libs[1], domains)
+    if not eq or not all(eq.values()):
+        return jobs, runs
+    first = {(t, s): n for m, t, s, o, n in runs if m == "domix" and o == orders[0]}
+    new_runs, drop = [], set()
+    for m, t, s, o, n in runs:
+        if m == "domix" and o != orders[0] and (t, s) in first:
+            drop.add(n)
+            n = first[(t, s)]
+        new_runs.append((m, t, s, o, n))
+    still = {n for *_, n in new_runs}
+    return {k: v for k, v in jobs.items() if k not in drop or k in still}, new_runs
+
+
+def _module_tensors_equal(lib_a: Path, lib_b: Path, domains: list[str]) -> dict:
+    """{domain: whether its module's tensors in the two libraries are bitwise equal (None: one is missing)}."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for d in domains:
+        fa, fb = lib_a / d / "adapter_model.safetensors", lib_b / d / "adapter_model.safetensors"
+        if not (fa.is_file() and fb.is_file()):
+            out[d] = None
+            continue
+        a, b = load_file(str(fa)), load_file(str(fb))
+        out[d] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return out
+

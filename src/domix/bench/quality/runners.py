@@ -1,0 +1,197 @@
+"""The jobs themselves, one per kind, as they run in a worker process (`_work`): training,
+held-out LM evaluation and fine-tuning, each timed per optimizer step, with the process's own
+CPU time and peak RSS."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from ...io import write_json
+from .collect import _mean
+from .settings import NO_SAVE, STAMP
+
+
+def _clock():
+    """A Trainer callback stamping every optimizer step (`step_time()`: the median interval after
+    the first, warm-up step) and keeping the trained model."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.t, self.c = [], []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t, self.c = [time.perf_counter()], [time.process_time()]
+
+        def on_step_end(self, args, state, control, **kw):
+            self.t.append(time.perf_counter())
+            self.c.append(time.process_time())  # CPU time: barely disturbed by other work on the machine
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.model = model  # the trained model, to score the test set without reloading it
+
+        def step_time(self, cpu: bool = False):
+            t = self.c if cpu else self.t
+            d = [b - a for a, b in zip(t, t[1:])]
+            return round(statistics.median(d[1:] if len(d) > 2 else d), 4) if d else None
+
+    return StepClock()
+
+
+def _run_pretrain(spec: dict, out: str) -> dict:
+    from ...library.pretrain import PretrainConfig, pretrain
+
+    clock = _clock()
+    meta = pretrain(PretrainConfig(**spec["config"]), callbacks=[clock])
+    return {"step_time_s": clock.step_time(), "step_cpu_s": clock.step_time(cpu=True),
+            "train_time_s": meta["train_time_s"], "steps": meta["steps"],
+            "tokens": meta["tokens"], "trainable_params": meta["trainable_params"],
+            "train_loss": meta["train_loss"], "module_seed": meta["module_seed"]}
+
+
+def _run_ncl(spec: dict, out: str) -> dict:
+    """The domains in turn, each stage starting from the previous stage's full checkpoint.
+    A complete stage is reused (resume); earlier stages' weights are dropped once the next exists."""
+    from ...library.pretrain import PretrainConfig, pretrain
+
+    out = Path(out)
+    stages = spec["stages"]
+    complete = [i for i, s in enumerate(stages) if (out / s["domain"] / "model.safetensors").is_file()
+                and (out / ".stages" / f"{s['domain']}.json").is_file()]
+    first = complete[-1] + 1 if complete else 0
+    prev = str(out / stages[first - 1]["domain"]) if first else spec["base"]
+    for i in range(first, len(stages)):
+        cfg = {**stages[i], "base": prev, "library": str(out)}
+        clock = _clock()
+        meta = pretrain(PretrainConfig(**cfg), callbacks=[clock])
+        write_json(out / ".stages" / f"{cfg['domain']}.json",
+                   {"step_time_s": clock.step_time(), "step_cpu_s": clock.step_time(cpu=True),
+                    "train_time_s": meta["train_time_s"],
+                    "wall_time_s": meta["wall_time_s"], "steps": meta["steps"], "tokens": meta["tokens"],
+                    "trainable_params": meta["trainable_params"], "train_loss": meta["train_loss"]})
+        if i > 0 and not spec.get("keep_stages"):
+            (Path(prev) / "model.safetensors").unlink(missing_ok=True)
+        prev = str(out / cfg["domain"])
+    done = [json.loads((out / ".stages" / f"{s['domain']}.json").read_text()) for s in stages]
+    return {"final": prev, "stages": done, "train_time_s": round(sum(s["train_time_s"] for s in done), 2),
+            "step_time_s": round(statistics.mean(s["step_time_s"] for s in done if s["step_time_s"]), 4),
+            "step_cpu_s": _mean([s.get("step_cpu_s") for s in done]),
+            "tokens": sum(s["tokens"] for s in done), "trainable_params": done[0]["trainable_params"]}
+
+
+def _run_mode(spec: dict, out: str) -> dict:
+    """A MoDE expert alone on its corpus (kind mode-pretrain) or a composition (mode-compose)."""
+    from ...mode.train import ComposeConfig, ModePretrainConfig, compose, pretrain_expert
+
+    clock = _clock()
+    if "domain" in spec["config"]:
+        meta = pretrain_expert(ModePretrainConfig(**spec["config"]), callbacks=[clock])
+    else:
+        meta = compose(ComposeConfig(**spec["config"]), callbacks=[clock])
+    return {"step_time_s": clock.step_time(), "step_cpu_s": clock.step_time(cpu=True),
+            "train_time_s": meta["train_time_s"], "steps": meta["steps"], "tokens": meta["tokens"],
+            "trainable_params": meta["trainable_params"], "train_loss": meta["train_loss"],
+            "params": meta.get("params")}
+
+
+def _run_lm_eval(spec: dict, out: str) -> dict:
+    """Held-out LM loss and next-token (masked-token) accuracy of one model on every held-out text."""
+    from ...data.corpus import load_documents, pack
+    from ...lm import lm_loss, load_with_module
+    from ...models import load_model, load_tokenizer
+
+    m = spec["model"]
+    if "mode" in m:
+        from ...mode.model import load_mode_model
+
+        model, objective, meta = load_mode_model(m["mode"], head="lm")
+        base = meta["base"]
+    elif "ncl" in m:
+        ncl = json.loads((Path(m["ncl"]) / "result.json").read_text()) if (Path(m["ncl"]) / "result.json").is_file() \
+            else None
+        base = ncl["final"] if ncl else None
+        if base is None:
+            raise FileNotFoundError(f"no finished ncl run in {m['ncl']}")
+        model, objective = load_model(base, head="lm")
+    elif m.get("module"):
+        base = m["base"]
+        model, objective = load_with_module(base, m["library"], m["module"])
+    else:
+        base = m["base"]
+        model, objective = load_model(base, head="lm")
+    tok = load_tokenizer(base)
+    loss, accuracy, tokens = {}, {}, {}
+    for name, path in spec["heldout"].items():
+        blocks = pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"])
+        r = lm_loss(model, blocks, tok, objective, spec["batch_size"], seed=0)
+        loss[name], accuracy[name], tokens[name] = round(r["loss"], 5), round(r["accuracy"], 5), r["tokens"]
+    return {"loss": loss, "accuracy": accuracy, "tokens": tokens}
+
+
+def _run_finetune(spec: dict, out: str) -> dict:
+    from ...finetune import FinetuneConfig, evaluate_rows, finetune
+    from ...models import load_tokenizer
+    from ...tasks import read_jsonl
+
+    clock = _clock()
+    cfg = FinetuneConfig(**spec["config"], out=out, overwrite=True, progress=False, save_steps=NO_SAVE)
+    metrics = finetune(cfg, callbacks=[clock])
+    # the test set is scored once, after training, by the model that was saved
+    tspec = json.loads((Path(out) / "task.json").read_text())
+    task = {"task": "classify", "labels": tspec["labels"], "max_seq_len": tspec["max_seq_len"], "where": spec["test"]}
+    test = evaluate_rows(clock.model, load_tokenizer(out), task, read_jsonl(spec["test"], ("text", "label")))
+    if spec.get("drop_weights"):
+        (Path(out) / "model.safetensors").unlink(missing_ok=True)
+    keep = ("accuracy", "macro_f1", "per_class_f1", "confusion_matrix", "examples", "labels")
+    return {"dev": {k: metrics["eval"][k] for k in ("accuracy", "macro_f1", "examples")},
+            "test": {k: test[k] for k in keep if k in test},
+            "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
+            "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),
+            "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"],
+            "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
+            "weights_dropped": bool(spec.get("drop_weights"))}
+
+
+RUNNERS = {"pretrain": _run_pretrain, "ncl": _run_ncl, "mode-pretrain": _run_mode, "mode-compose": _run_mode,
+           "lm-eval": _run_lm_eval, "finetune": _run_finetune}
+
+
+def _cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1 << 20) if sys.platform == "darwin" else rss / 1024, 1)
+
+
+def _work(payload: dict) -> dict:
+    """One job in a fresh worker process."""
+    import gc
+
+    import torch
+
+    gc.freeze()  # what the fork server imported is permanent: full collections (the Trainer runs some) skip it
+
+    from ...training import quiet
+
+    torch.set_num_threads(payload["threads"])
+    quiet()
+    t0, c0 = time.time(), _cpu_s()
+    try:
+        out = RUNNERS[payload["kind"]](payload["spec"], payload["out"])
+    except Exception as e:  # reported per job; jobs that do not need it still run
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    return {**out, "status": "done", "wall_s": round(time.time() - t0, 2), "cpu_s": round(_cpu_s() - c0, 2),
+            "peak_rss_mb": _peak_rss_mb(),
+            "threads": payload["threads"], "finished": time.strftime(STAMP)}
+

@@ -1,0 +1,115 @@
+"""What the quality benchmark runs: the methods, the presets and the settings a run resolves
+from a preset, its overrides and the machine."""
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+
+from ...data.benchmark import DOMAINS
+
+# ---------------------------------------------------------------------------- methods
+# Each method is data: FinetuneConfig options plus where its starting point comes from.
+# "init": own (the task's domain module), joint (the union module), ncl (the full checkpoint
+# after continual pre-training); the domix variants use the whole order-A library.
+METHODS: dict[str, dict] = {
+    "base-full": {"method": "full"},
+    "base-lora": {"method": "lora"},
+    "base-dora": {"method": "dora"},
+    "own-lora": {"method": "lora", "init": "own"},
+    "joint-lora": {"method": "lora", "init": "joint"},
+    "ncl": {"method": "full", "init": "ncl"},
+    "cat-merge": {"method": "domix", "bridge_init": "identity", "freeze_bridge": True},
+    "domix": {"method": "domix"},  # FinetuneConfig's defaults (bridge_init, bridge_lr)
+    "domix-rank": {"method": "domix", "bridge_init": "rank"},
+    "domix-uniform": {"method": "domix", "bridge_init": "uniform"},
+    "domix-identity": {"method": "domix", "bridge_init": "identity"},
+    "domix-frozen-bridge": {"method": "domix", "freeze_bridge": True},
+    # MoDE (DESIGN.md §4): experts trained alone, composed on the mixed corpora, then fine-tuned
+    "mode": {"method": "mode", "init": "composed"},
+    "mode-frozen-experts": {"method": "mode", "init": "composed", "freeze_experts": True},
+}
+DOMIX_LIKE = ("cat-merge", "domix", "domix-rank", "domix-uniform", "domix-identity", "domix-frozen-bridge")
+NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE},
+         "mode": "mode", "mode-frozen-experts": "mode-frozen"}
+# a composition per MoDE method: experts and gates trained, or the gates only
+COMPOSE = {"mode": {"freeze_experts": False}, "mode-frozen": {"freeze_experts": True}}
+COMPOSED_FOR = {v: m for m, v in NEEDS.items() if v in COMPOSE}  # composition -> the method fine-tuning it
+
+# ---------------------------------------------------------------------------- presets
+def _merge(a: dict, b: dict) -> dict:
+    out = deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else deepcopy(v)
+    return out
+
+
+# Sized from measurements on 2 CPU cores, one thread per job (real model). quick (with MoDE)
+# measured 54 CPU-min (27.8 min on 2 quiet cores with 2 workers). A full run with 256 training
+# examples per task (32 steps) measured per fine-tune job ~105 CPU-s (a step ~2.1 CPU-s, plus
+# ~38 s of loading, scoring 282 dev/test examples and saving), projecting ~2.75 h in all: over
+# the 2.5 h budget. 160 examples (20 steps) project ~2.2 h. A fine-tune learns little before
+# ~30 steps (product-sentiment dev F1 0.42 at step 10, 0.71 at step 40): quick's task scores are
+# a smoke test, full's the least that fits the budget.
+QUICK = {
+    "seeds": [0],
+    "workers": 2,
+    "domains": list(DOMAINS),
+    "pretrain": {"seq_len": 64, "batch_size": 8, "steps": 8, "rank": 8, "alpha": 16.0, "lr": 5e-4,
+                 "full_lr": 1e-4, "seed": 0},
+    "lm_eval": {"blocks": 12, "batch_size": 8},
+    "finetune": {"train": 80, "dev": 24, "test": 128, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
+                 "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
+    "mode": {"lr": 1e-4, "compose_steps": 8},
+    "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
+    "keep_full_weights": False,
+}
+PRESETS: dict[str, dict] = {
+    "quick": QUICK,
+    "full": _merge(QUICK, {  # what differs from quick
+        "seeds": [0, 1, 2],
+        "pretrain": {"steps": 16},
+        "lm_eval": {"blocks": 24},
+        "finetune": {"train": 160, "dev": 32, "test": 250},
+        "mode": {"compose_steps": 16},
+        "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
+    }),
+}
+NO_SAVE = 10 ** 9  # Trainer checkpoints are not needed: a job is redone whole if it dies
+STAMP = "%Y-%m-%dT%H:%M:%S"  # the local time format of "finished" in job results and the history
+
+
+def order_name(order) -> str:
+    return ",".join(order)
+
+
+def _parse_list(value, cast=str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    return [cast(v) for v in value]
+
+
+def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=None, overrides=None) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    s = _merge(PRESETS[preset], overrides or {})
+    s["preset"] = preset
+    s["base"] = base
+    s["seeds"] = _parse_list(seeds, int) or s["seeds"]
+    s["workers"] = int(workers or s["workers"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    s["threads"] = int(threads or max(1, cores // s["workers"]))
+    unknown = [d for d in s["domains"] if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}; known: {list(DOMAINS)}")
+    s.setdefault("orders", [list(s["domains"]), list(reversed(s["domains"]))])
+    s["orders"] = [list(o) for o in s["orders"]]
+    if len(s["orders"]) < 2 or any(sorted(o) != sorted(s["domains"]) for o in s["orders"]):
+        raise ValueError("orders must be at least two permutations of the domains")
+    from ...finetune import FinetuneConfig
+
+    d = FinetuneConfig(train="", eval="", out="")
+    s["domix_defaults"] = {"bridge_init": d.bridge_init, "bridge_lr": d.bridge_lr, "lr": d.lr}
+    return s
+
