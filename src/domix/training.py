@@ -74,6 +74,14 @@ class LMTrainOptions(TrainOptions):
     extra: dict = option({}, "extra metadata recorded with the result", cli=False)
 
 
+def defaults(cls) -> dict:
+    """The defaults of a config dataclass's optional fields (what an omitted option means)."""
+    from dataclasses import fields
+
+    return {f.name: f.default if f.default is not MISSING else f.default_factory()
+            for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+
+
 def run_seed(name: str, seed: int) -> int:
     """A module's (or expert's) seed comes from its own name and the run seed, never from a list position."""
     return int.from_bytes(hashlib.sha256(f"{name}\0{seed}".encode()).digest()[:4], "little") & 0x7FFFFFFF

@@ -78,23 +78,23 @@ def _library_key(common: dict, member_cfg: dict) -> str:
     return _key({**common, "config": {k: v for k, v in member_cfg.items() if k not in ("domain", "data", "library")}})
 
 
-# FinetuneConfig fields that only some methods read; the others' keys leave them out, so that a
-# changed default (say of bridge_init) reruns exactly the runs it changes
-METHOD_FIELDS = {"domix": {"modules", "bridge_init", "bridge_lr", "freeze_bridge", "library"},
-                 "lora": {"lora_rank", "lora_alpha", "init_module", "library"}, "dora": {"lora_rank", "lora_alpha"},
-                 "mode": {"from_composed", "freeze_experts", "bridge_lr", "library"}}
 NOT_RESULTS = {"out", "progress", "overwrite", "resume", "save_steps", "max_new_tokens"}  # run mechanics only
 
 
 def _finetune_fields(cfg: dict) -> dict:
-    """The FinetuneConfig options that define a run's result: the method's own and the shared ones."""
-    other = set().union(*METHOD_FIELDS.values()) - METHOD_FIELDS.get(cfg["method"], set())
+    """The FinetuneConfig options that define a run's result: the shared ones and the method's own
+    (`domix.finetune.METHODS[...].fields`), so that a changed default (say of bridge_init) reruns
+    exactly the runs it changes."""
+    from ...finetune import METHODS as FINETUNE_METHODS
+
+    other = set().union(*(m.fields for m in FINETUNE_METHODS.values())) - FINETUNE_METHODS[cfg["method"]].fields
     return {k: v for k, v in cfg.items() if k not in NOT_RESULTS and k not in other}
 
 
 def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list[int]) -> tuple[dict, list]:
     """All jobs (by name) and the fine-tuning runs [(method, task, seed, order | None, job name)]."""
     from ...finetune import FinetuneConfig
+    from ...training import defaults as config_defaults
 
     pre, ft = settings["pretrain"], settings["finetune"]
     domains, orders = settings["domains"], settings["orders"]
@@ -182,7 +182,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
 
     # -- stage 3: fine-tuning
     runs = []
-    defaults = asdict(FinetuneConfig(train="", eval="", out=""))
+    defaults = config_defaults(FinetuneConfig)
     for method in methods:
         m = METHODS[method]
         for d in domains:

@@ -108,8 +108,9 @@ def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=N
     if len(s["orders"]) < 2 or any(sorted(o) != sorted(s["domains"]) for o in s["orders"]):
         raise ValueError("orders must be at least two permutations of the domains")
     from ...finetune import FinetuneConfig
+    from ...training import defaults
 
-    d = FinetuneConfig(train="", eval="", out="")
-    s["domix_defaults"] = {"bridge_init": d.bridge_init, "bridge_lr": d.bridge_lr, "lr": d.lr}
+    d = defaults(FinetuneConfig)
+    s["domix_defaults"] = {k: d[k] for k in ("bridge_init", "bridge_lr", "lr")}
     return s
 
