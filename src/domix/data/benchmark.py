@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -270,15 +270,21 @@ def _health(rng: random.Random) -> tuple[list[str], Splits]:
     return [text for sid, _, text in tweets if sid not in used], splits
 
 
-def _general() -> list[str]:
-    """Wikipedia sample (gensim test data): article pages with the heaviest markup stripped."""
-    docs = []
+def wikipedia_pages() -> Iterator[str]:
+    """Article pages of the Wikipedia sample in gensim's test data (a pinned wheel), the heaviest
+    markup stripped, whitespace collapsed; empty pages left out. The general-text set and
+    `domix bench dap`'s fallback corpus."""
     for _, el in ET.iterparse(io.BytesIO(bz2.decompress(_read("gensim", WIKI)))):
         if el.tag.endswith("}page"):
             if el.findtext("{*}ns") == "0" and el.find("{*}redirect") is None:
-                docs.append(_strip_wikitext(el.findtext("{*}revision/{*}text") or ""))
+                text = _clean(_strip_wikitext(el.findtext("{*}revision/{*}text") or ""))
+                if text:
+                    yield text
             el.clear()
-    return docs
+
+
+def _general() -> list[str]:
+    return list(wikipedia_pages())
 
 
 BUILDERS = {"bio": _bio, "reviews": _reviews, "news": _news, "health": _health}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tasks import encode_labels, prompt_ids
+from ..data.tasks import encode_labels, prompt_ids
 
 
 def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..checkpoints import resolve_base
 from ..models import load_tokenizer
-from ..tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
+from ..data.tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
 from ..training import build_trainer, resume_point, setup, total_steps
 from .config import TASKS, FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows

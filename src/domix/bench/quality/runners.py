@@ -135,7 +135,7 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
 def _run_finetune(spec: dict, out: str) -> dict:
     from ...finetune import FinetuneConfig, evaluate_rows, finetune
     from ...models import load_tokenizer
-    from ...tasks import read_jsonl
+    from ...data.tasks import read_jsonl
 
     clock = _clock()
     cfg = FinetuneConfig(**spec["config"], out=out, overwrite=True, progress=False, save_steps=NO_SAVE)
