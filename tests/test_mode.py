@@ -11,7 +11,7 @@ from domix import Library, LibraryError
 from domix.mode import apply_mode, find_layers, load_mode, load_mode_model, mode_of, remove_mode, save_mode
 from domix.cli import main
 from domix.mode.train import ModePretrainConfig, compose, eval_mode, pretrain_expert
-from domix.library.executors import load_config, pretrain_all
+from domix.library.pretrain_all import load_config, pretrain_all
 
 FAST = dict(max_steps=8, batch_size=4, seq_len=16, lr=1e-2, gate_lr=5e-2, scale_lr=5e-2, progress=False, device="cpu", threads=1)
 IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 6, 8], [4, 6, 8, 10, 12, 14, 5, 7]])

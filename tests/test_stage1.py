@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from domix import Library, LibraryError, pretrain
 from domix.cli import main
-from domix.library.executors import load_config, pretrain_all
+from domix.library.pretrain_all import load_config, pretrain_all
 
 FAST = dict(max_steps=12, batch_size=4, seq_len=16, lr=5e-3, progress=False, device="cpu", threads=1)
 

@@ -41,7 +41,7 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_pretrain_all(a) -> int:
-    from .library.executors import load_config, pretrain_all
+    from .library.pretrain_all import load_config, pretrain_all
 
     configs = load_config(a.config, a.library, given(a, PretrainConfig, exclude=PER_DOMAIN))
     results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,

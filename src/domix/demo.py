@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from .export import export
     from .fetch import cache_dir
     from .finetune import finetune
-    from .library.executors import load_config, pretrain_all
+    from .library.pretrain_all import load_config, pretrain_all
     from .checkpoints import fetch_model
 
     t0 = time.time()

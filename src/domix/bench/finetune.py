@@ -56,7 +56,7 @@ def _library(base: str, n: int, rank: int) -> str:
     from ..data.benchmark import DOMAINS, build_benchmark_data
     from ..fetch import cache_dir
     from ..io import sha256_text
-    from ..library.executors import pretrain_all
+    from ..library.pretrain_all import pretrain_all
     from ..library.pretrain import PretrainConfig
 
     from ..checkpoints import resolve_base

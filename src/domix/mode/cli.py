@@ -16,7 +16,7 @@ def cmd_pretrain(a) -> int:
     from .train import pretrain_expert
 
     if a.config:
-        from ..library.executors import load_config, pretrain_all
+        from ..library.pretrain_all import load_config, pretrain_all
 
         if a.domain or a.data:
             raise ValueError("give either --config (every domain of a domains.yaml) or --domain/--data, not both")
