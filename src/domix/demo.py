@@ -11,14 +11,13 @@ import random
 import time
 from pathlib import Path
 
-from .io import write_json
+from .io import atomic_write, write_json
 
 
 def _subsample(src: Path, dst: Path, n: int, seed: int) -> int:
     rows = [l for l in src.read_text().splitlines() if l.strip()]
     random.Random(seed).shuffle(rows)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("\n".join(rows[:n]) + "\n")
+    atomic_write(dst, "\n".join(rows[:n]) + "\n")
     return min(n, len(rows))
 
 
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
            "defaults": {"rank": 8, "alpha": 16, "max_steps": a.pretrain_steps, "seq_len": 64, "batch_size": 4,
                         "lr": 5e-4, "eval_blocks": 8, "seed": a.seed},
            "domains": {d: {"data": [str(data / "corpora" / f"{d}.txt")]} for d in DOMAINS}}
-    (out / "domains.yaml").write_text(json.dumps(cfg, indent=2))
+    atomic_write(out / "domains.yaml", json.dumps(cfg, indent=2))
     results = pretrain_all(load_config(out / "domains.yaml", str(out / "library")), workers=a.workers)
     failed = {d: r["error"] for d, r in results.items() if r["status"] == "failed"}
     if failed:
