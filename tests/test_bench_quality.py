@@ -95,7 +95,23 @@ def test_results_schema(bench):
     # frozen experts: only gates and the head train, far fewer than experts + gates + head
     assert eff["mode-frozen-experts"]["trainable_params"] < eff["mode"]["trainable_params"]
     assert eff["mode"]["pretrain_trainable_params"] > 0
+    # verdicts: a paired bootstrap of the test predictions per claim; its point estimate is the
+    # difference of the tables' macro-F1 means (ncl's table pools both orders, its verdict the first)
+    assert set(saved["verdicts"]) == {"C1", "C2", "C3", "C5"}
+    for claim, v in saved["verdicts"].items():
+        assert v["verdict"] in ("supported", "not supported", "inconclusive") and "missing" not in v, claim
+        assert len(v["comparisons"]) == {"C1": 2, "C2": 2, "C3": 2, "C5": 3}[claim]
+        for c in v["comparisons"]:
+            lo, hi = c["ci95"]
+            assert {"a", "b", "diff", "ci95"} <= set(c) and -1 <= lo <= hi <= 1 and set(c["tasks"]) == TASKS
+            if "ncl" not in (c["a"], c["b"]):
+                gap = [by[c["a"]]["macro_f1"]["mean"] - by[c["b"]]["macro_f1"]["mean"]
+                       for by in saved["tasks"].values()]
+                assert c["diff"] == pytest.approx(sum(gap) / len(gap), abs=2e-4), c
+    job = json.loads(next((out / "work").glob("ft-*/result.json")).read_text())
+    assert len(job["test_predictions"]["y_true"]) == len(job["test_predictions"]["y_pred"]) == job["test"]["examples"]
     report = (out / "REPORT.md").read_text()
+    assert "## Verdicts" in report and "**C1**" in report
     assert "## End tasks" in report and "Measured wall time" in report and res["table"] in report
     assert "Next-token accuracy" in report and "mode (composed)" in report
     for plot in ("tasks.png", "lm_loss.png", "bridge.png"):

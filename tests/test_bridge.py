@@ -289,3 +289,61 @@ def test_a_format_1_task_model_loads_and_a_newer_format_is_refused(tiny_decoder,
     (old / "task.json").write_text(json.dumps(task))
     with pytest.raises(LibraryError, match="format 99.*reads formats up to 2"):
         load_task_model(old, device="cpu")
+
+
+def test_keep_best_puts_back_the_best_evaluation(tiny_decoder, libs, task_files, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):  # the trained tensors at every evaluation
+        at: dict = {}
+
+        def on_evaluate(self, args, state, control, model=None, **kw):
+            self.at[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    snaps = Snapshots()
+    m = finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(tmp_path / "best"),
+                 library=libs[tiny_decoder], base=tiny_decoder, eval_every=2, keep_best=True, callbacks=[snaps],
+                 **{**FT, "epochs": 4, "lr": 5e-2})
+    evals = [(h["step"], h["eval_macro_f1"]) for h in m["history"] if "eval_macro_f1" in h]
+    best = max(f1 for _, f1 in evals)
+    assert m["kept_step"] == next(step for step, f1 in evals if f1 == best) and m["best_eval"] == best
+    assert m["steps_run"] == m["steps"] and m["kept_step"] < evals[-1][0]
+    assert m["macro_f1"] == pytest.approx(best, abs=1e-9)  # the final evaluation scores the kept model
+    saved = load_file(str(tmp_path / "best" / "model.safetensors"))
+    kept, last = snaps.at[m["kept_step"]], snaps.at[evals[-1][0]]
+    assert all(torch.equal(saved[n], t) for n, t in kept.items())  # the task model holds the kept step's tensors
+    assert not all(torch.equal(saved[n], t) for n, t in last.items())
+
+
+def test_patience_stops_a_run_that_no_longer_improves(tiny_decoder, libs, task_files, tmp_path):
+    """With nothing learning (lr 0), the first evaluation stays the best: two more without
+    improvement stop the run there."""
+    m = finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(tmp_path / "stop"),
+                 library=libs[tiny_decoder], base=tiny_decoder, eval_every=2, patience=2,
+                 **{**FT, "epochs": 6, "lr": 0.0, "bridge_lr": 0.0})
+    assert m["steps_run"] == 6 < m["steps"] and m["kept_step"] == 2
+
+
+def test_an_interrupted_keep_best_run_resumes_with_its_best(tiny_decoder, libs, task_files, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Stop(RuntimeError):
+        pass
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                raise Stop("simulated interruption")
+
+    opts = dict(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), library=libs[tiny_decoder],
+                base=tiny_decoder, save_steps=4, eval_every=2, keep_best=True, **{**FT, "epochs": 4, "lr": 5e-2})
+    ref = finetune(out=str(tmp_path / "ref"), **opts)
+    with pytest.raises(Stop):
+        finetune(out=str(tmp_path / "run"), callbacks=[Interrupt()], **opts)
+    m = finetune(out=str(tmp_path / "run"), resume=True, **opts)
+    assert m["resumed_from"] == "checkpoint-4" and (m["kept_step"], m["best_eval"]) == (ref["kept_step"], ref["best_eval"])
+    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)

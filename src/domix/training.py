@@ -191,6 +191,64 @@ def build_trainer(model, opts: TrainOptions, *, work: Path, train_dataset, data_
     return trainer
 
 
+def keep_best(metric: str, greater: bool, patience: int | None = None, resume_from: str | None = None):
+    """A Trainer callback for training to the best evaluation: after each evaluation it keeps the
+    trained tensors (a copy in memory) when `metric` improved, stops training after `patience`
+    evaluations without improvement, and at the end puts the best tensors back (`.step`: the step
+    they come from; `.best`: their metric). Every checkpoint also holds the best so far
+    (`KEEP_BEST_FILE`), so a run resumed from `resume_from` goes on with it.
+
+    transformers' own `load_best_model_at_end` would write the whole model (frozen base included)
+    at every evaluation; this keeps only what trains."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import TrainerCallback
+
+    class KeepBest(TrainerCallback):
+        def __init__(self):
+            self.best = self.step = None
+            self.bad, self.tensors = 0, {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            saved = Path(resume_from or "") / KEEP_BEST_FILE
+            if resume_from and saved.is_file():
+                from safetensors import safe_open
+
+                with safe_open(str(saved), framework="pt") as f:
+                    meta = f.metadata()
+                self.tensors = load_file(str(saved))
+                self.best, self.step, self.bad = float(meta["best"]), int(meta["step"]), int(meta["bad"])
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+            value = (metrics or {}).get(metric)
+            if value is None or model is None:
+                return
+            if self.best is None or (value > self.best if greater else value < self.best):
+                self.best, self.step, self.bad = value, state.global_step, 0
+                self.tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                self.bad += 1
+                if patience and self.bad >= patience:
+                    control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kw):
+            if self.tensors:
+                save_file(self.tensors, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / KEEP_BEST_FILE),
+                          metadata={"best": repr(self.best), "step": str(self.step), "bad": str(self.bad)})
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            if self.tensors and model is not None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, t in self.tensors.items():
+                        params[name].copy_(t)
+
+    return KeepBest()
+
+
+KEEP_BEST_FILE = "domix_best.safetensors"
+
+
 def loss_history(trainer) -> list[dict]:
     return [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
 

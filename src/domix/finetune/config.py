@@ -64,5 +64,9 @@ class FinetuneConfig(ModeOptions, LoraOptions, DomixOptions, TrainOptions):
     batch_size: int = option(16, "examples per device and step")
     max_seq_len: int = option(128, "tokens per example (longer ones are cut)")
     eval_every: int = option(0, "steps between evaluations on --eval (0: four per run)")
+    keep_best: bool = option(False, "keep the parameters of the best evaluation on --eval (macro-F1 for classify, "
+                                    "loss for generate) instead of the last step's")
+    patience: int | None = option(None, "stop after this many evaluations without improvement on --eval, keeping "
+                                        "the best (implies --keep-best)")
     save_steps: int = option(100, "checkpoint every N steps (for --resume)")
     max_new_tokens: int = option(32, "generate tasks: the longest answer")

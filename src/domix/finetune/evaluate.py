@@ -45,15 +45,19 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     return answers
 
 
-def evaluate_rows(model, tokenizer, task: dict, rows: list[dict], batch_size: int = 32) -> dict:
-    """accuracy, macro-F1, per-class F1, confusion matrix (classify); exact match (generate)."""
+def evaluate_rows(model, tokenizer, task: dict, rows: list[dict], batch_size: int = 32,
+                  predictions: bool = False) -> dict:
+    """accuracy, macro-F1, per-class F1, confusion matrix (classify); exact match (generate).
+    `predictions` (classify): also the gold and predicted class indices, `y_true` and `y_pred`."""
     if task["task"] == "classify":
         labels = task["labels"]
         y = encode_labels(rows, labels, task.get("where", "evaluation data"))
         probs = predict_classify(model, tokenizer, [r["text"] for r in rows],
                                  [r["text_pair"] for r in rows] if any("text_pair" in r for r in rows) else None,
                                  batch_size, task["max_seq_len"])
-        return {"examples": len(rows), **classification_metrics(y, probs.argmax(-1).tolist(), labels)}
+        pred = probs.argmax(-1).tolist()
+        return {"examples": len(rows), **classification_metrics(y, pred, labels),
+                **({"y_true": y, "y_pred": pred} if predictions else {})}
     preds = generate_answers(model, tokenizer, [r["prompt"] for r in rows], task.get("max_new_tokens", 32))
     gold = [str(r["answer"]).strip() for r in rows]
     names = sorted(set(gold) | set(preds))

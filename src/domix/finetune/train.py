@@ -10,7 +10,7 @@ from pathlib import Path
 from ..checkpoints import resolve_base
 from ..models import load_tokenizer
 from ..data.tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
-from ..training import build_trainer, resume_point, setup, total_steps
+from ..training import build_trainer, keep_best, resume_point, setup, total_steps
 from .config import TASKS, FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows
 from .methods import get_method
@@ -78,11 +78,16 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
         m = classification_metrics(p.label_ids.tolist(), logits.argmax(-1).tolist(), labels)
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
+    best = None
+    if cfg.keep_best or cfg.patience:  # classify: the best macro-F1; generate: the lowest loss
+        best = keep_best("eval_macro_f1" if cfg.task == "classify" else "eval_loss", greater=cfg.task == "classify",
+                         patience=cfg.patience, resume_from=last)
     trainer = build_trainer(model, cfg, work=work, train_dataset=train_ds, data_collator=pad_collator(tokenizer),
                             steps=steps, param_groups=groups, eval_dataset=eval_ds,
                             eval_steps=cfg.eval_every or max(1, steps // 4),
                             compute_metrics=compute_metrics if cfg.task == "classify" else None,
-                            logging_steps=max(1, min(10, steps // 20)), callbacks=callbacks)
+                            logging_steps=max(1, min(10, steps // 20)),
+                            callbacks=[*(callbacks or []), *([best] if best else [])])
     result = trainer.train(resume_from_checkpoint=last)
     train_time = time.time() - t0
 
@@ -92,11 +97,13 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
     history = [dict(h) for h in trainer.state.log_history]
     n_train = sum(p.numel() for _, p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
+    ran = trainer.state.global_step  # fewer than `steps` when --patience stopped the run
     metrics = {"method": cfg.method, "task": cfg.task, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"],
                "eval": final, "trainable_params": n_train, "total_params": n_total,
                "trainable_fraction": n_train / n_total, "train_loss": result.training_loss, "steps": steps,
-               "train_time_s": round(train_time, 2),
-               "step_time_s": round(result.metrics.get("train_runtime", train_time) / max(1, steps), 4),
+               "steps_run": ran, "kept_step": best.step if best and best.step is not None else ran,
+               "best_eval": best.best if best else None, "train_time_s": round(train_time, 2),
+               "step_time_s": round(result.metrics.get("train_runtime", train_time) / max(1, ran), 4),
                "history": history, "resumed_from": Path(last).name if last else None}
     spec = {"base": cfg.base, "base_path": resolve_base(cfg.base), **info, "method": cfg.method, "task": cfg.task,
             "labels": labels, "max_seq_len": cfg.max_seq_len, "max_new_tokens": cfg.max_new_tokens,

@@ -20,6 +20,7 @@ cores // workers threads.
     data.py      the data subsets                        execute.py  running jobs with dependencies
     plan.py      jobs and their cache keys               collect.py  results and the run history
     report.py    REPORT.md and plots, from results.json alone
+    verdicts.py  the claims' paired differences with bootstrap intervals
 """
 from __future__ import annotations
 

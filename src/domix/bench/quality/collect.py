@@ -10,6 +10,7 @@ from pathlib import Path
 from ...data.benchmark import DOMAINS, GENERAL
 from .plan import _key, _module_tensors_equal
 from .settings import COMPOSE, COMPOSED_FOR, NEEDS, STAMP, order_name
+from .verdicts import verdicts
 
 
 def _mean(xs: list) -> float | None:
@@ -158,10 +159,18 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
         if method != "domix" or order == orders[0]:
             job_sets.setdefault(method, set()).add(name)
     shared = {m: o for i, m in enumerate(methods) for o in methods[:i] if m in job_sets and job_sets[m] == job_sets.get(o)}
+    # -- verdicts on the claims: paired bootstrap of the test predictions (ncl and domix: the first
+    # order's runs); jobs from runs that predate kept predictions leave their claims out
+    preds, n_classes = {}, {}
+    for method, task, seed, order, name in runs:
+        if ok(name) and "test_predictions" in res[name] and order in (None, orders[0]):
+            p = res[name]["test_predictions"]
+            preds.setdefault(method, {}).setdefault(task, {})[seed] = (p["y_true"], p["y_pred"])
+            n_classes[task] = len(res[name]["test"]["labels"])
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail,
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
-            "shared_runs": shared}
+            "shared_runs": shared, "verdicts": verdicts(preds, n_classes=n_classes)}
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

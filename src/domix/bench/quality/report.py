@@ -118,6 +118,30 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+def claim_verdicts(results: dict) -> list[str]:
+    """The "Verdicts" section: per claim, each paired difference A − B of test macro-F1 with its 95 %
+    interval, and the verdict (see `verdicts.py`)."""
+    from .verdicts import N_BOOT
+
+    claims = results.get("verdicts")
+    if claims is None:
+        return []
+    L = ["## Verdicts: paired differences of test macro-F1 with 95 % intervals", ""]
+    for name, c in claims.items():
+        diffs = "; ".join(f"{x['a']} − {x['b']} {x['diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
+                          for x in c["comparisons"])
+        missing = f" (no predictions of {', '.join(c['missing'])})" if c.get("missing") else ""
+        L.append(f"- **{name}** {c['claim']}: **{c['verdict']}**{missing} — {diffs}.")
+    if not claims:
+        L.append("- No runs kept their test predictions (jobs reused from older runs): no claim can be judged.")
+    L += ["", f"Each interval is a paired bootstrap ({N_BOOT:,} draws): a draw resamples every task's test "
+          "examples (the same for both methods) and the seeds (with replacement), and takes the mean over tasks "
+          "of the mean over the drawn seeds of macro-F1(A) − macro-F1(B); the interval is its 2.5–97.5 "
+          "percentile. Supported: every interval of the claim above 0; not supported: one below 0; else "
+          "inconclusive. ncl and domix use their first order's runs.", ""]
+    return L
+
+
 def _plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -236,6 +260,7 @@ def write_report(results: dict, out: Path) -> str:
           "## End tasks: test accuracy", "", metric_table(results, "accuracy"), "",
           "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
           "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`).", "",
+          *claim_verdicts(results),
           "## DoMIX against each other method (test macro-F1)", "", *verdicts(results), ""]
     lm = results["lm_loss"]
     if lm:

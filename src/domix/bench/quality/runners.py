@@ -133,17 +133,19 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
 
 
 def _run_finetune(spec: dict, out: str) -> dict:
+    from ...data.tasks import read_jsonl
     from ...finetune import FinetuneConfig, evaluate_rows, finetune
     from ...models import load_tokenizer
-    from ...data.tasks import read_jsonl
 
     clock = _clock()
     cfg = FinetuneConfig(**spec["config"], out=out, overwrite=True, progress=False, save_steps=NO_SAVE)
     metrics = finetune(cfg, callbacks=[clock])
-    # the test set is scored once, after training, by the model that was saved
+    # the test set is scored once, after training, by the model that was saved; its predictions
+    # are kept for the verdicts' paired bootstrap
     tspec = json.loads((Path(out) / "task.json").read_text())
     task = {"task": "classify", "labels": tspec["labels"], "max_seq_len": tspec["max_seq_len"], "where": spec["test"]}
-    test = evaluate_rows(clock.model, load_tokenizer(out), task, read_jsonl(spec["test"], ("text", "label")))
+    test = evaluate_rows(clock.model, load_tokenizer(out), task, read_jsonl(spec["test"], ("text", "label")),
+                         predictions=True)
     if spec.get("drop_weights"):
         (Path(out) / "model.safetensors").unlink(missing_ok=True)
     keep = ("accuracy", "macro_f1", "per_class_f1", "confusion_matrix", "examples", "labels")
@@ -153,7 +155,8 @@ def _run_finetune(spec: dict, out: str) -> dict:
             "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),
             "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"],
             "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
-            "weights_dropped": bool(spec.get("drop_weights"))}
+            "weights_dropped": bool(spec.get("drop_weights")),
+            "test_predictions": {"y_true": test["y_true"], "y_pred": test["y_pred"]}}
 
 
 RUNNERS = {"pretrain": _run_pretrain, "ncl": _run_ncl, "mode-pretrain": _run_mode, "mode-compose": _run_mode,
