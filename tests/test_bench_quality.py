@@ -95,6 +95,9 @@ def test_results_schema(bench):
     # frozen experts: only gates and the head train, far fewer than experts + gates + head
     assert eff["mode-frozen-experts"]["trainable_params"] < eff["mode"]["trainable_params"]
     assert eff["mode"]["pretrain_trainable_params"] > 0
+    # every fine-tuning run with the step that was scored (the presets score the last one)
+    assert {(r["task"], r["method"]) for r in saved["runs"]} == {(t, m) for t in TASKS for m in METHODS}
+    assert all(r["kept_step"] == r["max_steps"] > 0 and 0 <= r["dev_macro_f1"] <= 1 for r in saved["runs"])
     # verdicts: a paired bootstrap of the test predictions per claim; its point estimate is the
     # difference of the tables' macro-F1 means (ncl's table pools both orders, its verdict the first)
     assert set(saved["verdicts"]) == {"C1", "C2", "C3", "C5"}

@@ -43,6 +43,11 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             "accuracy": _stats([r["test"]["accuracy"] for r in done]),
             "dev_macro_f1": _stats([r["dev"]["macro_f1"] for r in done]),
             "runs": [{"seed": s, **({"order": o} if o else {}), "job": n} for o, s, n in rs if ok(n)]}
+    # -- every fine-tuning run: the step whose model was scored (the last, or the best on dev)
+    run_list = [{"task": task, "method": method, "seed": seed, **({"order": order} if order else {}), "job": name,
+                 "kept_step": res[name].get("kept_step", res[name]["steps"]), "max_steps": res[name]["steps"],
+                 "dev_macro_f1": res[name]["dev"]["macro_f1"], "test_macro_f1": res[name]["test"]["macro_f1"]}
+                for method, task, seed, order, name in runs if ok(name)]
     # -- LM loss and retention
     ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}
 
@@ -170,7 +175,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail,
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
-            "shared_runs": shared, "verdicts": verdicts(preds, n_classes=n_classes)}
+            "shared_runs": shared, "runs": run_list, "verdicts": verdicts(preds, n_classes=n_classes)}
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

@@ -153,7 +153,8 @@ def _run_finetune(spec: dict, out: str) -> dict:
             "test": {k: test[k] for k in keep if k in test},
             "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
             "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),
-            "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"],
+            "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"], "steps_run": metrics["steps_run"],
+            "kept_step": metrics["kept_step"],
             "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
             "weights_dropped": bool(spec.get("drop_weights")),
             "test_predictions": {"y_true": test["y_true"], "y_pred": test["y_pred"]}}
