@@ -24,6 +24,22 @@ def make_corpus(domain: str, n_docs: int = 60, seed: int = 0) -> list[str]:
     return docs
 
 
+class Stop(RuntimeError):
+    """A simulated interruption of a training run (see `interrupt_at`)."""
+
+
+def interrupt_at(step: int):
+    """A Trainer callback that raises `Stop` at the end of optimizer step `step`."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Stop("simulated interruption")
+
+    return Interrupt()
+
+
 def _tokenizer(path, kind: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_corpus
+from conftest import Stop, interrupt_at, make_corpus
 
 from domix import LibraryError, pretrain
 from domix.bridge.apply import apply_bridge, bridged_layers
@@ -210,21 +210,12 @@ def test_unknown_eval_label_is_refused_before_training(tiny_decoder, libs, task_
 
 def test_interrupted_finetune_resumes_to_the_same_model(tiny_decoder, libs, task_files, tmp_path):
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
-
-    class Stop(RuntimeError):
-        pass
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 6:
-                raise Stop("simulated interruption")
 
     opts = dict(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), library=libs[tiny_decoder],
                 base=tiny_decoder, save_steps=4, eval_every=100, **FT)
     finetune(out=str(tmp_path / "ref"), **opts)
     with pytest.raises(Stop):
-        finetune(out=str(tmp_path / "run"), callbacks=[Interrupt()], **opts)
+        finetune(out=str(tmp_path / "run"), callbacks=[interrupt_at(6)], **opts)
     assert not (tmp_path / "run").exists()
     m = finetune(out=str(tmp_path / "run"), resume=True, **opts)
     assert m["resumed_from"] == "checkpoint-4"
@@ -327,21 +318,12 @@ def test_patience_stops_a_run_that_no_longer_improves(tiny_decoder, libs, task_f
 
 def test_an_interrupted_keep_best_run_resumes_with_its_best(tiny_decoder, libs, task_files, tmp_path):
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
-
-    class Stop(RuntimeError):
-        pass
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 7:
-                raise Stop("simulated interruption")
 
     opts = dict(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), library=libs[tiny_decoder],
                 base=tiny_decoder, save_steps=4, eval_every=2, keep_best=True, **{**FT, "epochs": 4, "lr": 5e-2})
     ref = finetune(out=str(tmp_path / "ref"), **opts)
     with pytest.raises(Stop):
-        finetune(out=str(tmp_path / "run"), callbacks=[Interrupt()], **opts)
+        finetune(out=str(tmp_path / "run"), callbacks=[interrupt_at(7)], **opts)
     m = finetune(out=str(tmp_path / "run"), resume=True, **opts)
     assert m["resumed_from"] == "checkpoint-4" and (m["kept_step"], m["best_eval"]) == (ref["kept_step"], ref["best_eval"])
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))

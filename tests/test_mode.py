@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import Stop, interrupt_at
 from safetensors.torch import load_file
 
 from domix import Library, LibraryError
@@ -270,21 +271,12 @@ def test_foreign_experts_are_refused(tiny_decoder, tiny_encoder, lib, corpora, t
 
 
 def test_interrupted_expert_training_resumes_to_the_same_expert(tiny_decoder, corpora, tmp_path):
-    from transformers import TrainerCallback
-
-    class Stop(RuntimeError):
-        pass
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 5:
-                raise Stop("simulated interruption")
 
     opts = {**FAST, "save_steps": 3}
     pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "ref"), base=tiny_decoder, **opts)
     with pytest.raises(Stop):
         pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
-                        callbacks=[Interrupt()], **opts)
+                        callbacks=[interrupt_at(5)], **opts)
     assert "bio" not in Library(tmp_path / "run")
     meta = pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
                            resume=True, **opts)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Stop, interrupt_at
 from safetensors.torch import load_file
 
 from domix import Library, LibraryError, pretrain
@@ -232,21 +233,12 @@ def test_truncated_module_file_is_named(tiny_decoder, corpora, tmp_path, capsys)
 
 
 def test_interrupted_run_resumes_to_the_same_module(tiny_decoder, corpora, tmp_path):
-    from transformers import TrainerCallback
-
-    class Stop(RuntimeError):
-        pass
-
-    class Interrupt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 7:
-                raise Stop("simulated interruption")
 
     opts = {**FAST, "save_steps": 5}
     pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "ref"), base=tiny_decoder, **opts)
     with pytest.raises(Stop):
         pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
-                 callbacks=[Interrupt()], **opts)
+                 callbacks=[interrupt_at(7)], **opts)
     assert "bio" not in Library(tmp_path / "run"), "an interrupted run must not leave a module"
     meta = pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
                     resume=True, **opts)

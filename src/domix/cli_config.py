@@ -21,11 +21,7 @@ import typing
 from dataclasses import MISSING
 
 from .io import print_json
-from .training import DEVICES, LMTrainOptions
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not MISSING else f.default
+from .training import DEVICES, LMTrainOptions, field_default
 
 
 def _kind(annotation) -> tuple[type, bool]:
@@ -62,7 +58,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, exclude=(), optional=()
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in sorted(fields, key=lambda f: (place[f.name], fields.index(f))):
         meta = f.metadata
-        default = _default(f)
+        default = field_default(f)
         tp, many = _kind(hints[f.name])
         kw = {"dest": f.name, "help": _help(meta.get("help", ""), default)}
         flag = "--" + f.name.replace("_", "-")
@@ -89,7 +85,7 @@ def given(ns: argparse.Namespace, cls, *, exclude=()) -> dict:
     for name in list(kw):  # (the members of a group default to None on the command line)
         group = fields[name].metadata.get("group")
         if group:
-            kw.update({k: _default(f) for k, f in fields.items() if k != name and f.metadata.get("group") == group})
+            kw.update({k: field_default(f) for k, f in fields.items() if k != name and f.metadata.get("group") == group})
     if getattr(ns, "json", False) and "progress" in fields:
         kw["progress"] = False
     return kw

@@ -74,12 +74,16 @@ class LMTrainOptions(TrainOptions):
     extra: dict = option({}, "extra metadata recorded with the result", cli=False)
 
 
+def field_default(f) -> object:
+    """A dataclass field's default (made by its factory, if it has one); MISSING when it is required."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def defaults(cls) -> dict:
     """The defaults of a config dataclass's optional fields (what an omitted option means)."""
     from dataclasses import fields
 
-    return {f.name: f.default if f.default is not MISSING else f.default_factory()
-            for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+    return {f.name: d for f in fields(cls) if (d := field_default(f)) is not MISSING}
 
 
 def run_seed(name: str, seed: int) -> int:
@@ -201,7 +205,8 @@ def keep_best(metric: str, greater: bool, patience: int | None = None, resume_fr
     transformers' own `load_best_model_at_end` would write the whole model (frozen base included)
     at every evaluation; this keeps only what trains."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
     from transformers import TrainerCallback
 
     class KeepBest(TrainerCallback):
@@ -212,11 +217,9 @@ def keep_best(metric: str, greater: bool, patience: int | None = None, resume_fr
         def on_train_begin(self, args, state, control, **kw):
             saved = Path(resume_from or "") / KEEP_BEST_FILE
             if resume_from and saved.is_file():
-                from safetensors import safe_open
-
                 with safe_open(str(saved), framework="pt") as f:
                     meta = f.metadata()
-                self.tensors = load_file(str(saved))
+                    self.tensors = {k: f.get_tensor(k) for k in f.keys()}
                 self.best, self.step, self.bad = float(meta["best"]), int(meta["step"]), int(meta["bad"])
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):

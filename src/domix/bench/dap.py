@@ -48,7 +48,6 @@ THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
 MIN_DOCS = 20
 
 
-
 @dataclass(kw_only=True)
 class EfficiencyOptions:
     """What every efficiency benchmark (`bench dap`, `bench finetune`) measures on."""
