@@ -33,10 +33,11 @@ from pathlib import Path
 from ...checkpoints import DEFAULT_BASE
 from ...io import write_json
 from .collect import _history, collect
+from .curve import at_budget, choose_budget, collect_curve, plan_curve
 from .data import prepare_data
 from .execute import execute, job_executor
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
-from .settings import METHODS, _parse_list, order_name, resolve_settings
+from .settings import METHODS, NEEDS, _parse_list, order_name, resolve_settings
 
 __all__ = ["METHODS", "plan", "prepare_data", "resolve_settings", "run_quality", "run", "_base_id",
            "_finetune_fields"]
@@ -54,11 +55,11 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
     t0 = time.time()
     out = Path(out or f"bench-out/quality-{preset}")
     out.mkdir(parents=True, exist_ok=True)
-    methods = _parse_list(methods) or list(METHODS)
+    settings = resolve_settings(preset, base, seeds, workers, threads, overrides)
+    methods = _parse_list(methods) or settings.get("methods") or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    settings = resolve_settings(preset, base, seeds, workers, threads, overrides)
     settings["base_id"] = _base_id(base)
     pool = job_executor(executor, settings["workers"], ray_address)  # starts nothing before its first job
     seeds = settings["seeds"]
@@ -73,9 +74,25 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
         f"{settings['threads']} thread(s), out {out}")
     data = prepare_data(Path(data_root), out, settings, progress)
     work = out / "work"
-    jobs, runs = plan(settings, data, work, methods, seeds)
-    res = {}
+    res, curve, curve_res = {}, None, {}
     with pool:
+        if settings.get("dap_curve"):
+            # the curve first (with every job that does not pre-train, so both workers stay busy),
+            # then the budget it chooses on dev for everything that pre-trains
+            c_jobs, points = plan_curve(settings, data, work)
+            free = [m for m in methods if m not in NEEDS]
+            c_jobs.update({k: v for k, v in plan(settings, data, work, free, seeds)[0].items() if k not in c_jobs})
+            budgets = ", ".join(f"{p['tokens']:,}" for p in points)
+            log(f"quality: DAP curve at {budgets} tokens per domain")
+            curve_res = execute(c_jobs, pool, settings["workers"], log)
+            curve = collect_curve(points, curve_res, settings["domains"])
+            settings["dap_budget"] = choose_budget(curve)
+            settings["pretrain"]["steps"] = at_budget(settings, settings["dap_budget"]["tokens_per_domain"])[
+                "pretrain"]["steps"]
+            log(f"quality: DAP budget {settings['dap_budget']['tokens_per_domain']:,} tokens per domain "
+                f"({settings['dap_budget']['how']})")
+        jobs, runs = plan(settings, data, work, methods, seeds)
+        res = {k: v for k, v in curve_res.items() if k in jobs}  # the curve's other budgets: in dap_curve
         if "domix" in methods and not settings["order_check_finetune"]:
             # train everything but order B's domix fine-tunes, then reuse order A's if the modules are equal
             order_b = {n for m, t, s, o, n in runs if m == "domix" and o != order_name(settings["orders"][0])}
@@ -84,22 +101,24 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
             jobs, runs = _reuse_order_b(jobs, runs, settings, settings["domains"])
         res.update(execute({k: v for k, v in jobs.items() if k not in res}, pool, settings["workers"], log))
     wall = time.time() - t0
+    every = {**curve_res, **res}  # every job of the run, the curve's included
     results = {"preset": preset, "seeds": seeds, "methods": methods,
                "settings": {k: v for k, v in settings.items()}, "data": data,
                "wall_time_s": round(wall, 1),
-               "compute_time_s": round(sum(r.get("wall_s", 0) for r in res.values()), 1),
-               "cpu_time_s": round(sum(r.get("cpu_s", 0) or 0 for r in res.values()), 1),
+               "compute_time_s": round(sum(r.get("wall_s", 0) for r in every.values()), 1),
+               "cpu_time_s": round(sum(r.get("cpu_s", 0) or 0 for r in every.values()), 1),
                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-               "load_avg_1m": round(statistics.mean(ls), 2) if (ls := [r["load_1m"] for r in res.values()
+               "load_avg_1m": round(statistics.mean(ls), 2) if (ls := [r["load_1m"] for r in every.values()
                                                                       if r.get("load_1m") is not None]) else None,
-               "reused_jobs": sum(1 for r in res.values() if r.get("reused")),
+               "reused_jobs": sum(1 for r in every.values() if r.get("reused")),
                **collect(settings, jobs, runs, res, methods, seeds),
+               **({"dap_curve": curve} if curve is not None else {}),
                "jobs": {n: {k: r.get(k) for k in ("label", "kind", "status", "wall_s", "cpu_s", "peak_rss_mb", "load_1m",
                                                   "reused", "error")}
-                        for n, r in res.items()},
-               "failures": {n: r.get("error") for n, r in res.items() if r.get("status") != "done"}}
+                        for n, r in every.items()},
+               "failures": {n: r.get("error") for n, r in every.items() if r.get("status") != "done"}}
     results["settings_key"] = _key(results["settings"])
-    results["history"] = _history(out / "results.json", results, res)
+    results["history"] = _history(out / "results.json", results, every)
     write_json(out / "results.json", results)
     results["table"] = write_report(results, out)
     write_json(out / "results.json", {k: v for k, v in results.items() if k != "table"})

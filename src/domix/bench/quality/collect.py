@@ -46,7 +46,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     # -- every fine-tuning run: the step whose model was scored (the last, or the best on dev)
     run_list = [{"task": task, "method": method, "seed": seed, **({"order": order} if order else {}), "job": name,
                  "kept_step": res[name].get("kept_step", res[name]["steps"]), "max_steps": res[name]["steps"],
-                 "dev_macro_f1": res[name]["dev"]["macro_f1"], "test_macro_f1": res[name]["test"]["macro_f1"]}
+                 "dev_macro_f1": res[name]["dev"]["macro_f1"], "test_macro_f1": res[name]["test"]["macro_f1"],
+                 "dev_curve": res[name].get("dev_curve", [])}
                 for method, task, seed, order, name in runs if ok(name)]
     # -- LM loss and retention
     ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}

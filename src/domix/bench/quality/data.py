@@ -44,6 +44,14 @@ def _take_tokens(docs: list[str], order: list[int], start: int, target: int, tok
     return out, i, total
 
 
+def data_tokens(settings: dict) -> int:
+    """Training tokens per domain the corpora must hold: the pre-training budget, or with a DAP
+    curve its largest budget (smaller budgets train fewer steps on the same text)."""
+    pre = settings["pretrain"]
+    curve = (settings.get("dap_curve") or {}).get("tokens")
+    return max(curve) if curve else pre["steps"] * pre["batch_size"] * pre["seq_len"]
+
+
 def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -> dict:
     """Deterministic subsets of the benchmark data under out/data-<key>/: per domain a training
     text of the pre-training budget (plus the 5% pretrain holds out itself) and a disjoint
@@ -59,7 +67,7 @@ def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -
     if missing:
         raise FileNotFoundError(f"benchmark data under {root} lacks {missing[:3]} (build it: domix fetch data)")
     spec = {"files": {str(f.relative_to(root)): sha256_file(f) for f in files}, "domains": domains,
-            "tokens": pre["steps"] * pre["batch_size"] * pre["seq_len"], "seq_len": pre["seq_len"],
+            "tokens": data_tokens(settings), "seq_len": pre["seq_len"],
             "heldout_blocks": lm["blocks"], "sizes": {k: ft[k] for k in ("train", "dev", "test")},
             "tokenizer": settings["base_id"], "version": 2}
     dest = out / f"data-{_key(spec)}"

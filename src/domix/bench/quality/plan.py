@@ -66,7 +66,7 @@ def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, s
     pre = settings["pretrain"]
     return _train_cfg(settings, PretrainConfig, **{
         "domain": domain, "data": data, "library": str(library), "base": settings["base"], "rank": pre["rank"],
-        "alpha": pre["alpha"], "lr": pre["lr"], "max_steps": steps, **kw})
+        "alpha": pre["alpha"], "lr": pre["lr"], "max_steps": steps, "dtype": pre.get("dtype", "fp32"), **kw})
 
 
 def _mode_cfg(settings: dict, cls, **kw) -> dict:
@@ -224,7 +224,10 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                         kw.update(library=str(mode_lib), from_composed=str(cdir), lr=ft["mode_lr"])
                         deps = [job]
                     steps = max(1, math.ceil(ft["epochs"] * t["train"]["examples"] / ft["batch_size"]))
-                    kw["eval_every"] = steps + 1  # no periodic evaluation: the dev set is scored once, at the end
+                    # eval_every: dev scored every so many steps (keep_best keeps the best, patience stops);
+                    # without it, the dev set is scored once, at the end
+                    kw.update(eval_every=ft.get("eval_every") or steps + 1, keep_best=ft.get("keep_best", False),
+                              patience=ft.get("patience"), dtype=ft.get("dtype", "fp32"))
                     cfg = _finetune_fields({**defaults, **kw})
                     spec = {"config": cfg, "test": t["test"]["path"], **common,
                             "drop_weights": m["method"] == "full" and not settings["keep_full_weights"]}

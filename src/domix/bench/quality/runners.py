@@ -155,6 +155,8 @@ def _run_finetune(spec: dict, out: str) -> dict:
             "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),
             "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"], "steps_run": metrics["steps_run"],
             "kept_step": metrics["kept_step"],
+            "dev_curve": [[h["step"], round(h["eval_macro_f1"], 4)] for h in metrics.get("history", [])
+                          if "eval_macro_f1" in h],
             "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
             "weights_dropped": bool(spec.get("drop_weights")),
             "test_predictions": {"y_true": test["y_true"], "y_pred": test["y_pred"]}}

@@ -63,6 +63,24 @@ QUICK = {
     "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
     "keep_full_weights": False,
 }
+# decisive: sized from measurements on 2 CPU cores, one thread per job (2026-11-30, real model):
+# LoRA pre-training in bf16 autocast runs at ~170 tokens/s per job (fp32 ~114; bf16 with
+# gradient checkpointing ~132: on CPU recomputing costs more than it saves), a fine-tuning step of
+# 8 examples takes ~2.4 CPU-s in bf16 (fp32 ~3.1). Its DAP budget is not fixed: the curve trains
+# modules at each of `dap_curve.tokens` per domain and the run keeps the budget with the largest
+# mean dev gain of own-lora over base-lora (see `choose_budget`). ncl (full-weight continual
+# pre-training in two orders), DoRA, the bridge-init variants and MoDE are left out to fit ~6
+# CPU-hours; `--methods` adds them to the same run.
+DECISIVE = _merge(QUICK, {
+    "seeds": [0, 1, 2],
+    "methods": ["base-lora", "base-full", "own-lora", "joint-lora", "cat-merge", "domix", "domix-frozen-bridge"],
+    "pretrain": {"dtype": "bf16"},
+    "dap_curve": {"tokens": [8192, 32768, 65536]},
+    "lm_eval": {"blocks": 24},
+    "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0, "dtype": "bf16",
+                 "eval_every": 16, "keep_best": True, "patience": 2},
+    "mode": {"compose_steps": 16},
+})
 PRESETS: dict[str, dict] = {
     "quick": QUICK,
     "full": _merge(QUICK, {  # what differs from quick
@@ -73,6 +91,7 @@ PRESETS: dict[str, dict] = {
         "mode": {"compose_steps": 16},
         "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
     }),
+    "decisive": DECISIVE,
 }
 NO_SAVE = 10 ** 9  # Trainer checkpoints are not needed: a job is redone whole if it dies
 STAMP = "%Y-%m-%dT%H:%M:%S"  # the local time format of "finished" in job results and the history

@@ -1,0 +1,82 @@
+"""The decisive preset's protocol on tiny fixtures: the DAP-budget curve and the budget it
+chooses on dev, fine-tuning with dev evaluation, best-checkpoint keeping and early stopping —
+and nothing chosen on test: the same run with other test labels chooses the same things."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_bench_quality import DOMS, TASKS, TINY, data_root  # noqa: F401  (data_root: a fixture)
+
+from domix.bench.quality import run_quality
+
+METHODS = ["base-lora", "own-lora", "cat-merge", "domix"]
+DECISIVE = {**TINY, "dap_curve": {"tokens": [64, 192]},
+            "finetune": {**TINY["finetune"], "eval_every": 1, "keep_best": True, "patience": 1, "epochs": 2.0}}
+
+
+def _run(base, root, out):
+    return run_quality("decisive", out=out, base=base, data_root=root, workers=2, progress=False, seeds=[0],
+                       methods=METHODS, overrides=DECISIVE)
+
+
+@pytest.fixture(scope="module")
+def decisive(tiny_decoder, data_root, tmp_path_factory):  # noqa: F811
+    return _run(tiny_decoder, data_root, tmp_path_factory.mktemp("decisive"))
+
+
+def test_the_curve_chooses_the_budget_on_dev(decisive):
+    res = decisive
+    assert not res["failures"], res["failures"]
+    curve = res["dap_curve"]
+    assert [p["tokens_per_domain"] for p in curve] == [64, 192]
+    for p in curve:
+        assert set(p["heldout_loss"]) == set(DOMS) and set(p["dev_macro_f1"]) == TASKS
+        assert all(set(v) == {"own", "base"} for v in p["dev_macro_f1"].values())
+        gains = [v["own"] - v["base"] for v in p["dev_macro_f1"].values()]
+        assert p["mean_dev_gain"] == pytest.approx(sum(gains) / len(gains), abs=1e-4)
+    # base-lora does not pre-train: the same runs at every budget
+    assert len({json.dumps({t: v["base"] for t, v in p["dev_macro_f1"].items()}) for p in curve}) == 1
+    # more pre-training lowers the modules' held-out loss (lr 1e-2 on a tiny model: it learns fast)
+    assert sum(curve[1]["heldout_loss"].values()) < sum(curve[0]["heldout_loss"].values())
+    chosen = res["settings"]["dap_budget"]
+    best = max(curve, key=lambda p: (p["mean_dev_gain"], -p["tokens_per_domain"]))
+    assert chosen["tokens_per_domain"] == best["tokens_per_domain"] and "dev" in chosen["how"]
+    # the rest of the run pre-trains at the chosen budget, with the curve's own modules
+    assert res["settings"]["pretrain"]["steps"] * 64 == chosen["tokens_per_domain"]
+    assert res["lm_loss"][DOMS[0]]["own"] == next(p for p in curve if p is best)["heldout_loss"][DOMS[0]]
+    assert res["jobs"]["module/1/bio"]["reused"]  # trained once, by the curve
+
+
+def test_every_run_keeps_its_best_dev_step(decisive):
+    runs = decisive["runs"]
+    assert {(r["task"], r["method"]) for r in runs} == {(t, m) for t in TASKS for m in METHODS}
+    for r in runs:
+        assert 1 <= r["kept_step"] <= r["max_steps"]
+        steps = [s for s, _ in r["dev_curve"]]
+        assert steps and steps == sorted(steps) and r["kept_step"] in steps
+        # the kept step is the first best dev score, and that is the score reported
+        best = max(f for _, f in r["dev_curve"])
+        assert r["kept_step"] == next(s for s, f in r["dev_curve"] if f == best)
+        assert r["dev_macro_f1"] == pytest.approx(best, abs=1e-4)
+
+
+def test_nothing_is_chosen_on_test(decisive, tiny_decoder, data_root, tmp_path):  # noqa: F811
+    """Other test labels change test scores only: the budget, every kept step and every dev score stay."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    for task in TASKS:
+        path = root / "tasks" / task / "test.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        labels = sorted({r["label"] for r in rows})
+        rows = [{**r, "label": labels[(labels.index(r["label"]) + 1) % len(labels)]} for r in rows]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = _run(tiny_decoder, root, tmp_path / "out")
+    assert other["settings"]["dap_budget"] == decisive["settings"]["dap_budget"]
+    assert other["dap_curve"] == decisive["dap_curve"]
+    key = lambda r: (r["task"], r["method"], r.get("order"))  # noqa: E731
+    a = {key(r): (r["kept_step"], r["dev_macro_f1"], r["dev_curve"]) for r in decisive["runs"]}
+    b = {key(r): (r["kept_step"], r["dev_macro_f1"], r["dev_curve"]) for r in other["runs"]}
+    assert a == b
+    assert [r["test_macro_f1"] for r in decisive["runs"]] != [r["test_macro_f1"] for r in other["runs"]]
