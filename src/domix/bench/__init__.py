@@ -15,8 +15,10 @@ from ..training import option
 class QualityOptions(PoolOptions):
     """Options of `domix bench quality` (read by `domix.bench.quality.run`)."""
 
-    preset: str = option("quick", "run size", choices=("quick", "full"))
-    methods: str | None = option(None, "comma list of methods (default: all)")
+    preset: str = option("quick", "quick (the pipeline's smoke test, under an hour), decisive (the DAP curve, "
+                                  "training to the best dev step, three seeds: ~6 CPU-hours, resumable) or full "
+                                  "(the earlier, under-trained budget)", choices=("quick", "decisive", "full"))
+    methods: str | None = option(None, "comma list of methods (default: the preset's)")
     seeds: str | None = option(None, "comma list of seeds (default: the preset's)")
     workers: int | None = option(None, "trainings run at once (default: the preset's)")
     threads: int | None = option(None, "torch threads per training")
