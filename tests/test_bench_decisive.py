@@ -80,3 +80,62 @@ def test_nothing_is_chosen_on_test(decisive, tiny_decoder, data_root, tmp_path):
     b = {key(r): (r["kept_step"], r["dev_macro_f1"], r["dev_curve"]) for r in other["runs"]}
     assert a == b
     assert [r["test_macro_f1"] for r in decisive["runs"]] != [r["test_macro_f1"] for r in other["runs"]]
+
+
+# ---------------------------------------------------------------------------- the user's own benchmark
+def _user_config(tmp_path, data_root, **change):  # noqa: F811
+    """A config of two domains (one corpus as .txt, one as .jsonl) and two tasks under new names."""
+    import yaml
+
+    corpus = tmp_path / "corpora"
+    corpus.mkdir(exist_ok=True)
+    shutil.copy(data_root / "corpora" / "bio.txt", corpus / "lab.txt")
+    docs = (data_root / "corpora" / "reviews.txt").read_text().splitlines()
+    (corpus / "shop.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()))
+    tasks = {}
+    for name, (task, dom) in {"roles": ("pubmed-role", "lab"), "polarity": ("product-sentiment", "shop")}.items():
+        tasks[name] = {"domain": dom, **{s: str(data_root / "tasks" / task / f"{s}.jsonl")
+                                         for s in ("train", "dev", "test")}}
+    cfg = {"preset": "quick", "domains": {"lab": "corpora/lab.txt", "shop": ["corpora/shop.jsonl"]},
+           "general": str(data_root / "corpora" / "general.txt"), "tasks": tasks,
+           "settings": {k: v for k, v in TINY.items() if k != "domains"}}
+    for k, v in change.items():
+        cfg[k] = v(cfg) if callable(v) else v
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_user_benchmark_runs_the_same_protocol(tiny_decoder, data_root, tmp_path):  # noqa: F811
+    cfg = _user_config(tmp_path, data_root)
+    res = run_quality(config=cfg, out=tmp_path / "out", base=tiny_decoder, workers=2, progress=False,
+                      methods=["base-lora", "own-lora", "domix"])
+    assert not res["failures"], res["failures"]
+    assert res["settings"]["domains"] == ["lab", "shop"]
+    assert res["settings"]["task_domains"] == {"roles": "lab", "polarity": "shop"}
+    assert set(res["tasks"]) == {"roles", "polarity"} and all(set(v) == {"base-lora", "own-lora", "domix"}
+                                                               for v in res["tasks"].values())
+    assert set(res["lm_loss"]) == {"lab", "shop"} and {"base", "own-lora"} <= set(res["retention_loss"])
+    assert {"C1", "C2", "C4", "C5"} <= set(res["verdicts"])
+    assert "roles" in (tmp_path / "out" / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": lambda c: {**c["tasks"], "roles": {**c["tasks"]["roles"], "domain": "court"}}},
+     "task roles: its domain 'court' is not among the config's domains ['lab', 'shop']"),
+    ({"tasks": lambda c: {**c["tasks"], "roles": {k: v for k, v in c["tasks"]["roles"].items() if k != "dev"}}},
+     "task roles: no dev split"),
+    ({"domains": {"lab": "corpora/none.txt", "shop": "corpora/shop.jsonl"}}, "domain lab: corpus"),
+    ({"tasks": lambda c: {**c["tasks"], "roles": {**c["tasks"]["roles"], "test": "extra-label.jsonl"}}},
+     "task roles: labels ['unheard'] of its test split are absent from train"),
+])
+def test_a_bad_user_benchmark_is_refused_before_anything_runs(tiny_decoder, data_root, tmp_path, change,
+                                                              message):  # noqa: F811
+    from domix.bench.quality import ConfigError
+
+    (tmp_path / "extra-label.jsonl").write_text(json.dumps({"text": "a b c", "label": "unheard"}) + "\n")
+    cfg = _user_config(tmp_path, data_root, **change)
+    with pytest.raises(ConfigError, match="bench.yaml") as err:
+        run_quality(config=cfg, out=tmp_path / "out", base=tiny_decoder, workers=2, progress=False)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -15,14 +15,17 @@ from ..training import option
 class QualityOptions(PoolOptions):
     """Options of `domix bench quality` (read by `domix.bench.quality.run`)."""
 
-    preset: str = option("quick", "quick (the pipeline's smoke test, under an hour), decisive (the DAP curve, "
-                                  "training to the best dev step, three seeds: ~6 CPU-hours, resumable) or full "
-                                  "(the earlier, under-trained budget)", choices=("quick", "decisive", "full"))
+    preset: str | None = option(None, "quick (the default: the pipeline's smoke test, under an hour), decisive "
+                                      "(the DAP curve, training to the best dev step, three seeds: ~6 CPU-hours, "
+                                      "resumable) or full (the earlier, under-trained budget)",
+                                choices=("quick", "decisive", "full"))
+    config: str | None = option(None, "YAML of your own benchmark: domains -> corpora, tasks -> train/dev/test JSONL "
+                                      "and their domain (see domix.bench.quality.config)")
     methods: str | None = option(None, "comma list of methods (default: the preset's)")
     seeds: str | None = option(None, "comma list of seeds (default: the preset's)")
     workers: int | None = option(None, "trainings run at once (default: the preset's)")
     threads: int | None = option(None, "torch threads per training")
-    base: str = option(DEFAULT_BASE, "'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
+    base: str | None = option(None, f"'{DEFAULT_BASE}' (the offline default) or a Hugging Face model id / local path")
     data: str | None = option(None, "benchmark data root (default: $DOMIX_CACHE/data)")
     out: str | None = option(None, "output directory (default: bench-out/quality-<preset>/)")
 
@@ -36,8 +39,8 @@ def benchmarks() -> dict:
     return {
         "dap": (DapOptions, "stage-1 module training vs plain PEFT and full training"),
         "finetune": (FinetuneBenchOptions, "DoMIX vs LoRA/DoRA/full fine-tuning and merged-export inference"),
-        "quality": (QualityOptions, "DoMIX against every baseline on the four-domain benchmark (REPORT.md, "
-                                    "results.json, plots)"),
+        "quality": (QualityOptions, "DoMIX against every baseline on the four-domain benchmark or on your own "
+                                    "corpora and tasks (--config): REPORT.md, results.json, plots"),
     }
 
 

@@ -78,8 +78,16 @@ def split_heldout(docs, fraction: float = HELDOUT_FRACTION):
     return split["train"], split["test"]
 
 
-def pack(docs, tokenizer, seq_len: int, max_blocks: int | None = None):
-    """Tokenise each document, end it with EOS/SEP, concatenate and cut into `seq_len` blocks."""
+def pack_heldout(docs, tokenizer, seq_len: int, max_blocks: int | None = None):
+    """The held-out blocks of `split_heldout`'s documents, or None when they do not fill one block
+    (a small corpus): then nothing is scored."""
+    blocks = pack(docs, tokenizer, seq_len, max_blocks, allow_empty=True) if len(docs) else None
+    return blocks if blocks is not None and len(blocks) else None
+
+
+def pack(docs, tokenizer, seq_len: int, max_blocks: int | None = None, allow_empty: bool = False):
+    """Tokenise each document, end it with EOS/SEP, concatenate and cut into `seq_len` blocks
+    (none, if `allow_empty`, when the text is shorter than one block; else CorpusError)."""
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
     def tokenize(batch):
@@ -93,7 +101,7 @@ def pack(docs, tokenizer, seq_len: int, max_blocks: int | None = None):
 
     toks = docs.map(tokenize, batched=True, remove_columns=docs.column_names, desc="tokenise")
     blocks = toks.map(group, batched=True, batch_size=1000, remove_columns=["ids"], desc=f"pack {seq_len}")
-    if len(blocks) == 0:
+    if len(blocks) == 0 and not allow_empty:
         raise CorpusError(f"corpus is shorter than one block of {seq_len} tokens; lower --seq-len")
     if max_blocks is not None and len(blocks) > max_blocks:
         blocks = blocks.select(range(max_blocks))

@@ -39,7 +39,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from ..data.corpus import load_documents, pack, split_heldout
+    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or PretrainConfig(**kwargs)
@@ -62,7 +62,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     docs = load_documents(cfg.data, cfg.text_field)
     train_docs, held_docs = split_heldout(docs)
     train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
-    held_blocks = pack(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks) if len(held_docs) else None
+    held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
     steps = total_steps(cfg, len(train_blocks))
 
     base_held = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None

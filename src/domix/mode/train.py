@@ -121,7 +121,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     Its seed comes from the domain name and the run seed. Returns the expert's metadata."""
     from transformers import set_seed
 
-    from ..data.corpus import load_documents, pack, split_heldout
+    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or ModePretrainConfig(**kwargs)
@@ -143,7 +143,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     docs = load_documents(cfg.data, cfg.text_field)
     train_docs, held_docs = split_heldout(docs)
     train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
-    held_blocks = pack(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks) if len(held_docs) else None
+    held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
 
     set_seed(seed)  # `random` expert init draws from here
     mode = apply_mode(model, [cfg.domain], blocks=cfg.blocks, expert_layers=cfg.expert_layers, init=cfg.expert_init,
@@ -199,7 +199,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     from datasets import interleave_datasets
     from transformers import set_seed
 
-    from ..data.corpus import load_documents, pack, split_heldout
+    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or ComposeConfig(**kwargs)
@@ -225,8 +225,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     for name, paths in parts:
         tr, held = split_heldout(load_documents(paths, cfg.text_field))
         train_parts.append(pack(tr, tokenizer, cfg.seq_len))
-        if len(held):
-            held_parts[name] = pack(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
+        if (blocks := pack_heldout(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)) is not None:
+            held_parts[name] = blocks
     # equal parts: round-robin over the corpora, the smaller ones repeated until the largest is used up
     train_blocks = interleave_datasets(train_parts, stopping_strategy="all_exhausted") if len(train_parts) > 1 \
         else train_parts[0]

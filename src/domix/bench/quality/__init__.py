@@ -16,9 +16,10 @@ fresh processes (locally forked from a server that has imported torch and transf
 or as Ray tasks), so a job's peak RSS (`ru_maxrss`) is its own; `workers` jobs run at once with
 cores // workers threads.
 
-    settings.py  methods, presets, resolve_settings     runners.py  the jobs, in the workers
-    data.py      the data subsets                        execute.py  running jobs with dependencies
-    plan.py      jobs and their cache keys               collect.py  results and the run history
+    settings.py  methods, presets, learning rates        runners.py  the jobs, in the workers
+    config.py    a benchmark of the user's own data       execute.py  running jobs with dependencies
+    data.py      the data subsets                         collect.py  results and the run history
+    plan.py      jobs and their cache keys                curve.py    the DAP-budget curve
     report.py    REPORT.md and plots, from results.json alone
     verdicts.py  the claims' paired differences with bootstrap intervals
 """
@@ -33,29 +34,41 @@ from pathlib import Path
 from ...checkpoints import DEFAULT_BASE
 from ...io import write_json
 from .collect import _history, collect
+from .config import ConfigError, read_config
 from .curve import at_budget, choose_budget, collect_curve, plan_curve
 from .data import prepare_data
 from .execute import execute, job_executor
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
-from .settings import METHODS, NEEDS, _parse_list, order_name, resolve_settings
+from .settings import METHODS, NEEDS, _merge, _parse_list, order_name, resolve_settings, selection
 
-__all__ = ["METHODS", "plan", "prepare_data", "resolve_settings", "run_quality", "run", "_base_id",
+__all__ = ["ConfigError", "METHODS", "read_config", "plan", "prepare_data", "resolve_settings", "run_quality", "run", "_base_id",
            "_finetune_fields"]
 
 
-def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, workers=None, base: str = DEFAULT_BASE,
+def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, workers=None, base: str | None = None,
                 data_root=None, progress: bool = True, threads: int | None = None, overrides: dict | None = None,
-                executor: str = "local", ray_address: str | None = None) -> dict:
+                executor: str = "local", ray_address: str | None = None, config=None) -> dict:
     """Run the quality benchmark (DESIGN.md §6) into `out` and return its results (also
     `out/results.json`; `out/REPORT.md` and `out/plots/` hold the report). The jobs run in a
     local process pool (`executor="local"`) or as Ray tasks (`"ray"`, on the cluster at
-    `ray_address`, default a local Ray instance; `out` must be on a file system every node sees)."""
+    `ray_address`, default a local Ray instance; `out` must be on a file system every node sees).
+    `config`: a benchmark of the user's own corpora and tasks (YAML, see `config.py`) instead of
+    the built-in four domains; `preset`, `base` and `overrides` given here win over its own."""
     from .report import write_report
 
     t0 = time.time()
+    if config and data_root:
+        raise ValueError("give a benchmark config or a data root (--data), not both")
+    user = read_config(config) if config else None
+    if user:
+        preset = preset or user["preset"]
+        base = base or user["base"]
+        overrides = _merge(user["settings"], {"domains": list(user["source"]["corpora"]), **(overrides or {})})
+    preset, base = preset or "quick", base or DEFAULT_BASE
     out = Path(out or f"bench-out/quality-{preset}")
     out.mkdir(parents=True, exist_ok=True)
-    settings = resolve_settings(preset, base, seeds, workers, threads, overrides)
+    settings = resolve_settings(preset, base, seeds, workers, threads, overrides,
+                                task_domains=user["task_domains"] if user else None)
     methods = _parse_list(methods) or settings.get("methods") or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -64,7 +77,9 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
     pool = job_executor(executor, settings["workers"], ray_address)  # starts nothing before its first job
     seeds = settings["seeds"]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
-    if data_root is None:
+    if user:
+        data_root = user["source"]
+    elif data_root is None:
         from ...data.benchmark import build_benchmark_data
         from ...fetch import cache_dir
 
@@ -72,7 +87,7 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
         data_root = cache_dir() / "data"
     log(f"quality: preset {preset}, {len(methods)} methods, seeds {seeds}, {settings['workers']} worker(s) x "
         f"{settings['threads']} thread(s), out {out}")
-    data = prepare_data(Path(data_root), out, settings, progress)
+    data = prepare_data(data_root if user else Path(data_root), out, settings, progress)
     work = out / "work"
     res, curve, curve_res = {}, None, {}
     with pool:
@@ -113,6 +128,7 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
                "reused_jobs": sum(1 for r in every.values() if r.get("reused")),
                **collect(settings, jobs, runs, res, methods, seeds),
                **({"dap_curve": curve} if curve is not None else {}),
+               "selection": selection(settings, methods),
                "jobs": {n: {k: r.get(k) for k in ("label", "kind", "status", "wall_s", "cpu_s", "peak_rss_mb", "load_1m",
                                                   "reused", "error")}
                         for n, r in every.items()},
@@ -127,11 +143,12 @@ def run_quality(preset: str = "quick", out=None, methods=None, seeds=None, worke
 
 
 def run(args) -> dict:
-    """`domix bench quality` (args: preset, out, methods, seeds, workers, threads, base, data, executor,
-    ray_address, json)."""
-    res = run_quality(preset=args.preset, out=getattr(args, "out", None), methods=getattr(args, "methods", None),
+    """`domix bench quality` (args: preset, config, out, methods, seeds, workers, threads, base, data,
+    executor, ray_address, json)."""
+    res = run_quality(preset=getattr(args, "preset", None), out=getattr(args, "out", None),
+                      methods=getattr(args, "methods", None), config=getattr(args, "config", None),
                       seeds=getattr(args, "seeds", None), workers=getattr(args, "workers", None),
-                      base=getattr(args, "base", None) or DEFAULT_BASE, data_root=getattr(args, "data", None),
+                      base=getattr(args, "base", None), data_root=getattr(args, "data", None),
                       threads=getattr(args, "threads", None), progress=True,
                       executor=getattr(args, "executor", None) or "local", ray_address=getattr(args, "ray_address", None))
     return res

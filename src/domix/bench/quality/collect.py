@@ -7,10 +7,10 @@ import statistics
 import time
 from pathlib import Path
 
-from ...data.benchmark import DOMAINS, GENERAL
+from ...data.benchmark import GENERAL
 from .plan import _key, _module_tensors_equal
 from .settings import COMPOSE, COMPOSED_FOR, NEEDS, STAMP, order_name
-from .verdicts import verdicts
+from .verdicts import order_verdict, verdicts
 
 
 def _mean(xs: list) -> float | None:
@@ -26,7 +26,7 @@ def _stats(xs: list[float]) -> dict:
 
 def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str], seeds: list[int]) -> dict:
     domains, orders = settings["domains"], [order_name(o) for o in settings["orders"]]
-    tasks = [DOMAINS[d] for d in domains]
+    tasks = list(settings["task_domains"])
     ok = lambda n: n in res and res[n].get("status") == "done"  # noqa: E731
     # -- tasks
     out_tasks, by = {t: {} for t in tasks}, {}
@@ -78,25 +78,25 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     for d in domains:
         if f"lm/module/{d}" in lm:
             detail["cross"][d] = {k: v for k, v in lm[f"lm/module/{d}"].items()}
-    if "lm/base" in lm:
+    if GENERAL in lm.get("lm/base", {}):  # a user benchmark without general text has no retention
         retention["base"] = lm["lm/base"][GENERAL]
-    own = {d: lm[f"lm/module/{d}"][GENERAL] for d in domains if f"lm/module/{d}" in lm}
-    if own:
-        retention["own-lora"] = round(statistics.mean(own.values()), 5)
-        detail["own-lora"] = own
-    if "lm/joint" in lm:
-        retention["joint-lora"] = lm["lm/joint"][GENERAL]
-    ncl_ret = {o: lm[f"lm/{j}"][GENERAL] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}
-    if ncl_ret:
-        retention["ncl"] = round(statistics.mean(ncl_ret.values()), 5)
-        detail["ncl"] = ncl_ret
-    experts = {d: lm[f"lm/mode-expert/{d}"][GENERAL] for d in domains if f"lm/mode-expert/{d}" in lm}
-    if experts:
-        retention["mode-expert"] = round(statistics.mean(experts.values()), 5)
-        detail["mode-expert"] = experts
-    for variant in COMPOSE:
-        if f"lm/{variant}" in lm:
-            retention[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][GENERAL]
+        own = {d: lm[f"lm/module/{d}"][GENERAL] for d in domains if f"lm/module/{d}" in lm}
+        if own:
+            retention["own-lora"] = round(statistics.mean(own.values()), 5)
+            detail["own-lora"] = own
+        if "lm/joint" in lm:
+            retention["joint-lora"] = lm["lm/joint"][GENERAL]
+        ncl_ret = {o: lm[f"lm/{j}"][GENERAL] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}
+        if ncl_ret:
+            retention["ncl"] = round(statistics.mean(ncl_ret.values()), 5)
+            detail["ncl"] = ncl_ret
+        experts = {d: lm[f"lm/mode-expert/{d}"][GENERAL] for d in domains if f"lm/mode-expert/{d}" in lm}
+        if experts:
+            retention["mode-expert"] = round(statistics.mean(experts.values()), 5)
+            detail["mode-expert"] = experts
+        for variant in COMPOSE:
+            if f"lm/{variant}" in lm:
+                retention[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][GENERAL]
     # -- order robustness
     robust, checks = {}, {}
     if "domix" in methods:
@@ -167,16 +167,27 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     shared = {m: o for i, m in enumerate(methods) for o in methods[:i] if m in job_sets and job_sets[m] == job_sets.get(o)}
     # -- verdicts on the claims: paired bootstrap of the test predictions (ncl and domix: the first
     # order's runs); jobs from runs that predate kept predictions leave their claims out
-    preds, n_classes = {}, {}
+    preds, n_classes, by_order = {}, {}, {}
     for method, task, seed, order, name in runs:
-        if ok(name) and "test_predictions" in res[name] and order in (None, orders[0]):
+        if ok(name) and "test_predictions" in res[name]:
             p = res[name]["test_predictions"]
-            preds.setdefault(method, {}).setdefault(task, {})[seed] = (p["y_true"], p["y_pred"])
             n_classes[task] = len(res[name]["test"]["labels"])
+            if order in (None, orders[0]):
+                preds.setdefault(method, {}).setdefault(task, {})[seed] = (p["y_true"], p["y_pred"])
+            if order in orders[:2]:
+                by_order.setdefault(method, [{}, {}])[orders.index(order)].setdefault(task, {})[seed] = \
+                    (p["y_true"], p["y_pred"])
+    dev = {m: statistics.mean(r["dev_macro_f1"]["mean"] for r in [by[m] for by in out_tasks.values() if m in by])
+           for m in methods if any(m in by for by in out_tasks.values())}
+    claims = verdicts(preds, n_classes=n_classes, methods=methods, dev=dev)
+    eq = checks.get("domix", {}).get("modules_bitwise_equal")
+    c4 = order_verdict(by_order, all(eq.values()) if eq else None, n_classes=n_classes)
+    if c4:
+        claims = dict(sorted({**claims, "C4": c4}.items()))
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail,
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
-            "shared_runs": shared, "runs": run_list, "verdicts": verdicts(preds, n_classes=n_classes)}
+            "shared_runs": shared, "runs": run_list, "verdicts": claims}
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

@@ -7,7 +7,7 @@ import math
 import random
 from pathlib import Path
 
-from ...data.benchmark import DOMAINS, GENERAL
+from ...data.benchmark import GENERAL
 from ...io import atomic_dir, sha256_file, write_json
 from .plan import _key
 
@@ -52,24 +52,57 @@ def data_tokens(settings: dict) -> int:
     return max(curve) if curve else pre["steps"] * pre["batch_size"] * pre["seq_len"]
 
 
-def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -> dict:
+def builtin_source(root: Path, settings: dict) -> dict:
+    """The files of the built-in benchmark (`domix fetch data`) as a data source (see `prepare_data`)."""
+    root = Path(root)
+    return {"root": str(root), "corpora": {d: [str(root / "corpora" / f"{d}.txt")] for d in settings["domains"]},
+            "general": str(root / "corpora" / f"{GENERAL}.txt"),
+            "tasks": {t: {"domain": d, **{s: str(root / "tasks" / t / f"{s}.jsonl") for s in SPLITS}}
+                      for t, d in settings["task_domains"].items()}}
+
+
+SPLITS = ("train", "dev", "test")
+
+
+def _documents(paths: list[str]) -> list[str]:
+    """A corpus's documents: a .txt file holds one per line; anything else `load_documents` reads
+    (.jsonl/.json/.csv/.parquet files, folders, saved datasets), a document's newlines made spaces."""
+    if len(paths) == 1 and Path(paths[0]).suffix == ".txt" and Path(paths[0]).is_file():
+        return [line for line in Path(paths[0]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from ...data.corpus import load_documents
+
+    return [" ".join(t.split()) for t in load_documents(paths)["text"]]
+
+
+def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> dict:
     """Deterministic subsets of the benchmark data under out/data-<key>/: per domain a training
     text of the pre-training budget (plus the 5% pretrain holds out itself) and a disjoint
-    held-out text for LM loss; a general-text held-out set; the task splits, subsampled."""
+    held-out text for LM loss; a general-text held-out set (if the source has one); the task
+    splits, subsampled. `source`: the root of the built-in data, or a user benchmark's files
+    ({"corpora": {domain: [paths]}, "general": path | None, "tasks": {task: {"domain", "train",
+    "dev", "test"}}}, see `config.read_config`)."""
     from ...models import load_tokenizer
 
-    root = Path(root)
+    builtin = not isinstance(source, dict)
+    if builtin:
+        source = builtin_source(source, settings)
+    root = Path(source["root"]) if source.get("root") else None
     pre, ft, lm = settings["pretrain"], settings["finetune"], settings["lm_eval"]
     domains = settings["domains"]
-    files = [root / "corpora" / f"{d}.txt" for d in [*domains, GENERAL]]
-    files += [root / "tasks" / DOMAINS[d] / f"{s}.jsonl" for d in domains for s in ("train", "dev", "test")]
-    missing = [str(f) for f in files if not f.is_file()]
+    general = source.get("general")
+    files = [Path(f) for d in domains for f in source["corpora"][d]] + ([Path(general)] if general else [])
+    files += [Path(t[s]) for t in source["tasks"].values() for s in SPLITS]
+    missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise FileNotFoundError(f"benchmark data under {root} lacks {missing[:3]} (build it: domix fetch data)")
-    spec = {"files": {str(f.relative_to(root)): sha256_file(f) for f in files}, "domains": domains,
+        raise FileNotFoundError(f"benchmark data under {root} lacks {missing[:3]} (build it: domix fetch data)"
+                                if builtin else f"the benchmark's files {missing[:3]} do not exist")
+    name = lambda f: str(f.relative_to(root)) if root else str(f.resolve())  # noqa: E731
+    spec = {"files": {name(f): sha256_file(f) if f.is_file() else _tree_hash(f) for f in files}, "domains": domains,
             "tokens": data_tokens(settings), "seq_len": pre["seq_len"],
-            "heldout_blocks": lm["blocks"], "sizes": {k: ft[k] for k in ("train", "dev", "test")},
+            "heldout_blocks": lm["blocks"], "sizes": {k: ft[k] for k in SPLITS},
             "tokenizer": settings["base_id"], "version": 2}
+    if not builtin:
+        spec["tasks"] = {t: v["domain"] for t, v in source["tasks"].items()}
     dest = out / f"data-{_key(spec)}"
     if (dest / "data.json").is_file():
         return json.loads((dest / "data.json").read_text())
@@ -77,10 +110,11 @@ def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -
     # pretrain() holds 5% of the documents out; the rest must fill `steps` batches once
     train_target = math.ceil(spec["tokens"] / 0.95 * 1.05)
     held_target = math.ceil(lm["blocks"] * pre["seq_len"] * 1.1)
-    info = {"root": str(root), "key": dest.name, "corpora": {}, "heldout": {}, "tasks": {}}
+    info = {"root": str(root) if root else None, "key": dest.name, "corpora": {}, "heldout": {}, "tasks": {}}
+    corpora = {**{d: source["corpora"][d] for d in domains}, **({GENERAL: [general]} if general else {})}
     with atomic_dir(dest, overwrite=True) as stage:
-        for d in [*domains, GENERAL]:
-            docs = [l for l in (root / "corpora" / f"{d}.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+        for d, paths in corpora.items():
+            docs = _documents(paths)
             order = list(range(len(docs)))
             random.Random(f"quality/{d}").shuffle(order)
             # held-out documents come first and are capped in length, so a few long pages
@@ -90,19 +124,20 @@ def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -
             (stage / "heldout" / f"{d}.txt").write_text("\n".join(held) + "\n", encoding="utf-8")
             info["heldout"][d] = {"path": str(dest / "heldout" / f"{d}.txt"), "documents": len(held),
                                   "tokens": held_tokens}
-            if d == GENERAL:
+            if d == GENERAL and general:
                 continue
             train, _, train_tokens = _take_tokens(docs, order, nxt, train_target, tok)
+            if not train:
+                raise ValueError(f"domain {d}: its corpus has no documents left after the held-out text")
             (stage / "corpora").mkdir(exist_ok=True)
             (stage / "corpora" / f"{d}.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
             info["corpora"][d] = {"path": str(dest / "corpora" / f"{d}.txt"), "documents": len(train),
                                   "tokens": train_tokens, "of": len(docs)}
-        for d in domains:
-            task = DOMAINS[d]
-            info["tasks"][task] = {"domain": d}
-            for split in ("train", "dev", "test"):
-                src = root / "tasks" / task / f"{split}.jsonl"
-                rows = [json.loads(l) for l in src.read_text(encoding="utf-8").splitlines() if l.strip()]
+        for task, t in source["tasks"].items():
+            info["tasks"][task] = {"domain": t["domain"]}
+            for split in SPLITS:
+                rows = [json.loads(line) for line in Path(t[split]).read_text(encoding="utf-8").splitlines()
+                        if line.strip()]
                 sub = _stratified(rows, ft[split], random.Random(f"quality/{task}/{split}"))
                 if split != "train":  # scored in batches: similar lengths together pad less
                     sub.sort(key=lambda r: len(r["text"]))
@@ -116,3 +151,10 @@ def prepare_data(root: Path, out: Path, settings: dict, progress: bool = True) -
         write_json(stage / "data.json", info)
     return info
 
+
+def _tree_hash(path: Path) -> str:
+    """A folder's identity: the sha256 of its files' names and contents."""
+    from ...io import sha256_text
+
+    return sha256_text(json.dumps({str(f.relative_to(path)): sha256_file(f)
+                                   for f in sorted(path.rglob("*")) if f.is_file()}))

@@ -8,7 +8,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...data.benchmark import DOMAINS
 from ...io import sha256_text
 from .settings import COMPOSE, METHODS, NEEDS, NO_SAVE, order_name
 
@@ -185,8 +184,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
     defaults = config_defaults(FinetuneConfig)
     for method in methods:
         m = METHODS[method]
-        for d in domains:
-            task = DOMAINS[d]
+        for task, d in settings["task_domains"].items():
             t = data["tasks"][task]
             variants = [(None, None)]
             if m.get("init") == "ncl":

@@ -130,8 +130,18 @@ def claim_verdicts(results: dict) -> list[str]:
     for name, c in claims.items():
         diffs = "; ".join(f"{x['a']} − {x['b']} {x['diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
                           for x in c["comparisons"])
-        missing = f" (no predictions of {', '.join(c['missing'])})" if c.get("missing") else ""
-        L.append(f"- **{name}** {c['claim']}: **{c['verdict']}**{missing} — {diffs}.")
+        notes = [f"no predictions of {', '.join(c['missing'])}" if c.get("missing") else "",
+                 f"not run in this preset: {', '.join(c['not_run'])}" if c.get("not_run") else "",
+                 f"strongest on dev: {c['strongest_on_dev']['method']} ({c['strongest_on_dev']['dev_macro_f1']:.3f} "
+                 "mean dev macro-F1)" if c.get("strongest_on_dev") else ""]
+        if name == "C4":
+            diffs = "; ".join(f"{x['a']} − {x['b']} {x['diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}], "
+                              f"predictions {'identical' if x['identical_predictions'] else 'differ'} "
+                              f"(seeds {x['seeds']})" for x in c["comparisons"])
+            if c.get("modules_bitwise_equal") is not None:
+                notes.append(f"modules of the two orders bitwise equal: {'yes' if c['modules_bitwise_equal'] else 'no'}")
+        notes = "; ".join(n for n in notes if n)
+        L.append(f"- **{name}** {c['claim']}: **{c['verdict']}**{f' ({notes})' if notes else ''} — {diffs}.")
     if not claims:
         L.append("- No runs kept their test predictions (jobs reused from older runs): no claim can be judged.")
     L += ["", f"Each interval is a paired bootstrap ({N_BOOT:,} draws): a draw resamples every task's test "
@@ -140,6 +150,64 @@ def claim_verdicts(results: dict) -> list[str]:
           "percentile. Supported: every interval of the claim above 0; not supported: one below 0; else "
           "inconclusive. ncl and domix use their first order's runs.", ""]
     return L
+
+
+def dap_curve_section(results: dict) -> list[str]:
+    """The DAP-budget curve: held-out loss and dev gain of own-lora over base-lora per budget."""
+    curve, chosen = results.get("dap_curve"), results["settings"].get("dap_budget")
+    if not curve:
+        return []
+    doms = list(curve[0]["heldout_loss"])
+    tasks = list(curve[0]["dev_macro_f1"])
+    base = curve[0]["base_heldout_loss"]
+    L = ["## DAP budget: task gain vs domain tokens (dev, first seed)", "",
+         "| tokens per domain | " + " | ".join(f"{d} loss" for d in doms) + " | "
+         + " | ".join(f"{t} own / base" for t in tasks) + " | mean dev gain |",
+         "|---|" + "---|" * (len(doms) + len(tasks) + 1),
+         "| 0 (base) | " + " | ".join(_num(base.get(d)) for d in doms) + " |" + " |" * len(tasks) + " |"]
+    for p in curve:
+        dev = p["dev_macro_f1"]
+        cells = [f"{_num(dev.get(t, {}).get('own'))} / {_num(dev.get(t, {}).get('base'))}" for t in tasks]
+        mark = "**" if chosen and p["tokens_per_domain"] == chosen["tokens_per_domain"] else ""
+        L.append(f"| {mark}{p['tokens_per_domain']:,}{mark} | " + " | ".join(_num(p["heldout_loss"].get(d)) for d in doms)
+                 + " | " + " | ".join(cells) + f" | {mark}{_num(p['mean_dev_gain'], 4)}{mark} |")
+    L += ["", "Loss: each domain's own module on its held-out text (nats/token). own / base: dev macro-F1 of the "
+          "task fine-tuned from its domain's module vs from the base model (same rank, same fine-tuning, the "
+          "first seed)."]
+    if chosen:
+        L += [f"The run pre-trains at **{chosen['tokens_per_domain']:,} tokens per domain**: {chosen['how']}."]
+    return L + [""]
+
+
+def selection_section(results: dict) -> list[str]:
+    sel = results.get("selection")
+    if not sel:
+        return []
+    L = ["## Learning rates (one rule for every method; nothing chosen on test)", "",
+         "| method | lr | bridge / gate lr | how |", "|---|---|---|---|"]
+    L += [f"| {m} | {v['lr']:g} | {_num(v['bridge_lr'], 4)} | {v['how']} |" for m, v in sel.items()]
+    return L + [""]
+
+
+def kept_steps_section(results: dict) -> list[str]:
+    """Training to the best dev step: per method the mean kept step, the steps run and allowed."""
+    ft = results["settings"]["finetune"]
+    runs = results.get("runs") or []
+    if not ft.get("keep_best") or not runs:
+        return []
+    import statistics
+
+    L = [f"## Training to the best dev step (dev every {ft['eval_every']} steps, patience {ft.get('patience')}, "
+         f"at most {ft['epochs']:g} epochs)", "",
+         "| method | kept step (mean, min–max) | steps allowed | dev macro-F1 at the kept step |", "|---|---|---|---|"]
+    for m in results["methods"]:
+        rs = [r for r in runs if r["method"] == m and r.get("order") in (None, ",".join(results["settings"]["orders"][0]))]
+        if rs:
+            ks = [r["kept_step"] for r in rs]
+            L.append(f"| {m} | {statistics.mean(ks):.1f} ({min(ks)}–{max(ks)}) | {max(r['max_steps'] for r in rs)} | "
+                     f"{statistics.mean(r['dev_macro_f1'] for r in rs):.3f} |")
+    return L + ["", "Every run is scored on test once, with the parameters of its best dev evaluation "
+                "(`plots/dev_curves.png`: the first seed's dev curves).", ""]
 
 
 def _plots(results: dict, out: Path) -> list[str]:
@@ -200,6 +268,51 @@ def _plots(results: dict, out: Path) -> list[str]:
         fig.savefig(plots / "lm_loss.png", dpi=110)
         plt.close(fig)
         made.append("plots/lm_loss.png")
+    curve = results.get("dap_curve")
+    if curve:
+        xs = [p["tokens_per_domain"] for p in curve]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+        for t in curve[0]["dev_macro_f1"]:
+            a1.plot(xs, [p["dev_macro_f1"].get(t, {}).get("own", np.nan) - p["dev_macro_f1"].get(t, {}).get("base", np.nan)
+                         for p in curve], "o-", label=t, alpha=0.7)
+        a1.plot(xs, [p["mean_dev_gain"] if p["mean_dev_gain"] is not None else np.nan for p in curve], "ks-", lw=2,
+                label="mean")
+        a1.axhline(0, color="grey", lw=0.8)
+        a1.set(xscale="log", xlabel="DAP tokens per domain", ylabel="dev macro-F1: own module − base",
+               title="task gain vs domain tokens")
+        a1.legend(fontsize=7)
+        for d in curve[0]["heldout_loss"]:
+            line, = a2.plot(xs, [p["heldout_loss"].get(d, np.nan) for p in curve], "o-", label=d)
+            if curve[0]["base_heldout_loss"].get(d) is not None:
+                a2.axhline(curve[0]["base_heldout_loss"][d], color=line.get_color(), ls=":", lw=1)
+        a2.set(xscale="log", xlabel="DAP tokens per domain", ylabel="held-out LM loss (dotted: base)",
+               title="does the module learn its domain?")
+        a2.legend(fontsize=7)
+        for ax in (a1, a2):
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plots / "dap_curve.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/dap_curve.png")
+    first = [r for r in results.get("runs") or [] if r["seed"] == results["seeds"][0] and len(r.get("dev_curve") or []) > 1
+             and r.get("order") in (None, ",".join(results["settings"]["orders"][0]))]
+    if first:
+        methods = [m for m in results["methods"] if any(r["method"] == m for r in first)]
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+        colors = plt.cm.tab10(np.linspace(0, 1, max(1, len(methods))))
+        for ax, t in zip(axes[0], tasks):
+            for r in (r for r in first if r["task"] == t):
+                c = colors[methods.index(r["method"])]
+                ax.plot(*zip(*r["dev_curve"]), "-", color=c, label=r["method"], lw=2 if r["method"] == "domix" else 1)
+                ax.plot([r["kept_step"]], [r["dev_macro_f1"]], "o", color=c)
+            ax.set(title=t, xlabel="step", ylabel="dev macro-F1")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle("dev curves, first seed (dot: the kept step)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(plots / "dev_curves.png", dpi=110)
+        plt.close(fig)
+        made.append("plots/dev_curves.png")
     # bridge heatmaps of DoMIX (first seed), averaged over layer types
     grids = results.get("bridge_blocks", {})
     if grids:
@@ -253,14 +366,20 @@ def write_report(results: dict, out: Path) -> str:
          f"{time.strftime('%Y-%m-%d %H:%M')}."
          + (f" The machine was shared: mean 1-minute load average {results['load_avg_1m']} while jobs finished "
             f"(this run alone keeps it near {s['workers']})." if results.get("load_avg_1m") else ""), "",
-         "Command: `domix bench quality --preset " + results["preset"] + "`", ""]
+         "Command: `domix bench quality --preset " + results["preset"]
+         + (f" --methods {','.join(results['methods'])}" if results["methods"] != s.get("methods", results["methods"])
+            else "") + "`", ""]
     if results["failures"]:
         L += ["## Failures", "", *[f"- `{n}`: {e}" for n, e in results["failures"].items()], ""]
     L += [f"## End tasks: test macro-F1 (mean ± std over {n_seeds} seed(s); best per task in bold)", "", table, "",
           "## End tasks: test accuracy", "", metric_table(results, "accuracy"), "",
-          "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
-          "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`).", "",
-          *claim_verdicts(results),
+          ("Nothing was chosen on the test sets: each run kept the step of its best dev macro-F1 (see below), "
+           "the DAP budget was chosen on dev, the learning rates are standard values."
+           if ft.get("keep_best") else
+           "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
+           "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`)."), "",
+          *claim_verdicts(results), *dap_curve_section(results), *selection_section(results),
+          *kept_steps_section(results),
           "## DoMIX against each other method (test macro-F1)", "", *verdicts(results), ""]
     lm = results["lm_loss"]
     if lm:
@@ -341,12 +460,15 @@ def write_report(results: dict, out: Path) -> str:
           f"- Pre-training, equal in tokens per domain: every module and every ncl stage sees {pre['steps']} steps × "
           f"{pre['batch_size']} × {pre['seq_len']} tokens = {tokens:,} tokens of its domain; **joint-lora gets the sum**, "
           f"{pre['steps'] * len(s['domains'])} steps = {tokens * len(s['domains']):,} tokens over the union in one run. "
-          f"LoRA r={pre['rank']}, alpha={pre['alpha']}, all linear layers, lr {pre['lr']}; ncl trains all weights "
+          f"LoRA r={pre['rank']}, alpha={pre['alpha']}, all linear layers, lr {pre['lr']}, "
+          f"{pre.get('dtype', 'fp32')}; ncl trains all weights "
           f"at lr {pre['full_lr']} (a LoRA lr would wreck a full model; not tuned). Pre-training runs once (seed "
           f"{pre['seed']}); the seeds vary fine-tuning.",
-          f"- Fine-tuning, equal in epochs: {ft['epochs']} epoch(s) of batch {ft['batch_size']}, max length "
-          f"{ft['max_seq_len']} tokens, linear schedule with 10% warm-up, for every method. Learning rates are each "
-          f"family's usual default, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
+          f"- Fine-tuning, equal in epochs: {ft['epochs']:g} epoch(s) of batch {ft['batch_size']}, max length "
+          f"{ft['max_seq_len']} tokens, linear schedule with 10% warm-up, {ft.get('dtype', 'fp32')}, for every method"
+          + (f"; dev scored every {ft['eval_every']} steps, the best dev step kept, stopped after {ft.get('patience')} "
+             "evaluations without improvement" if ft.get("keep_best") else "") + ". Learning rates are each "
+          f"family's standard value, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
           f"{s['domix_defaults']['bridge_lr']}), {ft['full_lr']} for full fine-tuning (base-full, ncl).",
           f"- Budgets that are not equal: trainable parameters (see Efficiency); base-lora/base-dora use rank "
           f"{ft['base_lora_rank']} (≈ DoMIX's trainable budget: N·r/2 for N={len(s['domains'])} modules of r="

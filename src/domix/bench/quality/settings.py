@@ -93,6 +93,41 @@ PRESETS: dict[str, dict] = {
     }),
     "decisive": DECISIVE,
 }
+# ---------------------------------------------------------------------------- learning rates
+# One rule for every method: its field's standard value, with the source written down (a dev grid
+# over every method's rates does not fit the decisive budget). The test split chooses nothing.
+STANDARD_LR = {
+    "lr": (5e-4, "LoRA's GLUE rates for RoBERTa-base, 4e-4 to 5e-4 (Hu et al. 2021)"),
+    "full_lr": (5e-5, "BERT's fine-tuning range, 2e-5 to 5e-5 (Devlin et al. 2019)"),
+    "mode_lr": (1e-4, "between LoRA's and full fine-tuning's (experts are full layers)"),
+    "bridge_lr": (3e-3, "the DoMIX reference code's bridge rate"),
+}
+
+
+def selection(settings: dict, methods: list[str]) -> dict:
+    """results.json's `selection`: every method's learning rate (and DoMIX's bridge or MoDE's gate
+    rate) and how it was chosen."""
+    ft, bridge_lr = settings["finetune"], settings["domix_defaults"]["bridge_lr"]
+    out = {}
+    for name in methods:
+        m = METHODS[name]
+        field = {"full": "full_lr", "mode": "mode_lr"}.get(m["method"], "lr")
+        trains_bridge = m["method"] in ("domix", "mode") and not m.get("freeze_bridge")
+        rates = {"lr": (field, ft[field]),
+                 "bridge_lr": ("bridge_lr", m.get("bridge_lr", bridge_lr)) if trains_bridge else None}
+        hows = []
+        for key, pick in rates.items():
+            if pick is not None:
+                std, source = STANDARD_LR[pick[0]]
+                hows.append(f"{key} {pick[1]:g}: " + (f"standard value, {source}" if pick[1] == std
+                                                      else "set in the run's settings"))
+        if m.get("freeze_bridge"):
+            hows.append("bridge frozen")
+        out[name] = {"lr": ft[field], "bridge_lr": rates["bridge_lr"][1] if rates["bridge_lr"] else None,
+                     "how": "; ".join(hows)}
+    return out
+
+
 NO_SAVE = 10 ** 9  # Trainer checkpoints are not needed: a job is redone whole if it dies
 STAMP = "%Y-%m-%dT%H:%M:%S"  # the local time format of "finished" in job results and the history
 
@@ -109,7 +144,10 @@ def _parse_list(value, cast=str):
     return [cast(v) for v in value]
 
 
-def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=None, overrides=None) -> dict:
+def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=None, overrides=None,
+                     task_domains: dict | None = None) -> dict:
+    """A run's settings: the preset, its overrides, the machine. `task_domains` ({task: domain}, a
+    user benchmark's) replaces the four built-in domains and their tasks."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
     s = _merge(PRESETS[preset], overrides or {})
@@ -119,9 +157,12 @@ def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=N
     s["workers"] = int(workers or s["workers"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     s["threads"] = int(threads or max(1, cores // s["workers"]))
-    unknown = [d for d in s["domains"] if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"unknown domains {unknown}; known: {list(DOMAINS)}")
+    if task_domains is None:
+        unknown = [d for d in s["domains"] if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"unknown domains {unknown}; known: {list(DOMAINS)}")
+        task_domains = {DOMAINS[d]: d for d in s["domains"]}
+    s["task_domains"] = dict(task_domains)
     s.setdefault("orders", [list(s["domains"]), list(reversed(s["domains"]))])
     s["orders"] = [list(o) for o in s["orders"]]
     if len(s["orders"]) < 2 or any(sorted(o) != sorted(s["domains"]) for o in s["orders"]):

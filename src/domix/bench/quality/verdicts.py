@@ -19,9 +19,10 @@ CLAIMS = {
     "C1": ("domain-adaptive pre-training helps", [("own-lora", "base-lora"), ("ncl", "base-full")]),
     "C2": ("mixing the domain modules helps", [("domix", "own-lora"), ("domix", "joint-lora")]),
     "C3": ("the trained bridge helps", [("domix", "cat-merge"), ("domix", "domix-frozen-bridge")]),
-    "C5": ("DoMIX beats every baseline without DAP",
+    "C5": ("DoMIX beats the strongest baseline without DAP (the best on dev of base LoRA/DoRA/full)",
            [("domix", "base-lora"), ("domix", "base-dora"), ("domix", "base-full")]),
 }
+C4 = "DoMIX does not depend on the order in which the domains were learned (ncl's spread beside it)"
 
 
 def macro_f1(y_true, y_pred, idx=None, n_classes: int | None = None) -> np.ndarray:
@@ -89,15 +90,27 @@ def _common(a: dict, b: dict) -> tuple[list, list]:
     return tasks, sorted(seeds)
 
 
-def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | None = None) -> dict:
+def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | None = None,
+             methods: list[str] | None = None, dev: dict | None = None) -> dict:
     """Every claim of `CLAIMS` with at least one comparison that can be made: {claim: {"claim": what
     it says, "comparisons": [{"a", "b", "diff", "ci95", "tasks", "seeds"}], "verdict": ...,
-    "missing": [methods without test predictions], if any}}. `runs`: {method: {task: {seed:
-    (y_true, y_pred)}}}; a comparison uses the tasks both methods ran and the seeds both ran on
-    all of them. A claim with a comparison missing is at best inconclusive."""
+    "missing": [methods without test predictions], "not_run": [methods the run left out], if any}}.
+    `runs`: {method: {task: {seed: (y_true, y_pred)}}}; a comparison uses the tasks both methods ran
+    and the seeds both ran on all of them. A comparison with a method outside `methods` (the run's
+    methods; default: every method) is left out and named; one whose method ran without predictions
+    makes its claim at best inconclusive. With `dev` ({method: mean dev macro-F1}), C5 compares
+    DoMIX with the baseline that scored best on dev only."""
     out = {}
     for claim, (says, pairs) in CLAIMS.items():
         comparisons, missing = [], []
+        not_run = sorted({m for p in pairs for m in p if methods is not None and m not in methods})
+        pairs = [p for p in pairs if not set(p) & set(not_run)]
+        chosen = None
+        if claim == "C5" and dev and pairs:
+            ranked = [b for _, b in pairs if dev.get(b) is not None]
+            if ranked:
+                chosen = max(ranked, key=lambda b: dev[b])
+                pairs = [p for p in pairs if p[1] == chosen]
         for a, b in pairs:
             tasks, seeds = _common(runs.get(a, {}), runs.get(b, {}))
             if not seeds:
@@ -111,5 +124,38 @@ def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | 
             complete = len(comparisons) == len(pairs)
             out[claim] = {"claim": says, "comparisons": comparisons,
                           "verdict": verdict([c["ci95"] for c in comparisons], complete),
-                          **({"missing": missing} if not complete else {})}
+                          **({"missing": missing} if not complete else {}),
+                          **({"not_run": not_run} if not_run else {}),
+                          **({"strongest_on_dev": {"method": chosen, "dev_macro_f1": round(dev[chosen], 4)}}
+                             if chosen else {})}
+    return out
+
+
+def order_verdict(by_order: dict, modules_equal: bool | None, n_boot: int = N_BOOT, seed: int = 0,
+                  n_classes: dict | None = None) -> dict | None:
+    """C4: DoMIX's test predictions in the first two domain orders, compared pairwise (and ncl's
+    beside it, the baseline whose result depends on the order). `by_order`: {method: [runs of order
+    A, runs of order B]} with runs as in `verdicts`. Supported when DoMIX's predictions are
+    identical in both orders on every task and seed compared; not supported when the interval of
+    the difference excludes 0; else inconclusive."""
+    dom = by_order.get("domix")
+    if not dom or len(dom) < 2:
+        return None
+    out = {"claim": C4, "comparisons": []}
+    for method, (a, b) in by_order.items():
+        tasks, seeds = _common(a, b)
+        if not seeds:
+            continue
+        same = all(np.array_equal(a[t][s][1], b[t][s][1]) for t in tasks for s in seeds)
+        pick = lambda r: {t: {s: r[t][s] for s in seeds} for t in tasks}  # noqa: E731
+        out["comparisons"].append({"a": f"{method} [order A]", "b": f"{method} [order B]",
+                                   **paired_bootstrap(pick(a), pick(b), n_boot, seed, n_classes),
+                                   "tasks": tasks, "seeds": seeds, "identical_predictions": same})
+    first = next((c for c in out["comparisons"] if c["a"].startswith("domix ")), None)
+    if first is None:
+        return None
+    lo, hi = first["ci95"]
+    out["verdict"] = ("supported" if first["identical_predictions"] else
+                      "not supported" if lo > 0 or hi < 0 else "inconclusive")
+    out["modules_bitwise_equal"] = modules_equal
     return out
