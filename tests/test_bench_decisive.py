@@ -23,7 +23,10 @@ def _run(base, root, out):
 
 @pytest.fixture(scope="module")
 def decisive(tiny_decoder, data_root, tmp_path_factory):  # noqa: F811
-    return _run(tiny_decoder, data_root, tmp_path_factory.mktemp("decisive"))
+    out = tmp_path_factory.mktemp("decisive")
+    res = _run(tiny_decoder, data_root, out)
+    res["_out"] = out
+    return res
 
 
 def test_the_curve_chooses_the_budget_on_dev(decisive):
@@ -60,6 +63,19 @@ def test_every_run_keeps_its_best_dev_step(decisive):
         best = max(f for _, f in r["dev_curve"])
         assert r["kept_step"] == next(s for s, f in r["dev_curve"] if f == best)
         assert r["dev_macro_f1"] == pytest.approx(best, abs=1e-4)
+
+
+def test_the_report_shows_the_protocol(decisive):
+    out = decisive["_out"]
+    report = (out / "REPORT.md").read_text()
+    for section in ("## DAP budget: task gain vs domain tokens", "## Learning rates", "## Training to the best dev step",
+                    "**C4**", "The run pre-trains at **"):
+        assert section in report, section
+    for plot in ("dap_curve.png", "dev_curves.png"):
+        assert (out / "plots" / plot).stat().st_size > 0
+    sel = decisive["selection"]
+    assert set(sel) == set(METHODS) and sel["domix"]["bridge_lr"] == 3e-3 and sel["cat-merge"]["bridge_lr"] is None
+    assert all("standard value" in v["how"] for v in sel.values())
 
 
 def test_nothing_is_chosen_on_test(decisive, tiny_decoder, data_root, tmp_path):  # noqa: F811

@@ -100,17 +100,26 @@ def test_results_schema(bench):
     assert all(r["kept_step"] == r["max_steps"] > 0 and 0 <= r["dev_macro_f1"] <= 1 for r in saved["runs"])
     # verdicts: a paired bootstrap of the test predictions per claim; its point estimate is the
     # difference of the tables' macro-F1 means (ncl's table pools both orders, its verdict the first)
-    assert set(saved["verdicts"]) == {"C1", "C2", "C3", "C5"}
+    assert set(saved["verdicts"]) == {"C1", "C2", "C3", "C4", "C5"}
     for claim, v in saved["verdicts"].items():
         assert v["verdict"] in ("supported", "not supported", "inconclusive") and "missing" not in v, claim
-        assert len(v["comparisons"]) == {"C1": 2, "C2": 2, "C3": 2, "C5": 3}[claim]
+        assert len(v["comparisons"]) == {"C1": 2, "C2": 2, "C3": 2, "C4": 2, "C5": 1}[claim]
         for c in v["comparisons"]:
             lo, hi = c["ci95"]
             assert {"a", "b", "diff", "ci95"} <= set(c) and -1 <= lo <= hi <= 1 and set(c["tasks"]) == TASKS
-            if "ncl" not in (c["a"], c["b"]):
+            if claim != "C4" and "ncl" not in (c["a"], c["b"]):
                 gap = [by[c["a"]]["macro_f1"]["mean"] - by[c["b"]]["macro_f1"]["mean"]
                        for by in saved["tasks"].values()]
                 assert c["diff"] == pytest.approx(sum(gap) / len(gap), abs=2e-4), c
+    # C5: DoMIX against the non-DAP baseline with the best mean dev macro-F1
+    dev = {m: sum(by[m]["dev_macro_f1"]["mean"] for by in saved["tasks"].values()) / len(TASKS)
+           for m in ("base-lora", "base-dora", "base-full")}
+    assert saved["verdicts"]["C5"]["comparisons"][0]["b"] == max(dev, key=dev.get)
+    # C4: the modules of both orders are bitwise equal, so DoMIX's order-B runs are order A's
+    c4 = saved["verdicts"]["C4"]
+    assert c4["verdict"] == "supported" and c4["modules_bitwise_equal"]
+    assert c4["comparisons"][0]["identical_predictions"] and c4["comparisons"][0]["ci95"] == [0.0, 0.0]
+    assert c4["comparisons"][1]["a"] == "ncl [order A]"
     job = json.loads(next((out / "work").glob("ft-*/result.json")).read_text())
     assert len(job["test_predictions"]["y_true"]) == len(job["test_predictions"]["y_pred"]) == job["test"]["examples"]
     report = (out / "REPORT.md").read_text()

@@ -105,3 +105,35 @@ def test_verdicts_of_the_claims_and_of_methods_not_run():
     runs["cat-merge"] = {"t1": {1: bad[1]}, "t2": {1: bad[1]}}
     assert verdicts(runs, n_boot=50)["C3"]["comparisons"][0]["seeds"] == [1]
     assert "C1" not in verdicts({"own-lora": runs["own-lora"]}, n_boot=50)
+
+
+def test_c5_compares_with_the_baseline_best_on_dev_and_methods_not_run_are_named():
+    y = np.arange(90) % 3
+    good, bad = {s: (y, y) for s in (0, 1)}, {s: (y, (y + 1) % 3) for s in (0, 1)}
+    runs = {"domix": {"t": good}, "own-lora": {"t": good}, "base-lora": {"t": bad}, "base-full": {"t": good}}
+    methods = list(runs)
+    v = verdicts(runs, n_boot=100, methods=methods, dev={"base-lora": 0.2, "base-full": 0.9, "domix": 0.5})
+    assert [(c["a"], c["b"]) for c in v["C5"]["comparisons"]] == [("domix", "base-full")]
+    assert v["C5"]["strongest_on_dev"] == {"method": "base-full", "dev_macro_f1": 0.9}
+    assert v["C5"]["not_run"] == ["base-dora"] and v["C5"]["verdict"] == "inconclusive"  # a tie
+    # a comparison with a method the run left out is named, and does not hold the claim back
+    assert v["C1"]["not_run"] == ["ncl"] and v["C1"]["verdict"] == "supported"
+    assert "C1" in v and [c["b"] for c in v["C1"]["comparisons"]] == ["base-lora"]
+    v = verdicts({**runs, "base-lora": {"t": {s: (y, (y + 1) % 3) for s in (0, 1)}}}, n_boot=100, methods=methods,
+                 dev={"base-lora": 0.95, "base-full": 0.9})
+    assert v["C5"]["comparisons"][0]["b"] == "base-lora" and v["C5"]["verdict"] == "supported"
+
+
+def test_order_verdict():
+    from domix.bench.quality.verdicts import order_verdict
+
+    y = np.arange(60) % 2
+    same = {"t": {0: (y, y)}}
+    v = order_verdict({"domix": [same, {"t": {0: (y, y.copy())}}]}, modules_equal=True, n_boot=100)
+    assert v["verdict"] == "supported" and v["comparisons"][0]["identical_predictions"]
+    flipped = {"t": {0: (y, 1 - y)}}
+    v = order_verdict({"domix": [same, flipped]}, modules_equal=False, n_boot=100)
+    assert v["verdict"] == "not supported" and not v["comparisons"][0]["identical_predictions"]
+    one_off = {"t": {0: (y, np.where(np.arange(60) == 0, 1 - y, y))}}
+    assert order_verdict({"domix": [same, one_off]}, None, n_boot=100)["verdict"] == "inconclusive"
+    assert order_verdict({"ncl": [same, flipped]}, None) is None  # no domix: no claim
