@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -249,6 +250,20 @@ def test_every_method_saves_and_loads_back_the_same_model(method, tiny_decoder, 
     torch.testing.assert_close(torch.softmax(again(**tok(["court judge appeal ruling"], return_tensors="pt")).logits, -1),
                                probs)
     assert m["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # a task model missing any tensor it needs (the head, a bridge, an adapter, an expert) is refused
+    # with the tensor's name, never completed from the base or a fresh random head
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "task" / "model.safetensors"))
+    head = next(k for k in sorted(tensors) if k.startswith("score."))  # LoRA: PEFT's copy of the head
+    body = next(k for k in sorted(tensors) if not k.startswith("score."))
+    for gone in (head, body):
+        save_file({k: v for k, v in tensors.items() if k != gone}, str(tmp_path / "task" / "model.safetensors"))
+        with pytest.raises(LibraryError, match=f"lacks 1 tensor.*{re.escape(gone)}"):
+            load_task_model(tmp_path / "task", device="cpu")
+    save_file({**tensors, "extra.weight": torch.zeros(1)}, str(tmp_path / "task" / "model.safetensors"))
+    with pytest.raises(LibraryError, match="does not have: extra.weight"):
+        load_task_model(tmp_path / "task", device="cpu")
 
 
 def test_a_format_1_task_model_loads_and_a_newer_format_is_refused(tiny_decoder, libs, task_files, tmp_path):

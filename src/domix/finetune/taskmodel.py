@@ -120,9 +120,16 @@ def load_task_model(path: str | Path, device: str = "auto"):
     except (SafetensorError, OSError) as e:
         raise LibraryError(f"task model {path}: {WEIGHTS} is unreadable or truncated ({e})") from None
     own = model.state_dict()
-    unknown = [k for k in tensors if k not in own]
+    unknown = sorted(k for k in tensors if k not in own)
     if unknown:
-        raise LibraryError(f"task model {path}: tensors {unknown[:3]} do not fit the model")
+        raise LibraryError(f"task model {path}: {WEIGHTS} holds {len(unknown)} tensor(s) the model does not "
+                           f"have: {', '.join(unknown[:5])}")
+    # strict about everything the task model needs (head, bridges, adapters, experts): the base
+    # supplies the rest, so a missing tensor would silently be the base's or a fresh random one
+    missing = sorted(get_method(spec["method"]).saved(model) - set(tensors))
+    if missing:
+        raise LibraryError(f"task model {path}: {WEIGHTS} lacks {len(missing)} tensor(s) the model needs: "
+                           f"{', '.join(missing[:5])}")
     model.load_state_dict(tensors, strict=False)
     model.to(select_device(device)).eval()
     tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").exists() else load_tokenizer(spec["base"])
