@@ -180,6 +180,24 @@ def test_pretrain_all_is_order_and_executor_independent(tiny_decoder, corpora, t
         assert all(torch.equal(t1[k], t3[k]) for k in t1), name
 
 
+def test_a_library_with_full_entries_is_listed_and_rerun(tiny_decoder, corpora, tmp_path, capsys):
+    """`full: true` entries (whole checkpoints) are library entries like modules: listed, read,
+    and skipped as complete when pretrain-all runs again."""
+    path = _config(tmp_path, tiny_decoder, corpora, ["bio", "law"])
+    doc = json.loads(path.read_text())
+    doc["domains"]["law"]["full"] = True
+    doc["domains"]["law"].update(rank=None, alpha=None)
+    path.write_text(json.dumps(doc))
+    lib = tmp_path / "lib"
+    first = pretrain_all(load_config(path, str(lib)), workers=1, progress=False)
+    assert {r["status"] for r in first.values()} == {"done"}, first
+    assert [(m.name, m.kind) for m in Library(lib).list()] == [("bio", "lora"), ("law", "full")]
+    assert Library(lib).get("law").weights_file.name == "model.safetensors"
+    again = pretrain_all(load_config(path, str(lib)), workers=1, progress=False)
+    assert {r["status"] for r in again.values()} == {"skipped"}
+    assert main(["library", "list", str(lib)]) == 0 and "full" in capsys.readouterr().out
+
+
 def test_pretrain_all_reports_a_failed_domain_and_finishes_the_others(tiny_decoder, corpora, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -71,8 +71,9 @@ def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str 
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     for cfg in configs:
         # an entry of another kind under the same name is left to the runner, which refuses it
+        kind = "full" if getattr(cfg, "full", False) else getattr(cfg, "kind", "lora")
         if (cfg.domain in Library(cfg.library) and not cfg.overwrite
-                and Library(cfg.library).get(cfg.domain).kind == getattr(cfg, "kind", "lora")):
+                and Library(cfg.library).get(cfg.domain).kind == kind):
             results[cfg.domain] = {"domain": cfg.domain, "status": "skipped", "meta": Library(cfg.library).get(cfg.domain).meta}
             continue
         d = asdict(cfg)

@@ -1,7 +1,8 @@
 """The module library: a directory of domain modules, one complete sub-directory each.
 
 A LoRA domain module is a standard PEFT adapter (`adapter_config.json`,
-`adapter_model.safetensors`) plus `domix.json` (what it was trained on and how).
+`adapter_model.safetensors`) plus `domix.json` (what it was trained on and how); a `full` entry
+(`pretrain --full`) a whole Hugging Face checkpoint, a `mode-expert` MoDE's expert layers.
 Entries whose name starts with '.' are staging/work areas and are never listed.
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 META = "domix.json"
-KIND_FILES = {
+KIND_FILES = {  # what a complete entry of each kind holds; its weights file comes second to last
     "lora": ("adapter_config.json", "adapter_model.safetensors", META),
+    "full": ("config.json", "model.safetensors", META),  # `pretrain --full`: a whole HF checkpoint
     "mode-expert": ("expert.safetensors", META),
 }
 
