@@ -224,6 +224,12 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_decoder, libs, task
     assert ref.keys() == run.keys()
     for k in ref:
         torch.testing.assert_close(run[k], ref[k], rtol=1e-5, atol=1e-6)
+    # --resume on the finished model: reported complete (its metrics), left alone
+    weights = tmp_path / "run" / "model.safetensors"
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    again = finetune(out=str(tmp_path / "run"), resume=True, callbacks=[interrupt_at(1)], **opts)
+    assert again == json.loads((tmp_path / "run" / "metrics.json").read_text()) and again["resumed_from"] == "checkpoint-4"
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
 
 
 @pytest.mark.parametrize("method", ["domix", "lora", "mode"])

@@ -264,6 +264,16 @@ def test_interrupted_run_resumes_to_the_same_module(tiny_decoder, corpora, tmp_p
     ref, run = adapter(tmp_path / "ref", "bio"), adapter(tmp_path / "run", "bio")
     for k in ref:
         torch.testing.assert_close(run[k], ref[k], rtol=1e-5, atol=1e-6)
+    # --resume on the finished module reports it complete and leaves it alone; without --resume or
+    # --overwrite the run is refused
+    weights = tmp_path / "run" / "bio" / "adapter_model.safetensors"
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    again = pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder,
+                     resume=True, callbacks=[interrupt_at(1)], **opts)  # any training step would stop it
+    assert again == json.loads((tmp_path / "run" / "bio" / "domix.json").read_text())
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        pretrain(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "run"), base=tiny_decoder, **opts)
 
 
 def test_cli_list_show_eval_lm(tiny_decoder, corpora, tmp_path, capsys):

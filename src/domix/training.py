@@ -17,6 +17,7 @@ import hashlib
 import math
 import platform
 import shutil
+import sys
 import time
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -125,6 +126,19 @@ def setup(opts: TrainOptions):
     if not opts.progress:
         quiet()
     return select_device(opts.device)
+
+
+def finished(path: Path | str, opts: TrainOptions, what: str) -> bool:
+    """Whether `path` holds a finished result this run leaves alone. Results are written whole
+    (atomically), so one that exists is complete: `--overwrite` replaces it (False), `--resume`
+    reports it complete and keeps it (True), and without either the run is refused."""
+    if not Path(path).exists() or opts.overwrite:
+        return False
+    if opts.resume:
+        if opts.progress:
+            print(f"{what} is complete: left alone (pass --overwrite to train it again)", file=sys.stderr)
+        return True
+    raise FileExistsError(f"{what} already exists; pass --overwrite to replace it")
 
 
 def resume_point(work: Path, resume: bool) -> str | None:

@@ -2,6 +2,7 @@
 training recipe (`domix.training`), evaluation, and the task-model files."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict
@@ -10,7 +11,7 @@ from pathlib import Path
 from ..checkpoints import resolve_base
 from ..models import load_tokenizer
 from ..data.tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
-from ..training import build_trainer, keep_best, resume_point, setup, total_steps
+from ..training import build_trainer, finished, keep_best, resume_point, setup, total_steps
 from .config import TASKS, FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows
 from .methods import get_method
@@ -20,8 +21,6 @@ from .taskmodel import build_model, save_task_model
 
 def _check(cfg: FinetuneConfig) -> FinetuneConfig:
     """Refuse a config that cannot run, before anything is loaded; the method's own checks."""
-    if Path(cfg.out).exists() and not cfg.overwrite and not cfg.resume:
-        raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it")
     if cfg.task not in TASKS:
         raise ValueError(f"unknown --task {cfg.task!r} (classify or generate)")
     if cfg.init_module and cfg.method != "lora":
@@ -55,9 +54,12 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
     """Fine-tune a task model and write it atomically to `cfg.out`. Returns its metrics."""
     from transformers import set_seed
 
-    cfg = _check(cfg or FinetuneConfig(**kwargs))
-    method = get_method(cfg.method)
+    cfg = cfg or FinetuneConfig(**kwargs)
     out = Path(cfg.out)
+    if finished(out, cfg, f"task model {out}"):
+        return json.loads((out / "metrics.json").read_text())
+    cfg = _check(cfg)
+    method = get_method(cfg.method)
     setup(cfg)
     t0 = time.time()
     tokenizer = load_tokenizer(cfg.base)

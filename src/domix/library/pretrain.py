@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..checkpoints import DEFAULT_BASE, resolve_base
 from ..io import atomic_dir, write_json
 from ..models import fingerprint, load_model, load_tokenizer, target_regex
-from ..training import LMTrainOptions, build_trainer, keep_logs, option, resume_point, run_record, run_seed, setup, \
+from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
     total_steps
 from .store import META, Library
 
@@ -47,8 +47,8 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     dest = lib.path / cfg.domain
     if cfg.domain.startswith(".") or "/" in cfg.domain:
         raise ValueError(f"invalid domain name {cfg.domain!r}")
-    if dest.exists() and not cfg.overwrite:
-        raise FileExistsError(f"module '{cfg.domain}' already exists in {lib.path}; pass --overwrite to replace it")
+    if finished(dest, cfg, f"module '{cfg.domain}' in {lib.path}"):
+        return lib.get(cfg.domain).meta
     device = setup(cfg)
     seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()

@@ -17,9 +17,9 @@ from ..checkpoints import DEFAULT_BASE
 from ..io import atomic_dir, write_json
 from ..library import META, Library, LibraryError
 from ..models import fingerprint, load_model, load_tokenizer, select_device
-from ..training import LMTrainOptions, build_trainer, keep_logs, option, resume_point, run_record, run_seed, setup, \
+from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
     total_steps
-from .model import EXPERT_FILE, apply_mode, load_mode_model, save_mode, set_trainable
+from .model import EXPERT_FILE, apply_mode, load_mode_model, read_meta, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"
 
@@ -129,10 +129,12 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     dest = lib.path / cfg.domain
     if not cfg.domain or cfg.domain.startswith(".") or "/" in cfg.domain:
         raise ValueError(f"invalid domain name {cfg.domain!r}")
-    if dest.exists() and not cfg.overwrite:
-        kind = lib.get(cfg.domain).kind if cfg.domain in lib else "unknown"
-        raise FileExistsError(f"module '{cfg.domain}' (kind {kind}) already exists in {lib.path}; pass --overwrite "
-                              f"to replace it")
+    kind = lib.get(cfg.domain).kind if cfg.domain in lib else "unknown"
+    if finished(dest, cfg, f"module '{cfg.domain}' (kind {kind}) in {lib.path}"):
+        if kind != "mode-expert":
+            raise FileExistsError(f"module '{cfg.domain}' in {lib.path} is a {kind}, not a MoDE expert; pass "
+                                  "--overwrite to replace it")
+        return lib.get(cfg.domain).meta
     device = setup(cfg)
     seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()
@@ -204,8 +206,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
 
     cfg = cfg or ComposeConfig(**kwargs)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if finished(out, cfg, f"composed MoDE model {out}"):
+        return read_meta(out)
     experts = Library(cfg.library).select(cfg.experts, kind="mode-expert")
     bases = {m.meta.get("base_fingerprint") for m in experts}
     if len(bases) > 1:
