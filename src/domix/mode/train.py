@@ -252,8 +252,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
         "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
         **cfg.extra,
     }
-    meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp)
-    keep_logs(work, out)
+    meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp, logs=work)
     shutil.rmtree(work, ignore_errors=True)
     return meta
 
