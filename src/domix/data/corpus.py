@@ -48,8 +48,15 @@ def load_documents(paths, text_field: str = "text"):
         for f in _files(p):
             if f.stat().st_size == 0:
                 raise CorpusError(f"corpus file {f} is empty")
-            ds = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train",
-                                       cache_dir=str(cache_dir() / "datasets"))
+            try:
+                ds = datasets.load_dataset(_BUILDERS[f.suffix], data_files=str(f), split="train",
+                                           cache_dir=str(cache_dir() / "datasets"))
+            except Exception as e:  # datasets wraps the reader's error: name the file and the cause
+                bad = _unicode_error(e)
+                if bad is None:
+                    raise
+                raise CorpusError(f"corpus file {f} is not UTF-8 text ({bad.reason} at byte {bad.start} of a "
+                                  "chunk); convert it, e.g. iconv -f latin1 -t utf-8") from None
             parts.append(_text_only(ds, text_field, f))
     if not parts:
         raise CorpusError("no corpus given")
@@ -59,6 +66,17 @@ def load_documents(paths, text_field: str = "text"):
         raise CorpusError(f"corpus {', '.join(map(str, paths if not isinstance(paths, (str, Path)) else [paths]))} "
                           f"has no non-empty documents")
     return ds
+
+
+def _unicode_error(e: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind `e` (datasets re-raises it wrapped), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UnicodeDecodeError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _text_only(ds, text_field: str, where: Path):

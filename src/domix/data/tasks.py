@@ -14,8 +14,12 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"task file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
