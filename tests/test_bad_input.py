@@ -134,3 +134,25 @@ def test_a_pretrain_all_config_with_an_unknown_key_is_refused(tiny_decoder, corp
     cfg.write_text(json.dumps({"base": tiny_decoder, "domain": {"bio": {"data": [corpora["bio"]]}}}))
     line = _error(capsys, ["pretrain-all", "--config", str(cfg), "--library", str(tmp_path / "lib")])
     assert "'domain'" in line
+
+
+def test_a_new_task_head_loads_quietly_and_missing_backbone_weights_are_named(tiny_decoder, tmp_path, capfd):
+    """transformers' MISSING report for the fresh classification head is expected and left out;
+    a checkpoint that lacks part of its backbone is named in a warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from domix.finetune.taskmodel import load_task_base
+
+    task = load_task_base(tiny_decoder, "classify", ["a", "b"])
+    assert task.head == ["score.weight"]
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_decoder, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    gone = "model.layers.0.mlp.up_proj.weight"
+    save_file({k: v for k, v in weights.items() if k != gone}, str(broken / "model.safetensors"))
+    with pytest.warns(UserWarning, match=f"lacks 1 backbone weight.*{gone}"):
+        task = load_task_base(str(broken), "classify", ["a", "b"])
+    assert gone in task.head

@@ -117,7 +117,12 @@ def quiet() -> None:
 
 def setup(opts: TrainOptions):
     """Threads and output for this run; returns its torch device."""
+    import warnings
+
     import torch
+
+    # transformers deprecates the attribute PEFT still reads on every step: noise, not a problem of the run
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     from .models import select_device
 

@@ -9,6 +9,8 @@ were recorded) still loads.
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,12 +46,17 @@ def load_task_base(base: str, task: str, labels: list[str] | None) -> TaskBase:
         from transformers import AutoModelForSequenceClassification
 
         id2label = dict(enumerate(labels))
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolve_base(base), num_labels=len(labels), id2label=id2label,
-            label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
+        with _new_head_expected():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                resolve_base(base), num_labels=len(labels), id2label=id2label,
+                label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
         body = {f"{model.base_model_prefix}.{n}" for n, _ in backbone(model).named_parameters()}
         missing = set(info["missing_keys"])
         head = [n for n, _ in model.named_parameters() if n not in body or n in missing]
+        lacking = sorted(missing & body)
+        if lacking:  # not expected: say so plainly (they train with the head)
+            warnings.warn(f"{base}: the checkpoint lacks {len(lacking)} backbone weight(s), freshly initialised "
+                          f"and trained with the task head: {', '.join(lacking[:5])}", stacklevel=2)
     else:
         model, _ = load_model(base, head="lm", objective="clm")
         head = []
@@ -58,6 +65,25 @@ def load_task_base(base: str, task: str, labels: list[str] | None) -> TaskBase:
     for p in model.parameters():
         p.requires_grad_(False)
     return TaskBase(model, head)
+
+
+@contextmanager
+def _new_head_expected():
+    """transformers reports a freshly initialised classification head as a MISSING "LOAD REPORT"
+    block, which a user takes for an error; a new task head is expected here, so that report is
+    left out (`load_task_base` warns itself about anything else the checkpoint lacks)."""
+    import logging
+
+    class NoLoadReport(logging.Filter):
+        def filter(self, record):
+            return "LOAD REPORT" not in record.getMessage()
+
+    log, keep = logging.getLogger("transformers.modeling_utils"), NoLoadReport()
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def build_model(cfg: FinetuneConfig, labels: list[str] | None):
