@@ -181,10 +181,15 @@ def test_generate_task(kind, request, libs, task_files, tmp_path):
     m = finetune(train=str(task_files / "gen_train.jsonl"), eval=str(task_files / "gen_dev.jsonl"),
                  out=str(tmp_path / "gen"), library=libs[base], base=base, task="generate",
                  **{**FT, "epochs": 8, "lr": 1e-2})
-    assert m["task"] == "generate" and 0 <= m["accuracy"] <= 1
-    assert m["eval"]["exact_match"] == m["accuracy"]
     hist = [h["loss"] for h in m["history"] if "loss" in h]
-    assert hist[-1] < hist[0]
+    assert m["task"] == "generate" and hist[-1] < hist[0]
+    # the reported exact match is the share of dev answers the saved model reproduces exactly
+    from domix.finetune.evaluate import generate_answers
+
+    model, tok, spec = load_task_model(tmp_path / "gen", device="cpu")
+    rows = [json.loads(line) for line in (task_files / "gen_dev.jsonl").read_text().splitlines()]
+    answers = generate_answers(model, tok, [r["prompt"] for r in rows], spec["max_new_tokens"])
+    assert m["accuracy"] == pytest.approx(sum(a == r["answer"] for a, r in zip(answers, rows)) / len(rows))
 
 
 def test_generate_task_on_an_encoder_is_refused(tiny_encoder, libs, task_files, tmp_path):
@@ -196,7 +201,13 @@ def test_generate_task_on_an_encoder_is_refused(tiny_encoder, libs, task_files, 
 def test_single_module_and_foreign_base(tiny_decoder, tiny_encoder, libs, task_files, tmp_path):
     m = finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(tmp_path / "one"),
                  library=libs[tiny_decoder], modules="law", base=tiny_decoder, bridge_init="own:law", **FT)
-    assert m["trainable_params"] > 0
+    # one module of rank 4: its bridge is 4 x 4 and B_cat is its B, per adapted layer, plus the head
+    model, _, spec = load_task_model(tmp_path / "one", device="cpu")
+    layers = bridged_layers(model)
+    assert [x["name"] for x in spec["modules"]] == ["law"] and layers
+    sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    expected = sum(16 + layer.out_features * 4 for layer in layers.values()) + sizes["score.weight"]
+    assert m["trainable_params"] == sum(sizes.values()) == expected
     with pytest.raises(LibraryError, match="module 'bio' was trained on base"):
         finetune(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), out=str(tmp_path / "x"),
                  library=libs[tiny_encoder], base=tiny_decoder, **FT)

@@ -142,7 +142,8 @@ def order_verdict(by_order: dict, modules_equal: bool | None, n_boot: int = N_BO
     if not dom or len(dom) < 2:
         return None
     out = {"claim": C4, "comparisons": []}
-    for method, (a, b) in by_order.items():
+    for method in sorted(by_order, key=lambda m: m != "domix"):  # DoMIX first, the baselines beside it
+        a, b = by_order[method]
         tasks, seeds = _common(a, b)
         if not seeds:
             continue
