@@ -147,11 +147,22 @@ def finished(path: Path | str, opts: TrainOptions, what: str) -> bool:
 
 
 def resume_point(work: Path, resume: bool) -> str | None:
-    """The last checkpoint in `work` when resuming; otherwise `work` is cleared for a fresh run."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The last complete checkpoint in `work` when resuming; otherwise `work` is cleared for a
+    fresh run. The Trainer writes a checkpoint's trainer_state.json after its weights, optimizer
+    and RNG states, so a checkpoint without it was cut short (a killed run): it is removed and the
+    one before it used."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     work = Path(work)
-    last = get_last_checkpoint(str(work)) if resume and work.is_dir() else None
+    last = None
+    if resume and work.is_dir():
+        steps = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                       if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+        for _, ckpt in reversed(steps):
+            if (ckpt / "trainer_state.json").is_file():
+                last = str(ckpt)
+                break
+            shutil.rmtree(ckpt)  # cut short by a crash
     if last is None and work.exists():
         shutil.rmtree(work)
     return last
