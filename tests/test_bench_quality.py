@@ -207,3 +207,36 @@ def test_a_method_is_keyed_only_on_the_options_it_reads():
     assert "bridge_init" not in full and "bridge_init" not in lora and "lora_rank" not in full
     assert {"bridge_init", "bridge_lr", "freeze_bridge", "modules"} <= set(domix) and "lora_rank" not in domix
     assert {"lr", "epochs", "seed", "batch_size", "max_seq_len"} <= set(full) and "out" not in full
+
+
+def test_a_killed_run_resumes_to_the_same_results(bench, tiny_decoder, data_root, tmp_path):
+    """SIGKILL to the whole run (its job server and workers) after a few jobs, then the same
+    command again: the results equal an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, ref = bench
+    out = tmp_path / "run"
+    script = (f"from domix.bench.quality import run_quality\n"
+              f"if __name__ == '__main__':\n"
+              f"    run_quality('quick', out={str(out)!r}, base={tiny_decoder!r}, data_root={str(data_root)!r}, "
+              f"workers=2, progress=False, overrides={TINY!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    t0 = time.time()
+    while len(list(out.glob("work/*/result.json")) + list(out.glob("work/*/.results/*.json"))) < 6:
+        assert proc.poll() is None and time.time() - t0 < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    again = run_quality("quick", out=out, base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                        overrides=TINY)
+    assert not again["failures"] and 6 <= again["reused_jobs"] < len(again["jobs"])
+    scores = lambda r: {t: {m: {k: v for k, v in st.items() if k != "runs"} for m, st in by.items()}  # noqa: E731
+                        for t, by in r["tasks"].items()}  # the job names hold the output folder's path
+    assert scores(again) == scores(ref) and again["lm_loss"] == ref["lm_loss"]
+    assert again["history"][0]["interrupted"]
