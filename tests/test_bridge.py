@@ -7,12 +7,14 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import Stop, interrupt_at, make_corpus
 
 from domix import LibraryError, pretrain
 from domix.bridge.apply import apply_bridge, bridged_layers
 from domix.cli import main
 from domix.finetune import FinetuneConfig, finetune, load_task_model
+from domix.finetune.methods import get_method
 from domix.library import Library
 from domix.models import fingerprint
 
@@ -78,10 +80,26 @@ def test_identity_bridge_equals_peft_cat_merge(tiny_decoder, libs):
         torch.testing.assert_close(ours(IDS).logits, peft(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_uniform_bridge_is_the_average_of_module_updates(tiny_decoder, libs):
+@pytest.fixture(scope="module")
+def mixed_lib(tiny_decoder, corpora, tmp_path_factory):
+    """Modules that adapt different layers with different scalings alpha/r: bio every linear
+    (r 4, alpha 8: 2), law only q_proj and v_proj (r 4, alpha 4: 1), food every linear (r 2, alpha 8: 4)."""
+    lib = tmp_path_factory.mktemp("mixed-lib")
+    for dom, rank, alpha, targets in (("bio", 4, 8, "all-linear"), ("law", 4, 4, "q_proj,v_proj"),
+                                      ("food", 2, 8, "all-linear")):
+        pretrain(domain=dom, data=[corpora[dom]], library=str(lib), base=tiny_decoder, rank=rank, alpha=alpha,
+                 targets=targets, max_steps=4, batch_size=4, seq_len=16, lr=2e-2, progress=False, device="cpu",
+                 threads=1)
+    return str(lib)
+
+
+@pytest.mark.parametrize("which", ["equal", "mixed"])
+def test_uniform_bridge_is_the_average_of_module_updates(which, tiny_decoder, libs, mixed_lib):
+    """P = I/N starts the model at (1/N)·Σ_k ΔW_k with N the chosen modules — also where a layer
+    is adapted by only some of them, and when their scalings alpha/r differ."""
     from peft import PeftModel
 
-    lib = libs[tiny_decoder]
+    lib = libs[tiny_decoder] if which == "equal" else mixed_lib
     base = _lm(tiny_decoder)
     W0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     deltas = []
@@ -361,3 +379,36 @@ def test_an_interrupted_keep_best_run_resumes_with_its_best(tiny_decoder, libs, 
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["domix", "lora"])
+def test_trained_tensors_are_fp32_and_the_base_follows_dtype(method, tiny_decoder, libs, task_files, tmp_path):
+    """A checkpoint stored in bf16 (as most hub models are): with the default fp32 everything is
+    fp32; with --dtype bf16 the frozen base is bf16 and every trained tensor (bridge, B, LoRA, head)
+    fp32, in training and in the saved task model."""
+    import shutil
+
+    from domix.finetune.taskmodel import build_model
+
+    bf16 = tmp_path / "bf16-base"
+    shutil.copytree(tiny_decoder, bf16)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_decoder).to(torch.bfloat16).save_pretrained(bf16)
+    lib = tmp_path / "lib"
+    for dom in ("bio", "law"):
+        pretrain(domain=dom, data=[str(task_files / "train.jsonl")], library=str(lib), base=str(bf16), rank=4,
+                 alpha=8, max_steps=2, batch_size=4, seq_len=16, progress=False, device="cpu", text_field="text")
+    opts = dict(train=str(task_files / "train.jsonl"), eval=str(task_files / "dev.jsonl"), base=str(bf16),
+                method=method, library=str(lib), **({"init_module": "law"} if method == "lora" else {}))
+    for dtype, base_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = FinetuneConfig(out=str(tmp_path / dtype), dtype=dtype, **opts, **FT)
+        model, _ = build_model(get_method(method).prepare(cfg), ["bio", "food", "law"])
+        trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        assert trained and set(trained.values()) == {torch.float32}, trained
+        assert frozen == {base_dtype}
+        m = finetune(cfg)
+        assert 0 < m["eval"]["examples"]
+        saved = load_file(str(tmp_path / dtype / "model.safetensors"))
+        assert {t.dtype for t in saved.values()} == {torch.float32}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Stop, interrupt_at
+from conftest import Stop, interrupt_at, make_corpus
 from safetensors.torch import load_file
 
 from domix import Library, LibraryError, pretrain
@@ -300,3 +300,24 @@ def test_cli_list_show_eval_lm(tiny_decoder, corpora, tmp_path, capsys):
     assert main(["pretrain", "--base", tiny_decoder, "--domain", "law", "--data", corpora["law"],
                  "--library", lib, "--max-steps", "2", "--device", "cpu"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_end_of_document_is_a_target_when_pad_is_eos(tiny_decoder, corpora, tmp_path):
+    """Most decoders pad with their EOS (the default model does): the EOS that ends each packed
+    document must still be a next-token target, and only real padding is left out."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from domix.data.corpus import pack
+    from domix.lm import lm_collator
+
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+    tok.pad_token = tok.eos_token
+    docs = Dataset.from_dict({"text": make_corpus("bio", 12, seed=3)})
+    blocks = pack(docs, tok, 16)
+    batch = lm_collator(tok, "clm")([{"input_ids": x} for x in blocks["input_ids"][:4]])
+    eos = batch["input_ids"] == tok.eos_token_id
+    assert eos.any() and (batch["labels"][eos] == tok.eos_token_id).all()
+    assert (batch["labels"] != -100).all()  # packed blocks: every token is a target
+    ragged = lm_collator(tok, "clm")([{"input_ids": [5, 6, tok.eos_token_id]}, {"input_ids": [7]}])
+    assert ragged["labels"].tolist() == [[5, 6, tok.eos_token_id], [7, -100, -100]]

@@ -7,12 +7,30 @@ import torch
 
 
 def lm_collator(tokenizer, objective: str):
-    """Masked-LM (15%, 80/10/10 — transformers' collator) or next-token LM."""
+    """Masked-LM (15%, 80/10/10 — transformers' collator) or next-token LM on packed blocks."""
     from transformers import DataCollatorForLanguageModeling
 
     if objective == "mlm" and tokenizer.mask_token is None:
         raise ValueError("the masked-LM objective needs a tokenizer with a mask token")
-    return DataCollatorForLanguageModeling(tokenizer, mlm=objective == "mlm", mlm_probability=0.15)
+    if objective == "mlm":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
+    return NextTokenCollator(tokenizer)
+
+
+class NextTokenCollator:
+    """Labels for next-token LM: every real token is a target, padding (by the attention mask)
+    is not. transformers' collator masks every token equal to the pad id instead; most decoders
+    pad with their EOS, so the EOS that ends each packed document would never be learned."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.tokenizer.pad([{"input_ids": f["input_ids"]} for f in features], return_tensors="pt")
+        labels = batch["input_ids"].clone()
+        labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        return batch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -37,6 +37,7 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
     if not modules:
         raise LibraryError("no modules chosen")
     per_layer: dict[str, list] = {}
+    rank_of = {}
     for mod in modules:
         mod.check_base(base_fingerprint)
         if mod.kind != "lora":
@@ -44,6 +45,7 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
         s = module_scaling(mod)
         for layer, (a, b) in lora_pairs(mod.tensors()).items():
             per_layer.setdefault(layer, []).append((mod.name, a.float(), b.float(), s))
+            rank_of[mod.name] = max(rank_of.get(mod.name, 0), a.shape[0])
     names = [m.name for m in modules]
     layout = {}
     for layer, parts in per_layer.items():
@@ -65,7 +67,7 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
         if init.startswith("own:") and init[4:] not in layer_names:
             P = torch.zeros(sum(ranks), sum(ranks))  # own:DOMAIN where that module adapts nothing: start from 0
         else:
-            P = bridge_init(init, ranks, layer_names)
+            P = bridge_init(init, ranks, layer_names, n_modules=len(modules), total_rank=sum(rank_of.values()))
         set_submodule(model, layer, BridgeLinear(base, A, P, B, s, ranks))
         layout[layer] = {"modules": layer_names, "ranks": ranks, "scaling": s}
     if init.startswith("own:") and init[4:] not in names:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-def bridge_init(init: str, ranks: list[int], names: list[str]) -> torch.Tensor:
-    """The initial P for modules of `ranks` (in order): uniform I/N, rank I/(N·r), identity I,
-    or own:DOMAIN (I on that domain's block, zeros elsewhere)."""
+def bridge_init(init: str, ranks: list[int], names: list[str], n_modules: int | None = None,
+                total_rank: int | None = None) -> torch.Tensor:
+    """The initial P of a layer adapted by modules of `ranks` (in order): uniform I/N, rank
+    I/(N·r), identity I, or own:DOMAIN (I on that domain's block, zeros elsewhere). N counts every
+    chosen module (`n_modules`) and N·r sums their ranks (`total_rank`), also at a layer only some of
+    them adapt, so uniform starts at the average of all the modules' updates (defaults: this
+    layer's modules)."""
     total, n = sum(ranks), len(ranks)
     if init == "uniform":
-        return torch.eye(total) / n
+        return torch.eye(total) / (n_modules or n)
     if init == "rank":
-        return torch.eye(total) / total
+        return torch.eye(total) / (total_rank or total)
     if init == "identity":
         return torch.eye(total)
     if init.startswith("own:"):
@@ -40,7 +44,9 @@ class BridgeLinear(nn.Module):
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
+        # A, P and B in fp32 whatever the base's precision (a bf16 base keeps them fp32; autocast,
+        # where a run asks for it, computes the products in half precision)
+        dev, dt = base.weight.device, torch.float32
         self.register_buffer("lora_A", A.to(dev, dt).contiguous())  # frozen: not a parameter
         self.lora_P = nn.Parameter(P.to(dev, dt).contiguous())
         self.lora_B = nn.Parameter(B.to(dev, dt).contiguous())

@@ -17,17 +17,29 @@ def classification_metrics(y_true, y_pred, labels: list[str]) -> dict:
             "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(), "labels": labels}
 
 
+def half_autocast(model):
+    """Autocast to the model's half precision when its frozen base is held in bf16/fp16 (its
+    trained tensors are fp32): the mixed model then runs as it did in training. A no-op for fp32."""
+    import contextlib
+
+    half = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    if half is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=half)
+
+
 @torch.no_grad()
 def predict_classify(model, tokenizer, texts, pairs=None, batch_size: int = 32, max_len: int = 128):
     """Class probabilities for a list of texts (optional text pairs)."""
     model.eval()
     dev = next(model.parameters()).device
     out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, truncation=True,
-                        max_length=max_len, padding=True, return_tensors="pt").to(dev)
-        out.append(torch.softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-                                 .logits.float(), -1).cpu())
+    with half_autocast(model):
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, truncation=True,
+                            max_length=max_len, padding=True, return_tensors="pt").to(dev)
+            out.append(torch.softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                                     .logits.float(), -1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -37,11 +49,13 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     model.eval()
     dev = next(model.parameters()).device
     answers = []
-    for p in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, p)], device=dev)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    with half_autocast(model):
+        for p in prompts:
+            ids = torch.tensor([prompt_ids(tokenizer, p)], device=dev)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 
 

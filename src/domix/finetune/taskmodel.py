@@ -20,7 +20,7 @@ from .. import __version__
 from ..checkpoints import resolve_base
 from ..io import atomic_dir, write_json
 from ..library import LibraryError
-from ..models import backbone, fingerprint, load_model, load_tokenizer, select_device
+from ..models import DTYPES, backbone, fingerprint, load_model, load_tokenizer, select_device
 from ..training import keep_logs
 from .config import FinetuneConfig
 from .methods import get_method
@@ -39,16 +39,16 @@ class TaskBase:
     head: list[str] = field(default_factory=list)
 
 
-def load_task_base(base: str, task: str, labels: list[str] | None) -> TaskBase:
+def load_task_base(base: str, task: str, labels: list[str] | None, dtype: str = "fp32") -> TaskBase:
     """`base` with a fresh sequence-classification head over `labels` (classify) or its LM head
-    (generate); every parameter frozen."""
+    (generate), its weights in `dtype` whatever the checkpoint stores; every parameter frozen."""
     if task == "classify":
         from transformers import AutoModelForSequenceClassification
 
         id2label = dict(enumerate(labels))
         with _new_head_expected():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                resolve_base(base), num_labels=len(labels), id2label=id2label,
+                resolve_base(base), num_labels=len(labels), id2label=id2label, dtype=DTYPES[dtype],
                 label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
         body = {f"{model.base_model_prefix}.{n}" for n, _ in backbone(model).named_parameters()}
         missing = set(info["missing_keys"])
@@ -58,7 +58,7 @@ def load_task_base(base: str, task: str, labels: list[str] | None) -> TaskBase:
             warnings.warn(f"{base}: the checkpoint lacks {len(lacking)} backbone weight(s), freshly initialised "
                           f"and trained with the task head: {', '.join(lacking[:5])}", stacklevel=2)
     else:
-        model, _ = load_model(base, head="lm", objective="clm")
+        model, _ = load_model(base, head="lm", objective="clm", dtype=dtype)
         head = []
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(base).pad_token_id
@@ -89,11 +89,27 @@ def _new_head_expected():
 def build_model(cfg: FinetuneConfig, labels: list[str] | None):
     """The task base with the method's trainable structure. Returns (model, info): info holds
     the base fingerprint, the head's parameter names and what the method records."""
-    task = load_task_base(cfg.base, cfg.task, labels)
+    method = get_method(cfg.method)
+    # the frozen base follows --dtype (full fine-tuning trains it: fp32); what trains stays fp32
+    task = load_task_base(cfg.base, cfg.task, labels, "fp32" if method.name == "full" else cfg.dtype)
     base_fp = fingerprint(task.model)
     info = {"base_fingerprint": base_fp, "head": task.head, "modules": []}
-    info.update(get_method(cfg.method).build(task.model, cfg, task.head, base_fp))
+    info.update(method.build(task.model, cfg, task.head, base_fp))
+    trained_in_fp32(task.model)
     return task.model, info
+
+
+def trained_in_fp32(model) -> None:
+    """Every trainable tensor (head, LoRA, bridge P and B with its frozen A_cat, MoDE experts and
+    gates) in fp32, whatever the base's precision: optimizer updates of half-precision weights
+    lose the small steps (PEFT keeps adapters in fp32 the same way, autocast_adapter_dtype)."""
+    from ..bridge.apply import bridged_layers
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    for layer in bridged_layers(model).values():
+        layer.lora_A = layer.lora_A.float()
 
 
 def save_task_model(out: Path, model, tokenizer, spec: dict, metrics: dict, tensors: dict, work: Path,

@@ -12,6 +12,12 @@ from ...io import sha256_text
 from .settings import COMPOSE, METHODS, NEEDS, NO_SAVE, order_name
 
 
+# Raised when domix itself computes different results from the same settings, so a rerun redoes
+# the jobs an older domix computed instead of mixing them with new ones. 2: end-of-document is a
+# next-token target when pad == eos; trained tensors fp32 over a base held in --dtype (2026-11-30).
+RESULTS_VERSION = 2
+
+
 def _key(obj) -> str:
     return sha256_text(json.dumps(obj, sort_keys=True, default=str))[:12]
 
@@ -97,7 +103,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
 
     pre, ft = settings["pretrain"], settings["finetune"]
     domains, orders = settings["domains"], settings["orders"]
-    common = {"base_id": settings["base_id"], "threads": settings["threads"], "data": data["key"]}
+    common = {"base_id": settings["base_id"], "threads": settings["threads"], "data": data["key"],
+              "results_version": RESULTS_VERSION}
     jobs: dict[str, Job] = {}
     needs = {NEEDS.get(m) for m in methods}
 
