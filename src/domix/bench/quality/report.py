@@ -210,6 +210,15 @@ def kept_steps_section(results: dict) -> list[str]:
                 "(`plots/dev_curves.png`: the first seed's dev curves).", ""]
 
 
+def _save(fig, path: Path) -> None:
+    """A figure as PNG, written atomically like every result."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
+
+
 def _plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -238,7 +247,7 @@ def _plots(results: dict, out: Path) -> list[str]:
             ax.grid(axis="y", alpha=0.3)
         fig.suptitle(f"end tasks (mean ± std over seeds {results['seeds']})", fontsize=9)
         fig.tight_layout()
-        fig.savefig(plots / "tasks.png", dpi=110)
+        _save(fig, plots / "tasks.png")
         plt.close(fig)
         made.append("plots/tasks.png")
     # per-domain LM loss
@@ -265,7 +274,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(plots / "lm_loss.png", dpi=110)
+        _save(fig, plots / "lm_loss.png")
         plt.close(fig)
         made.append("plots/lm_loss.png")
     curve = results.get("dap_curve")
@@ -291,7 +300,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         for ax in (a1, a2):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(plots / "dap_curve.png", dpi=110)
+        _save(fig, plots / "dap_curve.png")
         plt.close(fig)
         made.append("plots/dap_curve.png")
     first = [r for r in results.get("runs") or [] if r["seed"] == results["seeds"][0] and len(r.get("dev_curve") or []) > 1
@@ -310,7 +319,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         axes[0][0].legend(fontsize=6)
         fig.suptitle("dev curves, first seed (dot: the kept step)", fontsize=9)
         fig.tight_layout()
-        fig.savefig(plots / "dev_curves.png", dpi=110)
+        _save(fig, plots / "dev_curves.png")
         plt.close(fig)
         made.append("plots/dev_curves.png")
     # bridge heatmaps of DoMIX (first seed), averaged over layer types
@@ -327,7 +336,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         fig.suptitle("DoMIX bridge: mean ||P block|| over layers (rows: output domain, cols: input domain)",
                      fontsize=9)
         fig.tight_layout()
-        fig.savefig(plots / "bridge.png", dpi=110)
+        _save(fig, plots / "bridge.png")
         plt.close(fig)
         made.append("plots/bridge.png")
     return made
