@@ -14,7 +14,7 @@ from domix.cli import main
 from domix.mode.train import ModePretrainConfig, compose, eval_mode, pretrain_expert
 from domix.library.pretrain_all import load_config, pretrain_all
 
-FAST = dict(max_steps=8, batch_size=4, seq_len=16, lr=1e-2, gate_lr=5e-2, scale_lr=5e-2, progress=False, device="cpu", threads=1)
+FAST = dict(max_steps=8, batch_size=4, seq_len=16, lr=1e-2, gate_lr=5e-2, progress=False, device="cpu", threads=1)
 IDS = torch.tensor([[3, 5, 7, 9, 11, 13, 6, 8], [4, 6, 8, 10, 12, 14, 5, 7]])
 MASK = torch.tensor([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1]])  # left padding: masks must reach the experts
 
@@ -39,7 +39,8 @@ def _randomise_gates(mode, seed=0):
     for blk in mode.blocks:
         blk.gate.weight.copy_(torch.randn(blk.gate.weight.shape, generator=g))
         blk.gate.bias.copy_(torch.randn(blk.gate.bias.shape, generator=g))
-        blk.scale.fill_(1.0)
+        for w in blk.out:  # W_j = I: the paper's mixture
+            w.weight.copy_(torch.eye(w.weight.shape[0]))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_fresh_gates_give_the_base_model(kind, head, request):
     n_hidden = len(model(input_ids=IDS, output_hidden_states=True).hidden_states)
     for init in ("copy", "random"):
         mode = apply_mode(model, ["a", "b"], init=init)
-        assert torch.equal(_logits(model), ref), init  # exactly: the gate's scale starts at 0
+        assert torch.equal(_logits(model), ref), init  # exactly: the output maps W_j start at 0
         # the experts are real and trainable, the base is frozen
         assert all(p.requires_grad for p in mode.parameters())
         assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("domix_mode."))
@@ -72,6 +73,26 @@ def test_fresh_gates_give_the_base_model(kind, head, request):
         assert torch.equal(_logits(model), ref)
 
 
+@pytest.mark.parametrize("init", ["copy", "random"])
+def test_experts_get_gradients_from_the_first_step(tiny_decoder, init):
+    """Step one: the output maps W_j get gradients of the activations' size (the expert differs
+    from the block's output); after one optimizer step every expert layer and every gate does."""
+    model = _load(tiny_decoder)
+    model.train()
+    mode = apply_mode(model, ["a", "b"], init=init)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
+    outs = [w.weight.grad for blk in mode.blocks for w in blk.out]
+    assert all(g is not None and g.abs().max() > 1e-4 for g in outs)
+    opt.step()
+    opt.zero_grad()
+    model(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
+    for blk in mode.blocks:
+        for expert in blk.experts:
+            assert all(p.grad is not None and p.grad.abs().max() > 0 for p in expert.parameters())
+        assert blk.gate.weight.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
 def test_expert_layers_receive_masks_and_position_embeddings(kind, request):
     """An expert copying the whole backbone, with all gate weight on it, is the backbone again:
@@ -80,7 +101,7 @@ def test_expert_layers_receive_masks_and_position_embeddings(kind, request):
     ref = _logits(model)
     mode = apply_mode(model, ["all"], blocks=1, expert_layers=4, init="copy")
     with torch.no_grad():
-        mode.blocks[0].scale.fill_(1.0)
+        mode.blocks[0].out[0].weight.copy_(torch.eye(mode.blocks[0].out[0].weight.shape[0]))
         mode.blocks[0].gate.bias.copy_(torch.tensor([-1e4, 1e4]))
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-5)
 
@@ -132,7 +153,7 @@ def test_expert_pretraining_changes_only_its_expert_and_gates(kind, request, cor
     for b, (_, end) in enumerate(mode.layout.spans):
         src, ex = layers[end - 1].state_dict(), mode.blocks[b].experts[0][0].state_dict()
         assert src.keys() == ex.keys() and any(not torch.equal(src[k], ex[k]) for k in src)
-        assert mode.blocks[b].scale.item() != 0 and mode.blocks[b].gate.weight.abs().sum() > 0
+        assert mode.blocks[b].out[0].weight.abs().sum() > 0 and mode.blocks[b].gate.weight.abs().sum() > 0
     hist = [h["loss"] for h in meta["loss_history"]]
     assert sum(hist[-3:]) < sum(hist[:3]), hist  # the loss falls (MLM losses are noisy: means of three)
     # the library entry: weights + metadata with the parameter count
@@ -189,7 +210,8 @@ def test_expert_order_is_a_gate_permutation(tiny_decoder, lib):
         for x, y in zip(mab.blocks, mba.blocks):
             y.gate.weight.copy_(x.gate.weight[[0, 2, 1]])
             y.gate.bias.copy_(x.gate.bias[[0, 2, 1]])
-            y.scale.copy_(x.scale)
+            for j, k in ((0, 1), (1, 0)):
+                y.out[j].weight.copy_(x.out[k].weight)
     torch.testing.assert_close(_logits(ba), _logits(ab), rtol=1e-5, atol=1e-6)
 
 
@@ -200,13 +222,15 @@ def test_compose_trains_gates_and_round_trips(tiny_decoder, lib, corpora, tmp_pa
     assert meta["kind"] == "mode" and meta["experts"] == ["bio", "law"] and set(meta["heldout"]) == {"bio", "law"}
     assert meta["blocks_per_part"][0] > 0
     saved = load_file(str(tmp_path / "frozen" / "mode.safetensors"))
-    for j, name in enumerate(["bio", "law"]):  # frozen experts: bitwise the library's
+    for j, name in enumerate(["bio", "law"]):  # frozen experts (layers and output maps): bitwise the library's
         lib_t = load_file(str(lib / name / "expert.safetensors"))
         for key, t in lib_t.items():
             if ".layers." in key:
                 b, rest = key.split(".layers.")
                 assert torch.equal(saved[f"{b}.experts.{j}.{rest}"], t), key
-    assert saved["blocks.0.gate.weight"].shape[0] == 3 and saved["blocks.0.scale"].item() != 0
+            elif key.endswith(".out.weight"):
+                assert torch.equal(saved[key.replace(".out.", f".out.{j}.")], t), key
+    assert saved["blocks.0.gate.weight"].shape[0] == 3 and saved["blocks.0.gate.weight"].abs().sum() > 0
     # save/load round-trip: the loaded model computes what the trained one computed
     model, _, _ = load_mode_model(tmp_path / "frozen")
     cap.model.eval()
@@ -303,8 +327,23 @@ def test_default_model_layout_and_exact_start():
     assert (mode.layout.blocks, mode.layout.expert_layers) == (3, 2)
     assert mode.layout.spans == [(0, 10), (10, 20), (20, 30)]
     per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 576 * 1536 * 3 + 2 * 576
-    assert mode.param_counts()["per_expert"] == 6 * per_layer == 21_240_576
-    # one backward pass: gradients reach the gates' scales, and nothing outside MoDE
+    assert mode.param_counts()["per_expert"] == 6 * per_layer + 3 * 576 * 576 == 22_235_904
+    # one backward pass: the experts' output maps get gradients of full size, nothing outside MoDE any
     model(**enc, labels=enc["input_ids"]).loss.backward()
-    assert all(blk.scale.grad is not None and blk.scale.grad.item() != 0 for blk in mode.blocks)
+    assert all(w.weight.grad.abs().max() > 1e-3 for blk in mode.blocks for w in blk.out)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("domix_mode."))
+
+
+def test_an_expert_of_the_earlier_scale_form_is_refused(tiny_decoder, lib, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old-lib"
+    shutil.copytree(lib, old)
+    t = load_file(str(old / "bio" / "expert.safetensors"))
+    t = {k: v for k, v in t.items() if not k.endswith(".out.weight")}
+    t.update({f"blocks.{b}.scale": torch.zeros(()) for b in range(2)})  # what an earlier domix saved
+    save_file(t, str(old / "bio" / "expert.safetensors"))
+    with pytest.raises(ValueError, match="earlier domix.*train it again"):
+        apply_mode(_load(tiny_decoder), Library(old).select("bio", kind="mode-expert"))

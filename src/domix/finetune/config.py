@@ -23,7 +23,7 @@ class DomixOptions:
 
     bridge_init: str = option("uniform", "initial bridge: uniform (I/N), rank (I/(N*r)), identity (I), own:DOMAIN "
                                          "(uniform: best dev macro-F1 in the quick benchmark, see the README)")
-    bridge_lr: float = option(3e-3, "learning rate of the bridge P, or of MoDE's gates and scales (weight decay 0)")
+    bridge_lr: float = option(3e-3, "learning rate of the bridge P, or of MoDE's gates (weight decay 0)")
     freeze_bridge: bool = option(False, "keep P at its initial value (ablation)")
 
 

@@ -226,7 +226,7 @@ class Mode(Method):
         return model
 
     def mixing(self, name):
-        return name.startswith("domix_mode.") and (".gate." in name or name.endswith(".scale"))
+        return name.startswith("domix_mode.") and ".gate." in name
 
     def saved(self, model):
         return super().saved(model) | {n for n, _ in model.named_parameters() if n.startswith("domix_mode.")}

@@ -1,16 +1,21 @@
 """The MoDE block: domain experts beside a frozen backbone block, mixed by a token-level gate.
 
 The backbone's L layers are split into B contiguous blocks. Block b gets, per domain j, an
-expert f_j of k layers of the backbone's own layer class, run on the block's input x, and a
-gate a(x) = softmax(W x̂ + c) with N+1 outputs (index 0 is the backbone path; x̂ is x scaled to
-unit RMS per token, see `_rms`). The block's output is
+expert f_j of k layers of the backbone's own layer class, run on the block's input x, with a
+d × d output map W_j, and a gate a(x) = softmax(V x̂ + c) with N+1 outputs (index 0 is the
+backbone path; x̂ is x scaled to unit RMS per token, see `_rms`). The block's output is
 
-    y = f_bb(x) + s · Σ_j a_j(x) · (f_j(x) − f_bb(x))
+    y = f_bb(x) + Σ_j a_j(x) · W_j (f_j(x) − f_bb(x))
 
-With s = 1 this is the paper's mixture a_bb·f_bb(x) + Σ_j a_j·f_j(x) (the a's sum to one).
-A softmax cannot put exactly all weight on the backbone and still pass gradients, so the
-gate also has a learnable scalar s, initialised to 0: the starting model *is* the backbone
-(bit for bit), and gradients reach s (and through it W, c and the experts) from step one.
+which is the paper's mixture a_bb·f_bb(x) + Σ_j a_j·g_j(x) (the a's sum to one) with expert
+outputs g_j(x) = f_bb(x) + W_j(f_j(x) − f_bb(x)): W_j = I gives exactly the paper's form
+a_bb·f_bb(x) + Σ_j a_j·f_j(x). W_j starts at zero, as LoRA's B and ControlNet's zero
+convolutions do: the starting model *is* the backbone (bit for bit), and the gradient of W_j
+is a_j · (f_j(x) − f_bb(x)) ⊗ ∂L/∂y — of the size of the model's own activations from the first
+step (an expert copied from the block's last k layers differs from the block's output) — so
+after one step every expert parameter trains at full strength. (The earlier form
+y + s·Σ_j a_j (f_j(x) − f_bb(x)) with a scalar s initialised to 0 gave the experts and the gate
+no gradient at step one and scaled every later one by a small, slowly growing s.)
 
 The backbone is never rewritten: the block is attached with two forward hooks (the first
 layer of the block remembers x, the last layer's output is replaced by y), so the layer
@@ -149,16 +154,19 @@ class ModeBlock(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         p = next(self.experts.parameters())
+        self.out = nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=False, device=p.device, dtype=p.dtype)
+                                 for _ in experts)
         self.gate = nn.Linear(hidden_size, len(experts) + 1, device=p.device, dtype=p.dtype)
-        self.scale = nn.Parameter(torch.zeros((), device=p.device, dtype=p.dtype))
+        with torch.no_grad():
+            for w in self.out:
+                w.weight.zero_()  # W_j = 0: the block computes the backbone exactly
         self.reset_gate()
 
     @torch.no_grad()
     def reset_gate(self) -> None:
-        """Fresh gate: uniform softmax over backbone and experts, scale 0 (the block computes the backbone exactly)."""
+        """Fresh gate: uniform softmax over the backbone and the experts."""
         self.gate.weight.zero_()
         self.gate.bias.zero_()
-        self.scale.zero_()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Mix the backbone block's output `y` with the experts run on the block input `x`.
@@ -172,8 +180,8 @@ class ModeBlock(nn.Module):
                 h = x
                 for layer in expert:
                     h = _output(layer(h, *args, **kwargs))
-                delta = delta + a[..., j + 1:j + 2] * (h - y)
-        return y + self.scale * delta
+                delta = delta + a[..., j + 1:j + 2] * self.out[j](h - y)
+        return y + delta
 
 
 class Mode(nn.Module):
@@ -229,19 +237,17 @@ class Mode(nn.Module):
 
     # ---- state ---------------------------------------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:
-        return [p for blk in self.blocks for p in blk.experts.parameters()]
+        """The experts' layers and their output maps W_j."""
+        return [p for blk in self.blocks for part in (blk.experts, blk.out) for p in part.parameters()]
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The gates' linear layers (W, c)."""
+        """The gates' linear layers (V, c)."""
         return [p for blk in self.blocks for p in blk.gate.parameters()]
 
-    def scale_parameters(self) -> list[nn.Parameter]:
-        """The per-block scales s (0 = backbone only, 1 = the paper's gated mixture)."""
-        return [blk.scale for blk in self.blocks]
-
     def param_counts(self) -> dict:
-        per_expert = sum(p.numel() for blk in self.blocks for p in blk.experts[0].parameters())
-        gates = sum(p.numel() for p in self.gate_parameters() + self.scale_parameters())
+        per_expert = sum(p.numel() for blk in self.blocks for part in (blk.experts[0], blk.out[0])
+                         for p in part.parameters())
+        gates = sum(p.numel() for p in self.gate_parameters())
         return {"per_expert": per_expert, "experts": per_expert * self.n_experts, "gates": gates,
                 "total": per_expert * self.n_experts + gates}
 
@@ -250,21 +256,26 @@ class Mode(nn.Module):
         out = {}
         for b, blk in enumerate(self.blocks):
             out.update({f"blocks.{b}.layers.{k}": v for k, v in blk.experts[j].state_dict().items()})
+            out[f"blocks.{b}.out.weight"] = blk.out[j].weight
             if gate:
-                out.update({f"blocks.{b}.gate.weight": blk.gate.weight, f"blocks.{b}.gate.bias": blk.gate.bias,
-                            f"blocks.{b}.scale": blk.scale})
+                out.update({f"blocks.{b}.gate.weight": blk.gate.weight, f"blocks.{b}.gate.bias": blk.gate.bias})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def load_expert_state(self, j: int, tensors: dict[str, torch.Tensor], gate: bool = False) -> None:
         """Fill expert j from library tensors (strict: names and shapes must fit this layout);
         with `gate`, also its own trained gate (only for a model of that one expert)."""
-        gate_keys = {f"blocks.{b}.{n}" for b in range(len(self.blocks)) for n in ("gate.weight", "gate.bias", "scale")}
+        gate_keys = {f"blocks.{b}.{n}" for b in range(len(self.blocks)) for n in ("gate.weight", "gate.bias")}
         used = set(gate_keys)
         for b, blk in enumerate(self.blocks):
             prefix = f"blocks.{b}.layers."
             sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             blk.experts[j].load_state_dict(sd, strict=True)
             used |= {prefix + k for k in sd}
+            if f"blocks.{b}.out.weight" not in tensors:
+                raise ValueError(f"no output map blocks.{b}.out.weight: an expert of an earlier domix (its per-block "
+                                 "scale form); train it again with this domix")
+            blk.out[j].load_state_dict({"weight": tensors[f"blocks.{b}.out.weight"]}, strict=True)
+            used.add(f"blocks.{b}.out.weight")
         unexpected = sorted(set(tensors) - used)
         if unexpected:
             raise ValueError(f"tensors that do not belong to this layout: {unexpected[:5]}")
@@ -278,7 +289,6 @@ class Mode(nn.Module):
                 for b, blk in enumerate(self.blocks):
                     blk.gate.weight.copy_(tensors[f"blocks.{b}.gate.weight"])
                     blk.gate.bias.copy_(tensors[f"blocks.{b}.gate.bias"])
-                    blk.scale.copy_(tensors[f"blocks.{b}.scale"])
 
 
 def make_expert(model: nn.Module, layers: nn.ModuleList, span: tuple[int, int], k: int, init: str | None,

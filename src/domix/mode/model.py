@@ -112,12 +112,12 @@ def remove_mode(model: nn.Module) -> Mode:
 
 
 def set_trainable(model: nn.Module, experts: bool = True, gates: bool = True) -> None:
-    """Which MoDE tensors train: expert layers, gates (with their scales). The rest of the model
-    is left as it is (e.g. a task head the caller trains)."""
+    """Which MoDE tensors train: experts (their layers and output maps), gates. The rest of the
+    model is left as it is (e.g. a task head the caller trains)."""
     mode = mode_of(model)
     for p in mode.expert_parameters():
         p.requires_grad_(experts)
-    for p in mode.gate_parameters() + mode.scale_parameters():
+    for p in mode.gate_parameters():
         p.requires_grad_(gates)
 
 

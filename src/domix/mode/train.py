@@ -2,8 +2,8 @@
 
 Both run the frozen base with `apply_mode` under transformers' `Trainer` (progress bars,
 TensorBoard logs, checkpoints for `resume`), like stage-1 LoRA pre-training; checkpoints hold
-only the trained tensors. Expert layers, gates and the gates' scales have their own learning
-rates (`lr`, `gate_lr`, `scale_lr`).
+only the trained tensors. Experts (layers and output maps) and gates have their own learning
+rates (`lr`, `gate_lr`).
 """
 from __future__ import annotations
 
@@ -26,12 +26,11 @@ CHECKPOINT_FILE = "model.safetensors"
 
 @dataclass(kw_only=True)
 class ModeTrainOptions(LMTrainOptions):
-    """Training options shared by `mode pretrain` and `mode compose`: three learning rates."""
+    """Training options shared by `mode pretrain` and `mode compose`: two learning rates."""
 
-    lr: float = option(1e-4, "expert layers' learning rate (full transformer layers, so lower than LoRA's 5e-4)")
+    lr: float = option(1e-4, "experts' learning rate: their layers and output maps (full transformer layers, so "
+                             "lower than LoRA's 5e-4)")
     gate_lr: float = option(1e-3, "gates' learning rate (zero-initialised; like DoMIX's bridge lr)")
-    scale_lr: float = option(1e-2, "learning rate of the per-block scale that hands over from the backbone to the "
-                                   "gated mixture (0 -> 1 within ~100 steps)")
     weight_decay: float = option(0.0, "expert layers' weight decay")
 
 
@@ -103,8 +102,6 @@ def _fit(model, mode, train_blocks, collator, objective: str, cfg: ModeTrainOpti
     groups = [{"params": [p for p in mode.expert_parameters() if p.requires_grad], "lr": cfg.lr,
                "weight_decay": cfg.weight_decay},
               {"params": [p for p in mode.gate_parameters() if p.requires_grad], "lr": cfg.gate_lr,
-               "weight_decay": 0.0},
-              {"params": [p for p in mode.scale_parameters() if p.requires_grad], "lr": cfg.scale_lr,
                "weight_decay": 0.0}]
     model.to(device)
     trainer = build_trainer(model, cfg, work=work, train_dataset=train_blocks, data_collator=collator, steps=steps,
@@ -164,7 +161,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
         "documents": len(train_docs), "heldout_documents": len(held_docs),
         **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
                      last=last, device=device),
-        "gate_lr": cfg.gate_lr, "scale_lr": cfg.scale_lr,
+        "gate_lr": cfg.gate_lr,
         "heldout_loss": heldout["loss"] if heldout else None,
         "heldout_accuracy": heldout["accuracy"] if heldout else None,
         "heldout_tokens": heldout["tokens"] if heldout else 0, **cfg.extra,
@@ -248,7 +245,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
         "blocks_per_part": [len(p) for p in train_parts],
         **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
                      last=last, device=device),
-        "gate_lr": cfg.gate_lr, "scale_lr": cfg.scale_lr, "heldout": heldout,
+        "gate_lr": cfg.gate_lr, "heldout": heldout,
         "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
         **cfg.extra,
     }
