@@ -221,6 +221,13 @@ def test_compose_trains_gates_and_round_trips(tiny_decoder, lib, corpora, tmp_pa
                    out=str(tmp_path / "frozen"), freeze_experts=True, callbacks=[cap.cb], **FAST)
     assert meta["kind"] == "mode" and meta["experts"] == ["bio", "law"] and set(meta["heldout"]) == {"bio", "law"}
     assert meta["blocks_per_part"][0] > 0
+    # where the gates send each domain's held-out tokens: a distribution over the backbone and the
+    # experts, as a table in domix.json and a heatmap beside the model
+    assert set(meta["routing"]) == {"bio", "law"}
+    for row in meta["routing"].values():
+        assert list(row) == ["backbone", "bio", "law"] and sum(row.values()) == pytest.approx(1, abs=1e-3)
+    assert meta["routing"]["bio"] != meta["routing"]["law"]  # token-level gates: the texts differ
+    assert (tmp_path / "frozen" / "routing.png").stat().st_size > 0
     saved = load_file(str(tmp_path / "frozen" / "mode.safetensors"))
     for j, name in enumerate(["bio", "law"]):  # frozen experts (layers and output maps): bitwise the library's
         lib_t = load_file(str(lib / name / "expert.safetensors"))

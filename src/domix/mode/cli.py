@@ -40,8 +40,12 @@ def cmd_compose(a) -> int:
     meta = compose(ComposeConfig(**given(a, ComposeConfig)))
     lines = [f"MoDE model of {', '.join(meta['experts'])} -> {a.out}  steps {meta['steps']}  "
              f"train loss {meta['train_loss']:.4f}"]
-    lines += [f"  {name:16s} held-out loss {h['loss']:.4f}  accuracy {h['accuracy']:.4f}"
+    routing = meta.get("routing", {})
+    lines += [f"  {name:16s} held-out loss {h['loss']:.4f}  accuracy {h['accuracy']:.4f}  gate weights "
+              + "  ".join(f"{k} {v:.2f}" for k, v in routing.get(name, {}).items())
               for name, h in meta["heldout"].items()]
+    if routing:
+        lines.append(f"  routing heatmap: {a.out}/routing.png")
     return report(a, meta, "\n".join(lines))
 
 

@@ -161,6 +161,7 @@ class ModeBlock(nn.Module):
             for w in self.out:
                 w.weight.zero_()  # W_j = 0: the block computes the backbone exactly
         self.reset_gate()
+        self.routing: list | None = None
 
     @torch.no_grad()
     def reset_gate(self) -> None:
@@ -174,6 +175,8 @@ class ModeBlock(nn.Module):
         `args`/`kwargs` are what the block's last backbone layer was called with (its hidden
         states excluded): masks, position embeddings, cache."""
         a = torch.softmax(self.gate(_rms(x)), dim=-1)
+        if self.routing is not None:  # `Mode.recording_routing`: the gate's mean weights over these tokens
+            self.routing.append((a.detach().float().reshape(-1, a.shape[-1]).sum(0), a[..., 0].numel()))
         delta = torch.zeros_like(y)
         with _not_recorded():
             for j, expert in enumerate(self.experts):
@@ -234,6 +237,25 @@ class Mode(nn.Module):
                                * self.layout.expert_layers)
         y = self.blocks[b](x, _output(output), args, kwargs)
         return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    @contextmanager
+    def recording_routing(self):
+        """Within: every forward adds its tokens' gate weights; yields a function returning (when
+        called inside) the mean weight of [backbone, *experts] over the tokens seen, averaged over
+        the blocks."""
+        for blk in self.blocks:
+            blk.routing = []
+
+        def mean() -> list[float]:
+            per_block = [sum(s for s, _ in blk.routing) / max(1, sum(n for _, n in blk.routing))
+                         for blk in self.blocks]
+            return (sum(per_block) / len(per_block)).tolist()
+
+        try:
+            yield mean
+        finally:
+            for blk in self.blocks:
+                blk.routing = None
 
     # ---- state ---------------------------------------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:

@@ -127,9 +127,10 @@ def _layout_error(what: str, saved: Layout, here: Layout) -> LibraryError:
 
 
 def save_mode(model: nn.Module, out: Path | str, meta: dict | None = None, overwrite: bool = False,
-              base_fingerprint: str | None = None, logs: Path | None = None) -> dict:
-    """Write the model's MoDE state atomically to `out/` (mode.safetensors + domix.json, and the
-    TensorBoard logs of the training directory `logs`, if given).
+              base_fingerprint: str | None = None, logs: Path | None = None, plots=()) -> dict:
+    """Write the model's MoDE state atomically to `out/` (mode.safetensors + domix.json, the
+    TensorBoard logs of the training directory `logs`, if given, and `plots`: callables
+    `plot(stage_dir)`).
 
     Trainable tensors outside MoDE (e.g. a classification head) are saved too, under `model.<name>`."""
     from safetensors.torch import save_file
@@ -149,6 +150,8 @@ def save_mode(model: nn.Module, out: Path | str, meta: dict | None = None, overw
             from ..training import keep_logs
 
             keep_logs(logs, stage)
+        for plot in plots:
+            plot(stage)
     return meta
 
 

@@ -235,8 +235,11 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), objective, cfg,
                                         cfg.seed, work, device, callbacks)
     train_time = time.time() - t0
-    heldout = {name: lm_loss(model, blocks, tokenizer, objective, cfg.batch_size, seed=0)
-               for name, blocks in held_parts.items()}
+    heldout, routing = {}, {}
+    for name, blocks in held_parts.items():  # held-out loss and where the gates send each domain's tokens
+        with mode.recording_routing() as mean:
+            heldout[name] = lm_loss(model, blocks, tokenizer, objective, cfg.batch_size, seed=0)
+            routing[name] = dict(zip(["backbone", *mode.names], (round(w, 4) for w in mean())))
     meta = {
         "kind": "mode", "base": base, "objective": objective, "library": str(cfg.library),
         "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
@@ -247,11 +250,39 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
                      last=last, device=device),
         "gate_lr": cfg.gate_lr, "heldout": heldout,
         "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
-        **cfg.extra,
+        "routing": routing, **cfg.extra,
     }
-    meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp, logs=work)
+    plots = [lambda stage: plot_routing(routing, stage / "routing.png")] if routing else []
+    meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp, logs=work, plots=plots)
     shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def plot_routing(routing: dict, path: Path) -> None:
+    """Heatmap of the mean gate weight per held-out domain (rows) and path (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, cols = list(routing), list(next(iter(routing.values())))
+    grid = np.array([[routing[r][c] for c in cols] for r in rows])
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.6 * len(rows) + 1.6))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("gate path")
+    ax.set_ylabel("held-out text of")
+    ax.set_title("mean gate weight per token (all blocks)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def eval_mode(path: str, data, seq_len: int = 128, batch_size: int = 8, max_blocks: int | None = 64,
