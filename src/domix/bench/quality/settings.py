@@ -44,7 +44,9 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 # Sized from measurements on 2 CPU cores, one thread per job (real model). quick (with MoDE)
-# measured 54 CPU-min (27.8 min on 2 quiet cores with 2 workers). A full run with 256 training
+# measured 68 CPU-min in fp32 (27.8 to 35.1 min on 2 cores with 2 workers, by machine); bf16
+# autocast (1.3x per fine-tuning step, 1.5x per pre-training token, measured) brings it under
+# its 60 CPU-min budget. A full run with 256 training
 # examples per task (32 steps) measured per fine-tune job ~105 CPU-s (a step ~2.1 CPU-s, plus
 # ~38 s of loading, scoring 282 dev/test examples and saving), projecting ~2.75 h in all: over
 # the 2.5 h budget. 160 examples (20 steps) project ~2.2 h. A fine-tune learns little before
@@ -55,10 +57,10 @@ QUICK = {
     "workers": 2,
     "domains": list(DOMAINS),
     "pretrain": {"seq_len": 64, "batch_size": 8, "steps": 8, "rank": 8, "alpha": 16.0, "lr": 5e-4,
-                 "full_lr": 1e-4, "seed": 0},
+                 "full_lr": 1e-4, "seed": 0, "dtype": "bf16"},
     "lm_eval": {"blocks": 12, "batch_size": 8},
     "finetune": {"train": 80, "dev": 24, "test": 128, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
-                 "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16},
+                 "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16, "dtype": "bf16"},
     "mode": {"lr": 1e-4, "compose_steps": 8},
     "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
     "keep_full_weights": False,
@@ -74,10 +76,9 @@ QUICK = {
 DECISIVE = _merge(QUICK, {
     "seeds": [0, 1, 2],
     "methods": ["base-lora", "base-full", "own-lora", "joint-lora", "cat-merge", "domix", "domix-frozen-bridge"],
-    "pretrain": {"dtype": "bf16"},
     "dap_curve": {"tokens": [8192, 32768, 65536]},
     "lm_eval": {"blocks": 24},
-    "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0, "dtype": "bf16",
+    "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0,
                  "eval_every": 16, "keep_best": True, "patience": 2},
     "mode": {"compose_steps": 16},
 })
@@ -85,9 +86,9 @@ PRESETS: dict[str, dict] = {
     "quick": QUICK,
     "full": _merge(QUICK, {  # what differs from quick
         "seeds": [0, 1, 2],
-        "pretrain": {"steps": 16},
+        "pretrain": {"steps": 16, "dtype": "fp32"},  # as it ran on 2026-11-25
         "lm_eval": {"blocks": 24},
-        "finetune": {"train": 160, "dev": 32, "test": 250},
+        "finetune": {"train": 160, "dev": 32, "test": 250, "dtype": "fp32"},
         "mode": {"compose_steps": 16},
         "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
     }),
