@@ -247,13 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .bench.quality import BenchmarkError
     from .fetch import FetchError
     from .library import LibraryError
 
     try:
         with json_stdout() if getattr(args, "json", False) else contextlib.nullcontext():
             return args.func(args)
-    except (FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (BenchmarkError, FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"domix: error: {e}", file=sys.stderr)
         return 2
 

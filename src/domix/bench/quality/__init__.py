@@ -41,8 +41,12 @@ from .execute import execute, job_executor
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
 from .settings import METHODS, NEEDS, _merge, _parse_list, order_name, resolve_settings, selection
 
-__all__ = ["ConfigError", "METHODS", "read_config", "plan", "prepare_data", "resolve_settings", "run_quality", "run", "_base_id",
-           "_finetune_fields"]
+__all__ = ["BenchmarkError", "ConfigError", "METHODS", "read_config", "plan", "prepare_data", "resolve_settings",
+           "run_quality", "run", "_base_id", "_finetune_fields"]
+
+
+class BenchmarkError(RuntimeError):
+    """A run that cannot go on (e.g. the DAP curve, which the rest of the run needs, has failed jobs)."""
 
 
 def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, workers=None, base: str | None = None,
@@ -100,6 +104,11 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
             budgets = ", ".join(f"{p['tokens']:,}" for p in points)
             log(f"quality: DAP curve at {budgets} tokens per domain")
             curve_res = execute(c_jobs, pool, settings["workers"], log)
+            failed = {n: r.get("error") for n, r in curve_res.items() if r.get("status") != "done"}
+            if failed:
+                raise BenchmarkError(f"{len(failed)} job(s) of the DAP curve failed, so no budget can be chosen: "
+                                     + "; ".join(f"{n}: {e}" for n, e in list(failed.items())[:3])
+                                     + ". Rerun the same command to retry them (finished jobs are reused).")
             curve = collect_curve(points, curve_res, settings["domains"])
             settings["dap_budget"] = choose_budget(curve)
             settings["pretrain"]["steps"] = at_budget(settings, settings["dap_budget"]["tokens_per_domain"])[
