@@ -479,9 +479,12 @@ def write_report(results: dict, out: Path) -> str:
              "evaluations without improvement" if ft.get("keep_best") else "") + ". Learning rates are each "
           f"family's standard value, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
           f"{s['domix_defaults']['bridge_lr']}), {ft['full_lr']} for full fine-tuning (base-full, ncl).",
-          f"- Budgets that are not equal: trainable parameters (see Efficiency); base-lora/base-dora use rank "
-          f"{ft['base_lora_rank']} (≈ DoMIX's trainable budget: N·r/2 for N={len(s['domains'])} modules of r="
-          f"{pre['rank']}), own-lora and joint-lora keep their module's rank {pre['rank']}.",
+          (f"- Budgets that are not equal: trainable parameters (see Efficiency); base-lora/base-dora use rank "
+           f"{ft['base_lora_rank']} (≈ DoMIX's trainable budget: N·r/2 for N={len(s['domains'])} modules of r="
+           f"{pre['rank']}), own-lora and joint-lora keep their module's rank {pre['rank']}."
+           if ft["base_lora_rank"] != pre["rank"] else
+           f"- base-lora/base-dora use the modules' rank {pre['rank']}, so own-lora vs base-lora (the DAP curve, C1) "
+           "differ only in the starting point; DoMIX trains more parameters than either (see Efficiency)."),
           f"- domix = FinetuneConfig defaults (bridge_init `{s['domix_defaults']['bridge_init']}`); the ablations set "
           "P = I/(N·r) (domix-rank), I/N (domix-uniform), I (domix-identity, trainable), the default init frozen "
           "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",

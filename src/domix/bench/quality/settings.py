@@ -78,8 +78,10 @@ DECISIVE = _merge(QUICK, {
     "methods": ["base-lora", "base-full", "own-lora", "joint-lora", "cat-merge", "domix", "domix-frozen-bridge"],
     "dap_curve": {"tokens": [8192, 32768, 65536]},
     "lm_eval": {"blocks": 24},
+    # base-lora at the modules' rank: the DAP curve and C1 compare own-lora with base-lora at the same
+    # rank and the same fine-tuning (the other presets give base-lora rank 16, about DoMIX's budget)
     "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0,
-                 "eval_every": 16, "keep_best": True, "patience": 2},
+                 "eval_every": 16, "keep_best": True, "patience": 2, "base_lora_rank": 8},
     "mode": {"compose_steps": 16},
 })
 PRESETS: dict[str, dict] = {
