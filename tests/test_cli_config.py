@@ -90,9 +90,9 @@ def test_help_shows_the_dataclass_defaults():
 
 
 COMMANDS = [("pretrain", "(default: 8)"), ("pretrain-all", "(default: 8)"), ("finetune", "(default: 32)"),
-            ("mode pretrain", "(default: 0.001)"), ("mode compose", "(default: 0.01)"), ("mode eval", "128"),
+            ("mode pretrain", "(default: 0.001)"), ("mode compose", "(default: 0.0001)"), ("mode eval", "128"),
             ("eval-lm", "128"), ("bench dap", "(default: 8)"), ("bench finetune", "(default: 32)"),
-            ("bench quality", "(default: quick)"), ("fetch", "model"), ("library list", "dir"),
+            ("bench quality", "quick (the default"), ("fetch", "model"), ("library list", "dir"),
             ("evaluate", "--model"), ("predict", "--text"), ("export", "merged")]
 
 
