@@ -39,9 +39,11 @@ class TaskBase:
     head: list[str] = field(default_factory=list)
 
 
-def load_task_base(base: str, task: str, labels: list[str] | None, dtype: str = "fp32") -> TaskBase:
+def load_task_base(base: str, task: str, labels: list[str] | None, dtype: str = "fp32",
+                   warn: bool = False) -> TaskBase:
     """`base` with a fresh sequence-classification head over `labels` (classify) or its LM head
-    (generate), its weights in `dtype` whatever the checkpoint stores; every parameter frozen."""
+    (generate), its weights in `dtype` whatever the checkpoint stores; every parameter frozen.
+    `warn`: say which backbone weights the checkpoint lacks (they train with the head)."""
     if task == "classify":
         from transformers import AutoModelForSequenceClassification
 
@@ -54,7 +56,7 @@ def load_task_base(base: str, task: str, labels: list[str] | None, dtype: str = 
         missing = set(info["missing_keys"])
         head = [n for n, _ in model.named_parameters() if n not in body or n in missing]
         lacking = sorted(missing & body)
-        if lacking:  # not expected: say so plainly (they train with the head)
+        if lacking and warn:  # not expected: say so plainly, once, when training starts
             warnings.warn(f"{base}: the checkpoint lacks {len(lacking)} backbone weight(s), freshly initialised "
                           f"and trained with the task head: {', '.join(lacking[:5])}", stacklevel=2)
     else:
@@ -91,7 +93,7 @@ def build_model(cfg: FinetuneConfig, labels: list[str] | None):
     the base fingerprint, the head's parameter names and what the method records."""
     method = get_method(cfg.method)
     # the frozen base follows --dtype (full fine-tuning trains it: fp32); what trains stays fp32
-    task = load_task_base(cfg.base, cfg.task, labels, "fp32" if method.name == "full" else cfg.dtype)
+    task = load_task_base(cfg.base, cfg.task, labels, "fp32" if method.name == "full" else cfg.dtype, warn=True)
     base_fp = fingerprint(task.model)
     info = {"base_fingerprint": base_fp, "head": task.head, "modules": []}
     info.update(method.build(task.model, cfg, task.head, base_fp))
