@@ -84,7 +84,14 @@ def test_results_schema(bench):
             assert all(isinstance(row[k], float) for k in ("base", "own", "mode-expert", "mode", "mode-frozen-experts"))
         assert all(0.0 <= v <= 1.0 for k, v in saved["lm_accuracy"][dom].items() if k != "ncl")
     assert set(saved["retention_loss"]) >= {"base", "own-lora", "joint-lora", "ncl", "mode-expert", "mode",
-                                            "mode-frozen-experts"}
+                                            "mode-frozen-experts", "full"}
+    # MoDE's paper comparison: per domain, at the same tokens, LoRA module vs MoDE expert vs all weights
+    assert all(isinstance(saved["lm_loss"][d]["full"], float) for d in DOMS)
+    cmp = saved["mode_comparison"]
+    assert set(cmp) == {"lora", "mode-expert", "full"}
+    assert cmp["lora"]["trainable_params"] < cmp["mode-expert"]["trainable_params"] < cmp["full"]["trainable_params"]
+    assert len({c["tokens_per_domain"] for c in cmp.values()}) == 1 and all(c["cpu_s_per_1k_tokens"] > 0
+                                                                         for c in cmp.values())
     for m in METHODS:
         e = saved["efficiency"][m]
         assert e["trainable_params"] > 0 and e["finetune_s"] > 0 and e["step_time_s"] > 0 and e["peak_rss_mb"] > 0
@@ -126,6 +133,7 @@ def test_results_schema(bench):
     assert "## Verdicts" in report and "**C1**" in report
     assert "## End tasks" in report and "Measured wall time" in report and res["table"] in report
     assert "Next-token accuracy" in report and "mode (composed)" in report
+    assert "## MoDE against LoRA and full training" in report
     for plot in ("tasks.png", "lm_loss.png", "bridge.png"):
         assert (out / "plots" / plot).stat().st_size > 0
 

@@ -66,6 +66,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
                    "ncl": {o: lm[f"lm/{j}"][d] for o, j in ncl_jobs.items() if f"lm/{j}" in lm}}
             if f"lm/mode-expert/{d}" in lm:
                 row["mode-expert"] = lm[f"lm/mode-expert/{d}"][d]
+            if f"lm/full/{d}" in lm:
+                row["full"] = lm[f"lm/full/{d}"][d]
             for variant in COMPOSE:
                 if f"lm/{variant}" in lm:
                     row[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][d]
@@ -90,10 +92,11 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
         if ncl_ret:
             retention["ncl"] = round(statistics.mean(ncl_ret.values()), 5)
             detail["ncl"] = ncl_ret
-        experts = {d: lm[f"lm/mode-expert/{d}"][GENERAL] for d in domains if f"lm/mode-expert/{d}" in lm}
-        if experts:
-            retention["mode-expert"] = round(statistics.mean(experts.values()), 5)
-            detail["mode-expert"] = experts
+        for key, job in (("mode-expert", "lm/mode-expert"), ("full", "lm/full")):
+            per = {d: lm[f"{job}/{d}"][GENERAL] for d in domains if f"{job}/{d}" in lm}
+            if per:
+                retention[key] = round(statistics.mean(per.values()), 5)
+                detail[key] = per
         for variant in COMPOSE:
             if f"lm/{variant}" in lm:
                 retention[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][GENERAL]
@@ -152,6 +155,21 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             "step_time_s": round(statistics.mean(r["step_time_s"] for r in fts if r["step_time_s"]), 4),
             "step_cpu_s": _mean([r.get("step_cpu_s") for r in fts]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in fts), "finetune_runs": len(fts)}
+    # -- MoDE's paper comparison: per domain, at the same tokens, a LoRA module, a MoDE expert and all
+    # weights trained; the cost of each kind of pre-training per token
+    paper = {}
+    kinds = {"lora": [f"module/1/{d}" for d in domains], "mode-expert": [f"mode/expert/{d}" for d in domains],
+             "full": [f"full/{d}" for d in domains]}
+    if all(ok(n) for n in kinds["mode-expert"] + kinds["full"]):
+        for kind, names in kinds.items():
+            done = [res[n] for n in names if ok(n)]
+            if not done:
+                continue
+            tokens = sum(r["tokens"] for r in done)
+            paper[kind] = {"trainable_params": done[0]["trainable_params"],
+                           "cpu_s_per_1k_tokens": round(1000 * sum(r.get("cpu_s") or 0 for r in done) / tokens, 3),
+                           "step_cpu_s": _mean([r.get("step_cpu_s") for r in done]),
+                           "peak_rss_mb": max(r["peak_rss_mb"] for r in done), "tokens_per_domain": done[0]["tokens"]}
     # -- DoMIX's bridge, first seed: per task the domain-by-domain block norms, averaged over layer types
     bridge = {}
     for method, task, seed, order, name in runs:
@@ -187,7 +205,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail,
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
-            "shared_runs": shared, "runs": run_list, "verdicts": claims}
+            "shared_runs": shared, "runs": run_list, "verdicts": claims, "mode_comparison": paper}
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

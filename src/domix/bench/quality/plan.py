@@ -165,6 +165,17 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
             composed[variant] = (f"{variant}/compose", cdir / "model")
             add(Job(f"{variant}/compose", "mode-compose", {"config": cfg, **common}, str(cdir / "model"),
                     str(cdir / "result.json"), [f"mode/expert/{d}" for d in domains]))
+    # -- MoDE's paper comparison: each domain alone with all weights trained, the experts' tokens
+    full_lib = None
+    if mode_lib is not None:
+        shared = _pretrain_cfg(settings, "", [], Path("."), pre["steps"], full=True, lr=pre["full_lr"], rank=None,
+                               alpha=None)
+        full_lib = work / f"full-lib-{_library_key(common, shared)}"
+        for d in domains:
+            cfg = _pretrain_cfg(settings, d, [data["corpora"][d]["path"]], full_lib, pre["steps"], full=True,
+                                lr=pre["full_lr"], rank=None, alpha=None)
+            add(Job(f"full/{d}", "pretrain", {"config": cfg, **common}, str(full_lib / d),
+                    str(full_lib / ".results" / f"{d}.json")))
     # -- LM loss on the held-out text of every domain and on general text
     lm = settings["lm_eval"]
     heldout = {k: v["path"] for k, v in data["heldout"].items()}
@@ -179,6 +190,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
         models.append((f"lm/{job}", {"ncl": str(d)}, [job]))
     if mode_lib:
         models += [(f"lm/mode-expert/{d}", {"mode": str(mode_lib / d)}, [f"mode/expert/{d}"]) for d in domains]
+    if full_lib:
+        models += [(f"lm/full/{d}", {"base": str(full_lib / d)}, [f"full/{d}"]) for d in domains]
     for variant, (job, d) in composed.items():
         models.append((f"lm/{variant}", {"mode": str(d)}, [job]))
     for name, model, deps in models:
