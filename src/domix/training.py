@@ -104,12 +104,9 @@ def total_steps(opts: TrainOptions, n_examples: int, seq_len: int | None = None)
 
 def quiet() -> None:
     """No progress bars or library chatter (worker processes, `--json` runs)."""
-    import warnings
-
     import datasets
     from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     datasets.disable_progress_bars()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
