@@ -102,16 +102,13 @@ def build_model(cfg: FinetuneConfig, labels: list[str] | None):
 
 
 def trained_in_fp32(model) -> None:
-    """Every trainable tensor (head, LoRA, bridge P and B with its frozen A_cat, MoDE experts and
-    gates) in fp32, whatever the base's precision: optimizer updates of half-precision weights
-    lose the small steps (PEFT keeps adapters in fp32 the same way, autocast_adapter_dtype)."""
-    from ..bridge.apply import bridged_layers
-
+    """Every trainable tensor (head, LoRA, MoDE experts and gates) in fp32, whatever the base's
+    precision: optimizer updates of half-precision weights lose the small steps (PEFT keeps
+    adapters in fp32 the same way, autocast_adapter_dtype). The bridge's A, P and B are fp32
+    already (`BridgeLinear`)."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    for layer in bridged_layers(model).values():
-        layer.lora_A = layer.lora_A.float()
 
 
 def save_task_model(out: Path, model, tokenizer, spec: dict, metrics: dict, tensors: dict, work: Path,

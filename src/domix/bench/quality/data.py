@@ -44,6 +44,9 @@ def _take_tokens(docs: list[str], order: list[int], start: int, target: int, tok
     return out, i, total
 
 
+SPLITS = ("train", "dev", "test")
+
+
 def data_tokens(settings: dict) -> int:
     """Training tokens per domain the corpora must hold: the pre-training budget, or with a DAP
     curve its largest budget (smaller budgets train fewer steps on the same text)."""
@@ -59,9 +62,6 @@ def builtin_source(root: Path, settings: dict) -> dict:
             "general": str(root / "corpora" / f"{GENERAL}.txt"),
             "tasks": {t: {"domain": d, **{s: str(root / "tasks" / t / f"{s}.jsonl") for s in SPLITS}}
                       for t, d in settings["task_domains"].items()}}
-
-
-SPLITS = ("train", "dev", "test")
 
 
 def _documents(paths: list[str]) -> list[str]:
