@@ -48,6 +48,7 @@ def _finetune(tmp_path, tiny_decoder, lib, train, dev, *extra):
     ("no-label", r"train.jsonl:1: missing field\(s\) \['label'\]"),
     ("empty", r"train.jsonl has no examples"),
     ("latin1", r"train.jsonl is not UTF-8 text"),
+    ("not-object", r"train.jsonl:2: not a JSON object"),
     ("unknown-eval-label", r"label\(s\) \['neg'\] are not known to the model \(known: \['0', '1'\]\)"),
 ])
 def test_bad_task_files(case, message, tiny_decoder, lib, tmp_path, capsys):
@@ -59,6 +60,8 @@ def test_bad_task_files(case, message, tiny_decoder, lib, tmp_path, capsys):
         _jsonl(train, [{"text": "no label here"}] + rows)
     elif case == "empty":
         train.write_text("\n")
+    elif case == "not-object":
+        _jsonl(train, rows[:1] + ["5"] + rows[1:])
     elif case == "latin1":
         train.write_bytes(json.dumps({"text": "café", "label": "bio"}, ensure_ascii=False).encode("latin1") + b"\n")
     else:  # integer labels in train, strings in eval: "0"/"1" are the same labels, "neg" is not

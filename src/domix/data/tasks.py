@@ -26,6 +26,8 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}:{i}: not a JSON object with fields {list(required)}")
         missing = [k for k in required if k not in row]
         if missing:
             raise TaskDataError(f"{path}:{i}: missing field(s) {missing}")

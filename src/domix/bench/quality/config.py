@@ -18,7 +18,6 @@ anything runs.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...data.benchmark import GENERAL
@@ -101,27 +100,18 @@ def read_config(path) -> dict:
 
 
 def _check_task(name: str, files: dict) -> list[str]:
-    """A task's splits: JSON lines with "text" and "label", not empty, every dev/test label seen in train."""
+    """A task's splits, read as fine-tuning reads them (`read_jsonl`: JSON lines with "text" and
+    "label", not empty), and every dev/test label seen in train."""
+    from ...data.tasks import TaskDataError, label_names, read_jsonl
+
     problems, labels = [], {}
     for split, f in files.items():
-        labels[split] = set()
-        for i, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                problems.append(f"task {name}: {f} line {i} is not JSON")
-                break
-            if not isinstance(row, dict) or "text" not in row or "label" not in row:
-                problems.append(f"task {name}: {f} line {i} lacks a 'text' or 'label' field")
-                break
-            labels[split].add(str(row["label"]))
-        else:
-            if not labels[split]:
-                problems.append(f"task {name}: its {split} split {f} is empty")
+        try:
+            labels[split] = set(label_names(read_jsonl(f, ("text", "label"))))
+        except TaskDataError as e:
+            problems.append(f"task {name}: {e}")
     for split in ("dev", "test"):
-        unseen = labels[split] - labels["train"]
-        if labels["train"] and unseen:
+        unseen = labels.get(split, set()) - labels.get("train", set())
+        if "train" in labels and unseen:
             problems.append(f"task {name}: labels {sorted(unseen)} of its {split} split are absent from train")
     return problems
