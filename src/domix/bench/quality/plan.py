@@ -14,7 +14,8 @@ from .settings import COMPOSE, METHODS, NEEDS, NO_SAVE, order_name
 
 # Raised when domix itself computes different results from the same settings, so a rerun redoes
 # the jobs an older domix computed instead of mixing them with new ones. 2: end-of-document is a
-# next-token target when pad == eos; trained tensors fp32 over a base held in --dtype (2026-11-30).
+# next-token target when pad == eos; trained tensors fp32 over a base held in --dtype; MoDE experts
+# through zero-initialised output maps (2026-11-30).
 RESULTS_VERSION = 2
 
 
