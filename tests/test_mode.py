@@ -354,3 +354,53 @@ def test_an_expert_of_the_earlier_scale_form_is_refused(tiny_decoder, lib, tmp_p
     save_file(t, str(old / "bio" / "expert.safetensors"))
     with pytest.raises(ValueError, match="earlier domix.*train it again"):
         apply_mode(_load(tiny_decoder), Library(old).select("bio", kind="mode-expert"))
+
+
+def test_an_expert_is_a_library_entry_like_any_other(tiny_decoder, tiny_encoder, lib, corpora, tmp_path, capsys):
+    """`eval-lm --library --module` scores an expert as `mode eval --model` does; `library list/show/check`
+    give its kind, size and layout; a command given an entry of the wrong kind names the kinds it takes."""
+    score = ["--data", corpora["bio"], "--seq-len", "16", "--device", "cpu", "--json"]
+    assert main(["eval-lm", "--base", tiny_decoder, "--library", str(lib), "--module", "bio", *score]) == 0
+    by_entry = json.loads(capsys.readouterr().out)
+    assert main(["mode", "eval", "--model", str(lib / "bio"), *score]) == 0
+    by_path = json.loads(capsys.readouterr().out)
+    assert by_entry["module"] == "bio" and by_entry["kind"] == "mode-expert"
+    assert by_entry["loss"] == by_path["loss"] and by_entry["tokens"] == by_path["tokens"] > 0
+    # another base's expert through eval-lm: refused by fingerprint
+    assert main(["eval-lm", "--base", tiny_encoder, "--library", str(lib), "--module", "bio", *score]) == 2
+    assert "'bio' was trained on base" in capsys.readouterr().err
+
+    assert main(["library", "list", str(lib), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    meta = Library(lib).get("bio").meta
+    tensors = load_file(str(lib / "bio" / "expert.safetensors"))
+    assert rows["bio"]["kind"] == "mode-expert"
+    assert rows["bio"]["params"] == sum(t.numel() for t in tensors.values()) == meta["params"]["total"]
+    assert rows["bio"]["size_bytes"] == (lib / "bio" / "expert.safetensors").stat().st_size
+    assert "2 blocks x 1 expert layers over 4" in rows["bio"]["layout"]
+    assert main(["library", "list", str(lib)]) == 0
+    table = capsys.readouterr().out
+    assert "mode-expert" in table and "2 blocks x 1 expert layers" in table
+    assert main(["library", "show", str(lib), "bio"]) == 0
+    assert json.loads(capsys.readouterr().out)["entry"]["kind"] == "mode-expert"
+    assert main(["library", "check", str(lib), "--base", tiny_decoder]) == 0
+    assert "all 2 modules" in capsys.readouterr().out
+    assert main(["library", "check", str(lib), "--base", tiny_encoder]) == 1
+    assert "'bio' was trained on base" in capsys.readouterr().out
+
+    # the wrong kind, named: LoRA commands given an expert, MoDE commands given a LoRA module
+    with pytest.raises(LibraryError, match="'bio' is a mode-expert entry; this takes lora entries"):
+        Library(lib).select("bio")
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"text": t, "label": t.split()[0]}) for t in ("a b", "c d")))
+    assert main(["finetune", "--base", tiny_decoder, "--library", str(lib), "--modules", "bio", "--method", "domix",
+                 "--train", str(task), "--eval", str(task), "--out", str(tmp_path / "t"), "--device", "cpu"]) == 2
+    assert "'bio' is a mode-expert entry; this takes lora entries" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    from domix.library.pretrain import pretrain
+
+    pretrain(domain="lora", data=[corpora["law"]], library=str(tmp_path / "mixed"), base=tiny_decoder, max_steps=1,
+             batch_size=2, seq_len=16, rank=2, progress=False, device="cpu", threads=1)
+    with pytest.raises(LibraryError, match="'lora' is a lora entry; this takes mode-expert entries"):
+        compose(library=str(tmp_path / "mixed"), experts="lora", data=[f"lora={corpora['law']}"],
+                out=str(tmp_path / "c"), **FAST)

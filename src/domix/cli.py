@@ -57,9 +57,10 @@ def cmd_library(a) -> int:
         rows = []
         for name in lib.names():
             try:
-                m = lib.get(name).meta
-                rows.append({k: m.get(k) for k in ("domain", "kind", "base", "objective", "rank", "steps",
-                                                  "tokens", "heldout_loss")} | {"name": name})
+                mod = lib.get(name)
+                rows.append({"name": name} | {k: mod.meta.get(k) for k in ("domain", "base", "objective", "steps",
+                                                                          "tokens", "heldout_loss")}
+                            | mod.summary())
             except Exception as e:  # a broken entry is listed, not fatal
                 rows.append({"name": name, "error": str(e)})
         if a.json:
@@ -67,17 +68,19 @@ def cmd_library(a) -> int:
         elif not rows:
             print(f"library {lib.path} is empty")
         else:
-            print(f"{'name':16s} {'kind':12s} {'rank':>4s} {'steps':>6s} {'tokens':>9s} {'held-out':>9s}  base")
+            print(f"{'name':16s} {'kind':12s} {'params':>11s} {'size':>9s} {'steps':>6s} {'tokens':>9s} "
+                  f"{'held-out':>9s}  layout")
             for r in rows:
                 if "error" in r:
                     print(f"{r['name']:16s} ERROR {r['error']}")
                     continue
                 held = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"
-                print(f"{r['name']:16s} {r['kind']:12s} {r['rank'] or '-':>4} {r['steps']:>6} {r['tokens']:>9} "
-                      f"{held:>9s}  {r['base']}")
+                print(f"{r['name']:16s} {r['kind']:12s} {r['params']:>11,} {r['size_bytes'] / 2**20:>7.1f}MB "
+                      f"{r['steps']:>6} {r['tokens']:>9} {held:>9s}  {r['layout']}")
         return 0
     if a.action == "show":
-        print_json(lib.get(a.name).meta)
+        mod = lib.get(a.name)
+        print_json({**mod.meta, "entry": mod.summary()})
         return 0
     from .models import fingerprint, load_model
 
@@ -194,19 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     q = lsub.add_parser("list", help="one line per module")
     q.add_argument("dir")
     q.add_argument("--json", action="store_true")
-    q = lsub.add_parser("show", help="a module's metadata")
+    q = lsub.add_parser("show", help="a module's metadata, with its kind, size and layout under 'entry'")
     q.add_argument("dir")
     q.add_argument("name")
-    q = lsub.add_parser("check", help="check every module against a base model (exit 1 on any problem)")
+    q = lsub.add_parser("check", help="check every entry against a base model: fingerprint, files, LoRA shapes, MoDE layouts "
+                                      "(exit 1 on any problem)")
     q.add_argument("dir")
     q.add_argument("--base", required=True)
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_library)
 
-    p = command(sub, "eval-lm", "LM loss / perplexity of the base, or the base with one module", cmd_eval_lm)
+    p = command(sub, "eval-lm", "LM loss / perplexity of the base, or the base with one library entry", cmd_eval_lm)
     p.add_argument("--base", default=DEFAULT_BASE, help="default: %(default)s")
     p.add_argument("--library", default=None)
-    p.add_argument("--module", default=None, help="a LoRA module of --library to attach to the base")
+    p.add_argument("--module", default=None, help="an entry of --library: a LoRA module, a full entry or a MoDE expert")
     p.add_argument("--model", default=None, help="instead: a composed MoDE directory or a library MoDE expert")
     add_eval_options(p)
 

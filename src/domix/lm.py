@@ -185,7 +185,8 @@ def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed:
 
 def load_with_module(base: str, library: str, module: str, objective: str = "auto", dtype: str = "fp32",
                      trust_remote_code: bool = False):
-    """The base LM with one library module attached (refused if trained on another base)."""
+    """The base LM with one library module: a LoRA module attached, or a `full` entry's own weights
+    (refused if trained on another base). MoDE experts load with `mode.load_mode_model`."""
     from peft import PeftModel
 
     from .models import fingerprint, load_model
@@ -193,23 +194,36 @@ def load_with_module(base: str, library: str, module: str, objective: str = "aut
 
     model, objective = load_model(base, head="lm", objective=objective, dtype=dtype,
                                   trust_remote_code=trust_remote_code)
-    mod = Library(library).get(module)
+    mod = Library(library).get(module, kinds=("lora", "full"))
     mod.check_base(fingerprint(model))
     mod.tensors()  # a truncated or corrupt file fails here with the module's name
+    if mod.kind == "full":
+        return load_model(str(mod.path), head="lm", objective=objective, dtype=dtype,
+                          trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(model, str(mod.path)), objective
 
 
 def eval_lm(base: str, data, library: str | None = None, module: str | None = None, seq_len: int = 128,
             batch_size: int = 8, max_blocks: int | None = 64, objective: str = "auto", device: str = "auto",
             text_field: str = "text", seed: int = 0, progress: bool = True) -> dict:
-    """Mean token loss and perplexity of the base alone or with one module on a corpus."""
+    """Mean token loss and perplexity of the base alone or with one library entry on a corpus: a
+    LoRA module, a `full` entry or a MoDE expert (with its own gate)."""
     from .data.corpus import load_documents, pack
+    from .library import Library
     from .models import load_model, load_tokenizer, select_device
 
-    tokenizer = load_tokenizer(base)
     if module:
         if not library:
             raise ValueError("--module needs --library")
+        mod = Library(library).get(module, kinds=("lora", "full", "mode-expert"))
+        if mod.kind == "mode-expert":
+            from .mode.train import eval_mode
+
+            return {"module": module, **eval_mode(mod.path, data, seq_len=seq_len, batch_size=batch_size,
+                                                   max_blocks=max_blocks, device=device, text_field=text_field,
+                                                   seed=seed, base=base, progress=progress)}
+    tokenizer = load_tokenizer(base)
+    if module:
         model, objective = load_with_module(base, library, module, objective)
     else:
         model, objective = load_model(base, head="lm", objective=objective)

@@ -39,9 +39,7 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
     per_layer: dict[str, list] = {}
     rank_of = {}
     for mod in modules:
-        mod.check_base(base_fingerprint)
-        if mod.kind != "lora":
-            raise LibraryError(f"module '{mod.name}' is a {mod.kind}, not a LoRA domain module")
+        mod.require("lora").check_base(base_fingerprint)
         s = module_scaling(mod)
         for layer, (a, b) in lora_pairs(mod.tensors()).items():
             per_layer.setdefault(layer, []).append((mod.name, a.float(), b.float(), s))

@@ -140,9 +140,7 @@ class Lora(Method):
         """The library module a LoRA fine-tuning starts from, and its LoRA shape (r, alpha, targets)."""
         if self.dora or not cfg.library:
             raise ValueError("--init-module needs --method lora and --library")
-        mod = Library(cfg.library).get(cfg.init_module)
-        if mod.kind != "lora":
-            raise ValueError(f"module '{mod.name}' is a {mod.kind}, not a LoRA domain module")
+        mod = Library(cfg.library).get(cfg.init_module, kinds=("lora",))
         acfg = json.loads((mod.path / "adapter_config.json").read_text())
         return mod, {"r": acfg["r"], "lora_alpha": acfg["lora_alpha"], "target_modules": acfg["target_modules"],
                      "use_rslora": bool(acfg.get("use_rslora"))}

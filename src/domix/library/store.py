@@ -50,6 +50,40 @@ class Module:
             raise LibraryError(f"module '{self.name}': {self.weights_file.name} is unreadable or "
                                f"truncated ({e})") from None
 
+    def require(self, *kinds: str) -> "Module":
+        """This module, if it is of one of `kinds`; else an error naming the kinds the caller takes."""
+        if self.kind not in kinds:
+            raise LibraryError(f"module '{self.name}' is a {self.kind} entry; this takes "
+                               f"{' or '.join(kinds)} entries")
+        return self
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, read from the weights file's header (no tensor is loaded)."""
+        try:
+            with safe_open(self.weights_file, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LibraryError(f"module '{self.name}': {self.weights_file.name} is unreadable or "
+                               f"truncated ({e})") from None
+
+    def summary(self) -> dict:
+        """Kind, size on disk, parameter count and layout: what `library list/show` print."""
+        import math
+
+        params = sum(math.prod(s) for s in self.shapes().values())
+        if self.kind == "lora":
+            cfg = json.loads((self.path / "adapter_config.json").read_text())
+            targets = cfg.get("target_modules")
+            layout = f"LoRA r={cfg.get('r')} on {', '.join(sorted(targets)) if isinstance(targets, list) else targets}"
+        elif self.kind == "mode-expert":
+            from ..mode.layer import Layout
+
+            layout = f"MoDE expert, {Layout.from_dict(self.meta['layout']).describe()}"
+        else:
+            layout = "all weights (a whole checkpoint)"
+        return {"kind": self.kind, "size_bytes": self.weights_file.stat().st_size, "params": params,
+                "layout": layout}
+
     def check_base(self, base_fingerprint: str) -> None:
         if self.meta.get("base_fingerprint") != base_fingerprint:
             raise LibraryError(
@@ -73,7 +107,8 @@ class Library:
         return sorted(p.name for p in self.path.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / META).is_file())
 
-    def get(self, name: str) -> Module:
+    def get(self, name: str, kinds: tuple[str, ...] | None = None) -> Module:
+        """The complete entry `name`; with `kinds`, refused unless it is of one of them."""
         path = self.path / name
         if not (path / META).is_file():
             known = ", ".join(self.names()) or "none"
@@ -86,7 +121,7 @@ class Library:
         missing = [f for f in KIND_FILES.get(mod.kind, ()) if not (path / f).is_file()]
         if mod.kind not in KIND_FILES or missing:
             raise LibraryError(f"module '{name}' is incomplete: missing {missing or mod.kind}")
-        return mod
+        return mod.require(*kinds) if kinds else mod
 
     def list(self, kind: str | None = None) -> list[Module]:
         mods = [self.get(n) for n in self.names()]
@@ -103,11 +138,13 @@ class Library:
             names = [n.strip() for n in names.split(",") if n.strip()]
         if len(set(names)) != len(names):
             raise LibraryError(f"a module is listed twice: {names}")
-        return [self.get(n) for n in names]
+        return [self.get(n, kinds=(kind,)) for n in names]
 
     def check(self, model, fingerprint: str) -> list[str]:
-        """Problems of every module against a loaded base model: fingerprint, files, shapes."""
+        """Problems of every module against a loaded base model: fingerprint, files, and each
+        kind's fit — a LoRA's A/B shapes, a MoDE expert's block layout."""
         from ..lora import lora_pairs
+        from ..mode.layer import Layout, layout_for
 
         problems = []
         shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if hasattr(m, "weight")
@@ -116,7 +153,14 @@ class Library:
             try:
                 mod = self.get(name)
                 mod.check_base(fingerprint)
+                if mod.kind == "mode-expert":
+                    saved = Layout.from_dict(mod.meta["layout"])
+                    here = layout_for(model, saved.blocks, saved.expert_layers)
+                    if saved != here:
+                        raise LibraryError(f"module '{name}': block layout {saved.describe()} does not fit "
+                                           f"the base ({here.describe()})")
                 if mod.kind != "lora":
+                    mod.tensors()  # readable to the end
                     continue
                 for layer, (a, b) in lora_pairs(mod.tensors()).items():
                     if layer not in shapes:

@@ -35,9 +35,7 @@ def mode_of(model: nn.Module) -> Mode:
 
 
 def _check_expert(mod: Module, base_fp: str) -> Layout:
-    if mod.kind != "mode-expert":
-        raise LibraryError(f"module '{mod.name}' is a {mod.kind} module, not a MoDE expert")
-    mod.check_base(base_fp)
+    mod.require("mode-expert").check_base(base_fp)
     return Layout.from_dict(mod.meta["layout"])
 
 
