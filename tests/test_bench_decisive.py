@@ -98,6 +98,47 @@ def test_nothing_is_chosen_on_test(decisive, tiny_decoder, data_root, tmp_path):
     assert [r["test_macro_f1"] for r in decisive["runs"]] != [r["test_macro_f1"] for r in other["runs"]]
 
 
+def test_mode_learning_rates_are_chosen_on_held_out_loss(tiny_decoder, data_root, tmp_path):  # noqa: F811
+    """With MoDE in the run, the expert and gate rates come from a grid scored on the experts' own
+    held-out text (never a task split), and the run's experts are the grid's at the chosen point."""
+    grid = {"lr": [1e-4, 1e-2], "gate_lr": [1e-2]}
+    res = run_quality("decisive", out=tmp_path, base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                      seeds=[0], methods=["mode-frozen-experts"],
+                      overrides={**TINY, "dap_curve": None, "mode": {"lr_grid": grid, "compose_steps": 2}})
+    assert not res["failures"], res["failures"]
+    points = res["mode_lr_grid"]
+    assert [(p["lr"], p["gate_lr"]) for p in points] == [(1e-4, 1e-2), (1e-2, 1e-2)]
+    work = tmp_path / "work"
+    for p in points:
+        assert set(p["heldout_loss"]) == set(DOMS)
+        assert p["mean_heldout_loss"] == pytest.approx(sum(p["heldout_loss"].values()) / len(DOMS), abs=1e-4)
+    # lr 1e-2 moves a tiny model's experts much further than 1e-4 in 3 steps: the points differ
+    assert points[0]["mean_heldout_loss"] != points[1]["mean_heldout_loss"]
+    chosen = res["settings"]["mode_lr_choice"]
+    best = min(points, key=lambda p: p["mean_heldout_loss"])
+    assert (chosen["lr"], chosen["gate_lr"]) == (best["lr"], best["gate_lr"]) and "held-out" in chosen["how"]
+    assert (res["settings"]["mode"]["lr"], res["settings"]["mode"]["gate_lr"]) == (best["lr"], best["gate_lr"])
+    # the run's experts are the grid's at the chosen point: trained once, their held-out loss the grid's
+    for d in DOMS:
+        assert res["jobs"][f"mode/expert/{d}"]["reused"]
+    assert len(list(work.glob("mode-lib-*"))) == 2  # one library per point
+    chosen_lib = [p for p in work.glob("mode-lib-*")
+                  if json.loads((p / DOMS[0] / "domix.json").read_text())["lr"] == best["lr"]][0]
+    assert json.loads((chosen_lib / DOMS[0] / "domix.json").read_text())["heldout_loss"] == pytest.approx(
+        best["heldout_loss"][DOMS[0]], abs=1e-4)
+    assert "## MoDE learning rates" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_the_grid_choice_rule():
+    from domix.bench.quality.grid import choose_mode_lr
+
+    pts = [{"lr": 3e-4, "gate_lr": 1e-3, "mean_heldout_loss": 4.0}, {"lr": 1e-4, "gate_lr": 1e-2, "mean_heldout_loss": 4.0},
+           {"lr": 1e-4, "gate_lr": 1e-3, "mean_heldout_loss": 4.1}]
+    assert (choose_mode_lr(pts)["lr"], choose_mode_lr(pts)["gate_lr"]) == (1e-4, 1e-2)  # a tie: the lower rates
+    with pytest.raises(RuntimeError, match="incomplete"):
+        choose_mode_lr([*pts, {"lr": 1e-3, "gate_lr": 1e-3, "mean_heldout_loss": None}])
+
+
 # ---------------------------------------------------------------------------- the user's own benchmark
 def _user_config(tmp_path, data_root, **change):  # noqa: F811
     """A config of two domains (one corpus as .txt, one as .jsonl) and two tasks under new names."""

@@ -20,6 +20,7 @@ cores // workers threads.
     config.py    a benchmark of the user's own data       execute.py  running jobs with dependencies
     data.py      the data subsets                         collect.py  results and the run history
     plan.py      jobs and their cache keys                curve.py    the DAP-budget curve
+    grid.py      MoDE's learning rates, on held-out loss
     report.py    REPORT.md and plots, from results.json alone
     verdicts.py  the claims' paired differences with bootstrap intervals
 """
@@ -38,8 +39,9 @@ from .config import ConfigError, read_config
 from .curve import at_budget, choose_budget, collect_curve, plan_curve
 from .data import prepare_data
 from .execute import execute, job_executor
+from .grid import choose_mode_lr, collect_mode_grid, plan_mode_grid
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
-from .settings import METHODS, NEEDS, _merge, _parse_list, order_name, resolve_settings, selection
+from .settings import COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, resolve_settings, selection
 
 __all__ = ["BenchmarkError", "ConfigError", "METHODS", "read_config", "plan", "prepare_data", "resolve_settings",
            "run_quality", "run", "_base_id", "_finetune_fields"]
@@ -93,7 +95,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
         f"{settings['threads']} thread(s), out {out}")
     data = prepare_data(data_root if user else Path(data_root), out, settings, progress)
     work = out / "work"
-    res, curve, curve_res = {}, None, {}
+    res, curve, curve_res, mode_grid, grid_res = {}, None, {}, None, {}
     with pool:
         if settings.get("dap_curve"):
             # the curve first (with every job that does not pre-train, so both workers stay busy),
@@ -103,18 +105,23 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
             c_jobs.update({k: v for k, v in plan(settings, data, work, free, seeds)[0].items() if k not in c_jobs})
             budgets = ", ".join(f"{p['tokens']:,}" for p in points)
             log(f"quality: DAP curve at {budgets} tokens per domain")
-            curve_res = execute(c_jobs, pool, settings["workers"], log)
-            failed = {n: r.get("error") for n, r in curve_res.items() if r.get("status") != "done"}
-            if failed:
-                raise BenchmarkError(f"{len(failed)} job(s) of the DAP curve failed, so no budget can be chosen: "
-                                     + "; ".join(f"{n}: {e}" for n, e in list(failed.items())[:3])
-                                     + ". Rerun the same command to retry them (finished jobs are reused).")
+            curve_res = _study("the DAP curve", "budget", c_jobs, pool, settings, log)
             curve = collect_curve(points, curve_res, settings["domains"])
             settings["dap_budget"] = choose_budget(curve)
             settings["pretrain"]["steps"] = at_budget(settings, settings["dap_budget"]["tokens_per_domain"])[
                 "pretrain"]["steps"]
             log(f"quality: DAP budget {settings['dap_budget']['tokens_per_domain']:,} tokens per domain "
                 f"({settings['dap_budget']['how']})")
+        if settings["mode"].get("lr_grid") and {NEEDS.get(m) for m in methods} & set(COMPOSE):
+            # MoDE's rates, at the run's budget, on the experts' own held-out text
+            g_jobs, g_points = plan_mode_grid(settings, data, work)
+            log(f"quality: MoDE learning-rate grid, {len(g_points)} points x {len(settings['domains'])} experts")
+            grid_res = _study("the MoDE learning-rate grid", "learning rate", g_jobs, pool, settings, log)
+            mode_grid = collect_mode_grid(g_points, settings["domains"])
+            settings["mode_lr_choice"] = choose_mode_lr(mode_grid)
+            settings["mode"].update({k: settings["mode_lr_choice"][k] for k in ("lr", "gate_lr")})
+            log(f"quality: MoDE expert lr {settings['mode']['lr']:g}, gate lr {settings['mode']['gate_lr']:g} "
+                f"({settings['mode_lr_choice']['how']})")
         jobs, runs = plan(settings, data, work, methods, seeds)
         res = {k: v for k, v in curve_res.items() if k in jobs}  # the curve's other budgets: in dap_curve
         if "domix" in methods and not settings["order_check_finetune"]:
@@ -125,18 +132,21 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
             jobs, runs = _reuse_order_b(jobs, runs, settings, settings["domains"])
         res.update(execute({k: v for k, v in jobs.items() if k not in res}, pool, settings["workers"], log))
     wall = time.time() - t0
-    every = {**curve_res, **res}  # every job of the run, the curve's included
+    every = {**curve_res, **grid_res, **res}  # every job of the run, the curve's and the grid's included
+    # a job can appear under two names (a study's and the run's): count its cost once
+    once = {r.get("job", n): r for n, r in every.items()}.values()
     results = {"preset": preset, "seeds": seeds, "methods": methods,
                "settings": {k: v for k, v in settings.items()}, "data": data,
                "wall_time_s": round(wall, 1),
-               "compute_time_s": round(sum(r.get("wall_s", 0) for r in every.values()), 1),
-               "cpu_time_s": round(sum(r.get("cpu_s", 0) or 0 for r in every.values()), 1),
+               "compute_time_s": round(sum(r.get("wall_s", 0) for r in once), 1),
+               "cpu_time_s": round(sum(r.get("cpu_s", 0) or 0 for r in once), 1),
                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                "load_avg_1m": round(statistics.mean(ls), 2) if (ls := [r["load_1m"] for r in every.values()
                                                                       if r.get("load_1m") is not None]) else None,
                "reused_jobs": sum(1 for r in every.values() if r.get("reused")),
                **collect(settings, jobs, runs, res, methods, seeds),
                **({"dap_curve": curve} if curve is not None else {}),
+               **({"mode_lr_grid": mode_grid} if mode_grid is not None else {}),
                "selection": selection(settings, methods),
                "jobs": {n: {k: r.get(k) for k in ("label", "kind", "status", "wall_s", "cpu_s", "peak_rss_mb", "load_1m",
                                                   "reused", "error")}
@@ -149,6 +159,17 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
     write_json(out / "results.json", {k: v for k, v in results.items() if k != "table"})
     log(f"quality: done in {wall / 60:.1f} min -> {out / 'REPORT.md'}")
     return results
+
+
+def _study(what: str, chooses: str, jobs: dict, pool, settings: dict, log) -> dict:
+    """Run the jobs of a study the rest of the run depends on; any failure stops the run."""
+    res = execute(jobs, pool, settings["workers"], log)
+    failed = {n: r.get("error") for n, r in res.items() if r.get("status") != "done"}
+    if failed:
+        raise BenchmarkError(f"{len(failed)} job(s) of {what} failed, so no {chooses} can be chosen: "
+                             + "; ".join(f"{n}: {e}" for n, e in list(failed.items())[:3])
+                             + ". Rerun the same command to retry them (finished jobs are reused).")
+    return res
 
 
 def run(args) -> dict:

@@ -76,7 +76,8 @@ def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, s
 
 
 def _mode_cfg(settings: dict, cls, **kw) -> dict:
-    return _train_cfg(settings, cls, **{"lr": settings["mode"]["lr"], **kw})
+    rates = {k: settings["mode"][k] for k in ("lr", "gate_lr") if k in settings["mode"]}
+    return _train_cfg(settings, cls, **{**rates, **kw})
 
 
 def _library_key(common: dict, member_cfg: dict) -> str:

@@ -220,6 +220,25 @@ def dap_curve_section(results: dict) -> list[str]:
     return L + [""]
 
 
+def mode_grid_section(results: dict) -> list[str]:
+    """MoDE's learning-rate grid: each point's held-out loss per domain, the chosen point in bold."""
+    grid, chosen = results.get("mode_lr_grid"), results["settings"].get("mode_lr_choice")
+    if not grid:
+        return []
+    doms = list(grid[0]["heldout_loss"])
+    L = ["## MoDE learning rates: expert lr x gate lr (held-out loss, not a task split)", "",
+         "| expert lr | gate lr | " + " | ".join(doms) + " | mean |", "|---|---|" + "---|" * (len(doms) + 1)]
+    for p in grid:
+        mark = "**" if chosen and (p["lr"], p["gate_lr"]) == (chosen["lr"], chosen["gate_lr"]) else ""
+        L.append(f"| {mark}{p['lr']:g}{mark} | {mark}{p['gate_lr']:g}{mark} | "
+                 + " | ".join(_num(p["heldout_loss"].get(d)) for d in doms)
+                 + f" | {mark}{_num(p['mean_heldout_loss'])}{mark} |")
+    if chosen:
+        L += ["", f"The run's MoDE experts train at expert lr **{chosen['lr']:g}**, gate lr **{chosen['gate_lr']:g}**: "
+                  f"{chosen['how']}."]
+    return L + [""]
+
+
 def selection_section(results: dict) -> list[str]:
     sel = results.get("selection")
     if not sel:
@@ -428,7 +447,8 @@ def write_report(results: dict, out: Path) -> str:
            if ft.get("keep_best") else
            "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
            "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`)."), "",
-          *claim_verdicts(results), *dap_curve_section(results), *selection_section(results),
+          *claim_verdicts(results), *dap_curve_section(results), *mode_grid_section(results),
+          *selection_section(results),
           *kept_steps_section(results), *mode_comparison_section(results),
           "## DoMIX against each other method (test macro-F1)", "", *verdicts(results), ""]
     lm = results["lm_loss"]
@@ -532,7 +552,9 @@ def write_report(results: dict, out: Path) -> str:
           "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",
           f"- ncl orders: {'; '.join(orders)}; the ncl row of the task tables pools both orders.",
           *([f"- MoDE (DESIGN.md §4; {_mode_layout(results)}): each domain's expert sees the modules' "
-             f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']}); the composition adds "
+             f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']:g}, gate lr "
+             f"{s['mode'].get('gate_lr', 1e-3):g}{', from the grid above' if s.get('mode_lr_choice') else ''}); "
+             "the composition adds "
              f"{s['mode']['compose_steps']} steps × {pre['batch_size']} × {pre['seq_len']} = "
              f"{s['mode']['compose_steps'] * pre['batch_size'] * pre['seq_len']:,} tokens of the four corpora in "
              "equal parts (DoMIX has no such stage: MoDE's pre-training budget is that much larger). "

@@ -61,7 +61,7 @@ QUICK = {
     "lm_eval": {"blocks": 12, "batch_size": 8},
     "finetune": {"train": 80, "dev": 24, "test": 128, "epochs": 1.0, "batch_size": 8, "max_seq_len": 48,
                  "lr": 5e-4, "full_lr": 5e-5, "mode_lr": 1e-4, "base_lora_rank": 16, "dtype": "bf16"},
-    "mode": {"lr": 1e-4, "compose_steps": 8},
+    "mode": {"lr": 1e-4, "gate_lr": 1e-3, "compose_steps": 8},
     "order_check_finetune": False,  # domix order B: reuse order A's runs when the modules are bitwise equal
     "keep_full_weights": False,
 }
@@ -72,7 +72,8 @@ QUICK = {
 # modules at each of `dap_curve.tokens` per domain and the run keeps the budget with the largest
 # mean dev gain of own-lora over base-lora (see `choose_budget`). ncl (full-weight continual
 # pre-training in two orders), DoRA, the bridge-init variants and MoDE are left out to fit ~6
-# CPU-hours; `--methods` adds them to the same run.
+# CPU-hours; `--methods` adds them to the same run. With MoDE, its expert and gate rates come
+# from a grid on the experts' held-out loss at the chosen budget (grid.py).
 DECISIVE = _merge(QUICK, {
     "seeds": [0, 1, 2],
     "methods": ["base-lora", "base-full", "own-lora", "joint-lora", "cat-merge", "domix", "domix-frozen-bridge"],
@@ -82,7 +83,7 @@ DECISIVE = _merge(QUICK, {
     # rank and the same fine-tuning (the other presets give base-lora rank 16, about DoMIX's budget)
     "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0,
                  "eval_every": 16, "keep_best": True, "patience": 2, "base_lora_rank": 8},
-    "mode": {"compose_steps": 16},
+    "mode": {"compose_steps": 16, "lr_grid": {"lr": [3e-5, 1e-4, 3e-4], "gate_lr": [1e-3, 1e-2]}},
 })
 PRESETS: dict[str, dict] = {
     "quick": QUICK,
