@@ -113,3 +113,45 @@ def test_stage1_bridge_finetune_and_exports(arch, data, tmp_path):
         assert g["task"] == "generate" and g["eval"]["examples"] == 18
         assert main(["export", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "gen-merged"),
                      "--format", "merged"]) == 0
+
+
+def test_mode_experts_on_every_architecture(arch):
+    """MoDE on each architecture: the exact start, an expert copying the whole backbone with all the
+    gate's weight is the backbone again (Gemma-3's sliding/full masks and local/global rotary
+    embeddings reach the right expert layers; Qwen-2's biases, RoBERTa's and DistilBERT's layer names),
+    decoding with a KV cache longer than Gemma-3's sliding window gives the full forward's logits, and
+    the output maps get gradients at step one."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from domix.mode import apply_mode, find_layers, remove_mode
+
+    name, base, decoder = arch
+    model = (AutoModelForCausalLM if decoder else AutoModelForMaskedLM).from_pretrained(base).eval()
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13, 6, 8, 4, 6, 8, 10]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        mode = apply_mode(model, ["a", "b"])
+        assert torch.equal(model(input_ids=ids).logits, ref), name
+        remove_mode(model)
+        mode = apply_mode(model, ["all"], blocks=1, expert_layers=len(find_layers(model)), init="copy")
+        mode.blocks[0].out[0].weight.copy_(torch.eye(mode.blocks[0].out[0].weight.shape[0]))
+        mode.blocks[0].gate.bias.copy_(torch.tensor([-1e4, 1e4]))
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-5)
+        if decoder:
+            remove_mode(model)
+            mode = apply_mode(model, ["a", "b"], blocks=1, expert_layers=len(find_layers(model)))
+            for w in mode.blocks[0].out:
+                w.weight.copy_(torch.eye(w.weight.shape[0]) + 0.1 * torch.randn(w.weight.shape))
+            full = model(input_ids=ids).logits
+            out = model(input_ids=ids[:, :4], use_cache=True)
+            steps, cache = [out.logits], out.cache
+            for t in range(4, ids.shape[1]):  # 12 tokens: past Gemma-3's sliding window of 8
+                out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+                steps.append(out.logits)
+                cache = out.cache
+            torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    remove_mode(model)
+    model.train()
+    mode = apply_mode(model, ["a", "b"])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(w.weight.grad is not None and w.weight.grad.abs().max() > 0 for blk in mode.blocks for w in blk.out)

@@ -17,13 +17,15 @@ after one step every expert parameter trains at full strength. (The earlier form
 y + s·Σ_j a_j (f_j(x) − f_bb(x)) with a scalar s initialised to 0 gave the experts and the gate
 no gradient at step one and scaled every later one by a small, slowly growing s.)
 
-The backbone is never rewritten: the block is attached with two forward hooks (the first
-layer of the block remembers x, the last layer's output is replaced by y), so the layer
-list, the config, the state-dict keys and the base fingerprint all stay the base model's,
-and every head (causal LM, masked LM, classification) works unchanged. The expert layers
-receive exactly the arguments the block's last backbone layer receives (attention mask,
-rotary position embeddings, position ids, cache); they use layer indices L, L+1, ... so
-their keys and values extend the same KV cache without touching the backbone's entries.
+The backbone is never rewritten: the block is attached with forward hooks (the first layer
+of the block remembers x, the last layer's output is replaced by y), so the layer list, the
+config, the state-dict keys and the base fingerprint all stay the base model's, and every head
+(causal LM, masked LM, classification) works unchanged. Expert layer i is made like backbone
+layer `expert_sources(span, k)[i]` (copied from it, or of its kind) and receives exactly the
+arguments that layer receives (attention mask, rotary position embeddings, position ids,
+cache): models such as Gemma-3 give sliding-window and full-attention layers different ones.
+They use layer indices L, L+1, ... so their keys and values extend the same KV cache (with
+cache entries of their source layers' kind) without touching the backbone's entries.
 """
 from __future__ import annotations
 
@@ -128,16 +130,26 @@ def _not_recorded():
         _active_collector.reset(token)
 
 
-def _reserve_cache(cache, n_layers: int) -> None:
-    """Make room for the expert layers' keys/values after the backbone's in a transformers cache."""
+def _reserve_cache(cache, num_layers: int, sources: list[int]) -> None:
+    """Make room for the expert layers' keys/values after the backbone's in a transformers cache:
+    `sources[c]` is the backbone layer whose kind of cache entry (full, or sliding-window as in
+    Gemma-3's local layers) the expert layer with cache index `num_layers + c` needs."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise NotImplementedError(f"MoDE experts cannot use a {type(cache).__name__} cache; use DynamicCache")
-    if getattr(cache, "layer_class_to_replicate", None) is None:  # preallocated: one entry per backbone layer
-        from transformers.cache_utils import DynamicLayer
-
-        while len(layers) < n_layers:
+    if getattr(cache, "layer_class_to_replicate", None) is not None:  # grows itself, one kind for every layer
+        return
+    while len(layers) < num_layers + len(sources):
+        src = layers[sources[len(layers) - num_layers]]
+        if type(src) is DynamicSlidingWindowLayer:
+            layers.append(DynamicSlidingWindowLayer(sliding_window=src.sliding_window))
+        elif type(src) is DynamicLayer:
             layers.append(DynamicLayer())
+        else:
+            raise NotImplementedError(f"MoDE experts cannot use a cache of {type(src).__name__} layers; use "
+                                      "DynamicCache")
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -169,11 +181,13 @@ class ModeBlock(nn.Module):
         self.gate.weight.zero_()
         self.gate.bias.zero_()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
         """Mix the backbone block's output `y` with the experts run on the block input `x`.
 
-        `args`/`kwargs` are what the block's last backbone layer was called with (its hidden
-        states excluded): masks, position embeddings, cache."""
+        `calls[i]` is what expert layer i's source backbone layer (`expert_sources`) was called
+        with, its hidden states excluded: masks, position embeddings, cache — per layer, since
+        models such as Gemma-3 give sliding and full attention layers different masks and
+        rotary embeddings."""
         a = torch.softmax(self.gate(_rms(x)), dim=-1)
         if self.routing is not None:  # `Mode.recording_routing`: the gate's mean weights over these tokens
             self.routing.append((a.detach().float().reshape(-1, a.shape[-1]).sum(0), a[..., 0].numel()))
@@ -181,7 +195,7 @@ class ModeBlock(nn.Module):
         with _not_recorded():
             for j, expert in enumerate(self.experts):
                 h = x
-                for layer in expert:
+                for layer, (args, kwargs) in zip(expert, calls):
                     h = _output(layer(h, *args, **kwargs))
                 delta = delta + a[..., j + 1:j + 2] * self.out[j](h - y)
         return y + delta
@@ -199,6 +213,7 @@ class Mode(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self._handles: list = []
         self._inputs: dict[int, torch.Tensor] = {}
+        self._calls: dict[int, tuple[tuple, dict]] = {}  # backbone layer index -> its call's other arguments
 
     @property
     def n_experts(self) -> int:
@@ -211,8 +226,11 @@ class Mode(nn.Module):
     def attach(self, layers: nn.ModuleList) -> None:
         if self._handles:
             raise RuntimeError("this MoDE is already attached")
+        k = self.layout.expert_layers
         for b, (start, end) in enumerate(self.layout.spans):
-            self._handles.append(layers[start].register_forward_pre_hook(partial(self._enter, b), with_kwargs=True))
+            for i in sorted({start, *expert_sources((start, end), k)}):
+                self._handles.append(layers[i].register_forward_pre_hook(partial(self._enter, b, i, i == start),
+                                                                         with_kwargs=True))
             # prepend: runs before any output-recording hook, so recorded hidden states are the mixed ones
             self._handles.append(layers[end - 1].register_forward_hook(partial(self._exit, b), with_kwargs=True,
                                                                        prepend=True))
@@ -222,21 +240,32 @@ class Mode(nn.Module):
             h.remove()
         self._handles.clear()
         self._inputs.clear()
+        self._calls.clear()
 
-    def _enter(self, b: int, module, args, kwargs):
-        self._inputs[b] = args[0] if args else kwargs["hidden_states"]
+    def _enter(self, b: int, i: int, first: bool, module, args, kwargs):
+        # hooks run once per forward even under gradient checkpointing (transformers checkpoints `forward`)
+        if first:
+            self._inputs[b] = args[0] if args else kwargs["hidden_states"]
+        # hidden states were the first positional argument, or are dropped from kwargs
+        self._calls[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
     def _exit(self, b: int, module, args, kwargs, output):
-        # hooks run once per forward even under gradient checkpointing (transformers checkpoints `forward`)
         x = self._inputs.pop(b)
-        args = args[1:]  # hidden states were the first positional argument, or are dropped from kwargs:
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        span = self.layout.spans[b]
+        calls = [self._calls[i] for i in expert_sources(span, self.layout.expert_layers)]
+        for i in range(*span):
+            self._calls.pop(i, None)
         for key in ("cache", "past_key_values", "past_key_value"):
-            if kwargs.get(key) is not None:
-                _reserve_cache(kwargs[key], self.layout.num_layers + self.layout.blocks * self.n_experts
-                               * self.layout.expert_layers)
-        y = self.blocks[b](x, _output(output), args, kwargs)
+            if calls[-1][1].get(key) is not None:
+                _reserve_cache(calls[-1][1][key], self.layout.num_layers, self.cache_sources())
+        y = self.blocks[b](x, _output(output), calls)
         return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    def cache_sources(self) -> list[int]:
+        """For each expert layer in cache-index order (block, expert, layer; after the backbone's
+        layers, as `make_expert` numbers them), the backbone layer it is made like."""
+        k = self.layout.expert_layers
+        return [i for span in self.layout.spans for _ in range(self.n_experts) for i in expert_sources(span, k)]
 
     @contextmanager
     def recording_routing(self):
@@ -313,12 +342,20 @@ class Mode(nn.Module):
                     blk.gate.bias.copy_(tensors[f"blocks.{b}.gate.bias"])
 
 
+def expert_sources(span: tuple[int, int], k: int) -> list[int]:
+    """The backbone layer each of a block's k expert layers is made like (copied from, or of the same
+    kind: attention type, mask, rotary embeddings): the block's last k layers; with more expert layers
+    than the block has, the first of them repeats."""
+    start, end = span
+    return [max(start, end - k + i) for i in range(k)]
+
+
 def make_expert(model: nn.Module, layers: nn.ModuleList, span: tuple[int, int], k: int, init: str | None,
                 first_index: int) -> nn.ModuleList:
     """k layers of the backbone's class for the block `span`.
 
     `copy`: the block's last k backbone layers (needs k <= block length); `random`: fresh
-    layers with the model's own initialisation; None: placeholders (of the block's last layer)
+    layers with the model's own initialisation; None: placeholders (of the same layers' kind)
     that saved tensors are loaded into next."""
     start, end = span
     if init == "copy":
@@ -327,7 +364,7 @@ def make_expert(model: nn.Module, layers: nn.ModuleList, span: tuple[int, int], 
                              f"{end - start}; use fewer --expert-layers, fewer --blocks, or --expert-init random")
         sources = [layers[i] for i in range(end - k, end)]
     elif init in ("random", None):
-        sources = [layers[end - 1]] * k  # a template of the block's last layer (its attention type, sizes)
+        sources = [layers[i] for i in expert_sources(span, k)]  # templates: their attention types, sizes
     else:
         raise ValueError(f"unknown --expert-init {init!r} (copy or random)")
     memo = {id(model.config): model.config}  # share the config object (attention implementation etc.)
