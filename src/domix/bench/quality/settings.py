@@ -83,7 +83,7 @@ DECISIVE = _merge(QUICK, {
     # rank and the same fine-tuning (the other presets give base-lora rank 16, about DoMIX's budget)
     "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0,
                  "eval_every": 16, "keep_best": True, "patience": 2, "base_lora_rank": 8},
-    "mode": {"compose_steps": 16, "lr_grid": {"lr": [3e-5, 1e-4, 3e-4], "gate_lr": [1e-3, 1e-2]}},
+    "mode": {"compose_steps": 16, "lr_grid": {"lr": [1e-4, 3e-4, 1e-3], "gate_lr": [1e-3, 1e-2]}},
 })
 PRESETS: dict[str, dict] = {
     "quick": QUICK,
