@@ -52,7 +52,7 @@ def cmd_pretrain_all(a) -> int:
 def cmd_library(a) -> int:
     from .library import Library
 
-    lib = Library(a.dir)
+    lib = Library(a.dir if "dir" in a else a.library)
     if a.action == "list":
         rows = []
         for name in lib.names():
@@ -78,6 +78,19 @@ def cmd_library(a) -> int:
                 print(f"{r['name']:16s} {r['kind']:12s} {r['params']:>11,} {r['size_bytes'] / 2**20:>7.1f}MB "
                       f"{r['steps']:>6} {r['tokens']:>9} {held:>9s}  {r['layout']}")
         return 0
+    if a.action == "rank":
+        from .library.select import plot_ranking, rank_modules
+
+        out = rank_modules(a.library, a.data, base=a.base, modules=a.modules, seq_len=a.seq_len,
+                           batch_size=a.batch_size, max_blocks=a.max_blocks, device=a.device, progress=not a.json)
+        if a.plot:
+            out["plot"] = str(plot_ranking(out, a.plot))
+        top = max((abs(r["gain"]) for r in out["ranking"]), default=0) or 1.0
+        lines = [f"{out['tokens']:,} tokens of {a.data}; base loss {out['base_loss']:.4f}",
+                 f"{'#':>3s} {'module':16s} {'loss':>8s} {'gain':>8s}"]
+        lines += [f"{i:3d} {r['name']:16s} {r['loss']:8.4f} {r['gain']:+8.4f} {'#' * round(20 * max(0, r['gain']) / top)}"
+                  for i, r in enumerate(out["ranking"], 1)]
+        return report(a, out, "\n".join(lines + ([f"plot: {out['plot']}"] if a.plot else [])))
     if a.action == "show":
         mod = lib.get(a.name)
         print_json({**mod.meta, "entry": mod.summary()})
@@ -200,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = lsub.add_parser("show", help="a module's metadata, with its kind, size and layout under 'entry'")
     q.add_argument("dir")
     q.add_argument("name")
+    q = lsub.add_parser("rank", help="which modules a task needs: each module's loss gain over the base on the "
+                                     "task's own text, most relevant first")
+    q.add_argument("--library", required=True, help="library directory")
+    q.add_argument("--data", required=True, help="the task's JSONL (its 'text', or 'prompt' and 'answer', is scored)")
+    q.add_argument("--base", default=None, help="default: the base the modules were trained on")
+    q.add_argument("--modules", default="all", help="'all' (every LoRA module) or a comma list")
+    q.add_argument("--plot", default=None, help="also write a bar plot PNG of the gains here")
+    q.add_argument("--seq-len", type=int, default=128, help="tokens per scored block (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
+    q.add_argument("--max-blocks", type=int, default=32, help="blocks of the task's text scored (default: %(default)s)")
+    q.add_argument("--device", choices=DEVICES, default="auto")
+    q.add_argument("--json", action="store_true")
     q = lsub.add_parser("check", help="check every entry against a base model: fingerprint, files, LoRA shapes, MoDE layouts "
                                       "(exit 1 on any problem)")
     q.add_argument("dir")

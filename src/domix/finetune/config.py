@@ -54,7 +54,8 @@ class FinetuneConfig(ModeOptions, LoraOptions, DomixOptions, TrainOptions):
     out: str = option(help="task model directory (written atomically)")
     library: str | None = option(None, "module library (for --method domix, mode, lora --init-module)")
     base: str = option(DEFAULT_BASE, "'smollm2-135m' (the offline default) or a Hugging Face model id / local path")
-    modules: str = option("all", "'all' or a comma list of the library's modules")
+    modules: str = option("all", "'all', a comma list of the library's modules, or auto:K (domix: the K modules "
+                                 "whose loss on the training text gains most over the base, see `library rank`)")
     method: str = option("domix", "domix (bridge over library modules); mode (MoDE experts of --library, or "
                                   "--from-composed); lora/dora/full: the baselines from the base",
                          choices=METHOD_NAMES)

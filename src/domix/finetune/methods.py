@@ -70,20 +70,30 @@ class Domix(Method):
     fields = _names(DomixOptions) | {"library", "modules"}
 
     def prepare(self, cfg):
+        from ..library.select import parse_auto
+
         if not cfg.library:
             raise ValueError("--method domix needs --library")
+        k = parse_auto(cfg.modules)
+        if k is not None and k > (n := len(Library(cfg.library).list("lora"))):
+            raise LibraryError(f"--modules auto:{k} asks for {k} modules, but library {cfg.library} has {n} LoRA "
+                               f"module{'s' if n != 1 else ''}")
         return cfg
 
     def build(self, model, cfg, head, base_fp):
         from ..bridge.apply import apply_bridge
+        from ..library.select import choose_modules, parse_auto
 
-        mods = Library(cfg.library).select(cfg.modules)
+        selection = None
+        if (k := parse_auto(cfg.modules)) is not None:  # ranked on the training text only
+            selection = choose_modules(cfg.library, cfg.train, k, base=cfg.base, device=cfg.device)
+        mods = Library(cfg.library).select(selection["chosen"] if selection else cfg.modules)
         layout = apply_bridge(model, mods, cfg.bridge_init, base_fp)
         self._trainable(model, cfg, head)
         return {"layout": layout, "modules": [
             {"name": m.name, "base_fingerprint": m.meta["base_fingerprint"], "rank": m.meta.get("rank"),
              "alpha": m.meta.get("alpha"), "domain": m.meta.get("domain"), "tokens": m.meta.get("tokens")}
-            for m in mods]}
+            for m in mods], **({"module_selection": selection} if selection else {})}
 
     @staticmethod
     def _trainable(model, cfg, head):

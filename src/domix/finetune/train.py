@@ -106,7 +106,8 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
                "steps_run": ran, "kept_step": best.step if best and best.step is not None else ran,
                "best_eval": best.best if best else None, "train_time_s": round(train_time, 2),
                "step_time_s": round(result.metrics.get("train_runtime", train_time) / max(1, ran), 4),
-               "history": history, "resumed_from": Path(last).name if last else None}
+               "history": history, "resumed_from": Path(last).name if last else None,
+               **({"module_selection": info["module_selection"]} if "module_selection" in info else {})}
     spec = {"base": cfg.base, "base_path": resolve_base(cfg.base), **info, "method": cfg.method, "task": cfg.task,
             "labels": labels, "max_seq_len": cfg.max_seq_len, "max_new_tokens": cfg.max_new_tokens,
             "settings": asdict(cfg)}
