@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from conftest import make_corpus
+from test_bench_quality import TINY, data_root  # noqa: F401  (data_root: a fixture)
 
 from domix import LibraryError, pretrain
 from domix.cli import main
@@ -100,3 +101,18 @@ def test_bad_module_choices_are_refused(tiny_decoder, libs, tasks, tmp_path, cap
     shutil.copytree(libs[next(b for b in libs if b != tiny_decoder)] / "law", mixed / "law")
     with pytest.raises(LibraryError, match=r"different bases: bio \(fingerprint .*; law \(fingerprint"):
         rank_modules(mixed, tasks["bio"], device="cpu")
+
+
+def test_bench_quality_runs_domix_auto_2(tiny_decoder, data_root, tmp_path):  # noqa: F811
+    """`bench quality --methods domix-auto-2`: each task bridges the 2 modules ranked best on its
+    training text; the runs and the report say which."""
+    from domix.bench.quality import run_quality
+
+    res = run_quality("quick", out=tmp_path / "out", base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                      methods=["domix-auto-2"], overrides={**TINY, "domains": ["bio", "reviews", "news"]})
+    assert not res["failures"], res["failures"]
+    runs = [r for r in res["runs"] if r["method"] == "domix-auto-2"]
+    assert len(runs) == 3
+    for r in runs:
+        assert len(r["modules_chosen"]) == 2 and set(r["modules_chosen"]) <= {"bio", "reviews", "news"}
+    assert "domix-auto-2 bridges the 2 modules" in (tmp_path / "out" / "REPORT.md").read_text()

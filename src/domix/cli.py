@@ -12,6 +12,7 @@ from .cli_config import (PER_DOMAIN, add_eval_options, add_options, command, giv
 from .executors import PoolOptions
 from .finetune.config import FinetuneConfig
 from .io import json_stdout, print_json
+from .library.merge import COMBINATIONS, DEFAULT_DENSITY
 from .library.pretrain import PretrainConfig
 from .training import DEVICES
 
@@ -75,8 +76,9 @@ def cmd_library(a) -> int:
                     print(f"{r['name']:16s} ERROR {r['error']}")
                     continue
                 held = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"
+                steps, tokens = ("-" if r[k] is None else r[k] for k in ("steps", "tokens"))  # None: an imported module
                 print(f"{r['name']:16s} {r['kind']:12s} {r['params']:>11,} {r['size_bytes'] / 2**20:>7.1f}MB "
-                      f"{r['steps']:>6} {r['tokens']:>9} {held:>9s}  {r['layout']}")
+                      f"{steps:>6} {tokens:>9} {held:>9s}  {r['layout']}")
         return 0
     if a.action == "rank":
         from .library.select import plot_ranking, rank_modules
@@ -91,6 +93,16 @@ def cmd_library(a) -> int:
         lines += [f"{i:3d} {r['name']:16s} {r['loss']:8.4f} {r['gain']:+8.4f} {'#' * round(20 * max(0, r['gain']) / top)}"
                   for i, r in enumerate(out["ranking"], 1)]
         return report(a, out, "\n".join(lines + ([f"plot: {out['plot']}"] if a.plot else [])))
+    if a.action == "merge":
+        from .library.merge import merge_modules
+
+        meta = merge_modules(a.library, a.modules, a.combination, a.out, base=a.base, weights=a.weights,
+                             density=a.density, seed=a.seed, overwrite=a.overwrite)
+        m = meta["merged"]
+        return report(a, meta, f"module '{a.out}' -> {lib.path / a.out}: {m['combination']} merge of "
+                               f"{', '.join(m['modules'])} (weights {', '.join(f'{w:g}' for w in m['weights'])}"
+                               + (f", density {m['density']:g}" if m["density"] is not None else "")
+                               + f"), LoRA r={meta['rank']}")
     if a.action == "show":
         mod = lib.get(a.name)
         print_json({**mod.meta, "entry": mod.summary()})
@@ -106,6 +118,27 @@ def cmd_library(a) -> int:
     elif not problems:
         print(f"all {len(lib.names())} modules in {lib.path} fit base {a.base}")
     return 1 if problems else 0
+
+
+def cmd_library_compress(a) -> int:
+    from .library.compress import compress_module
+
+    out = compress_module(a.library, a.module, a.out, rank=a.rank, energy=a.energy, base=a.base,
+                          overwrite=a.overwrite, device=a.device, eval_blocks=a.eval_blocks, text_field=a.text_field)
+    ranks = [v["rank"] for v in out["layers"].values()]
+    loss = (f"held-out loss {out['heldout_loss_before']:.4f} -> {out['heldout_loss_after']:.4f}"
+            if out["heldout_loss_after"] is not None else out["heldout_note"])
+    return report(a, out, f"module '{a.module}' (r={out['source_rank']}) -> '{a.out}': rank {min(ranks)}-{max(ranks)}, "
+                          f"{out['params_after']:,} of {out['params_before']:,} params, kept energy "
+                          f"{out['energy']:.4f}; {loss}")
+
+
+def cmd_library_add(a) -> int:
+    from .library.importing import add_adapter
+
+    meta = add_adapter(a.library, a.adapter, a.domain, a.base, overwrite=a.overwrite)
+    return report(a, meta, f"adapter {a.adapter} -> module '{a.domain}' in {a.library} (LoRA r={meta['rank']}, "
+                           f"fits base {a.base})")
 
 
 def cmd_eval_lm(a) -> int:
@@ -183,6 +216,11 @@ def cmd_bench(a) -> int:
     return report(a, out, out.get("table", ""))
 
 
+def float_list(text: str) -> list[float]:
+    """A comma list of numbers (`--weights 0.5,0.25,0.25`)."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="domix", description=(
         "Modular domain-adaptive pre-training: train one LoRA domain module per corpus, keep them in a "
@@ -225,11 +263,54 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-blocks", type=int, default=32, help="blocks of the task's text scored (default: %(default)s)")
     q.add_argument("--device", choices=DEVICES, default="auto")
     q.add_argument("--json", action="store_true")
+    text = "merge LoRA modules into a new library entry with PEFT's add_weighted_adapter (linear, TIES or DARE-TIES)"
+    q = lsub.add_parser("merge", help=text, description=text)
+    q.add_argument("--library", required=True, help="library directory (the merged entry is written there too)")
+    q.add_argument("--modules", required=True, help="comma list of at least 2 LoRA modules of one base and one rank")
+    q.add_argument("--combination", required=True, choices=COMBINATIONS, help="PEFT's combination_type")
+    q.add_argument("--density", type=float, default=None,
+                   help=f"ties/dare_ties: fraction of each module's values kept (default: {DEFAULT_DENSITY})")
+    q.add_argument("--weights", type=float_list, default=None,
+                   help="comma list, one weight per module (default: 1/N each)")
+    q.add_argument("--out", required=True, help="name of the merged entry")
+    q.add_argument("--base", default=None, help="default: the base the modules were trained on")
+    q.add_argument("--seed", type=int, default=0, help="seeds dare_ties' random drop (default: %(default)s)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing entry of that name")
+    q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
     q = lsub.add_parser("check", help="check every entry against a base model: fingerprint, files, LoRA shapes, MoDE layouts "
                                       "(exit 1 on any problem)")
     q.add_argument("dir")
     q.add_argument("--base", required=True)
     q.add_argument("--json", action="store_true")
+    text = "a smaller copy of a LoRA module: each layer's update re-factorised by SVD to a lower rank"
+    q = lsub.add_parser("compress", help=text, description=text)
+    q.add_argument("--library", required=True, help="library directory (the new entry is written there too)")
+    q.add_argument("--module", required=True, help="the LoRA module to compress")
+    q.add_argument("--rank", type=int, default=None, help="keep this rank in every layer (below the module's rank)")
+    q.add_argument("--energy", type=float, default=None,
+                   help="instead: per layer, the smallest rank keeping this fraction (0 < E <= 1) of the update's "
+                        "squared singular values; 1.0 keeps every nonzero one (the same update)")
+    q.add_argument("--out", required=True, help="name of the new entry")
+    q.add_argument("--base", default=None, help="default: the base the module was trained on")
+    q.add_argument("--device", choices=DEVICES, default="auto", help="where the held-out loss is scored "
+                                                                    "(default: %(default)s)")
+    q.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored before and after, as the "
+                   "module's pretrain --eval-blocks (default: pretrain's default)")
+    q.add_argument("--text-field", default=None, help="as the module's pretrain --text-field, for .jsonl/.json/.csv "
+                   "corpora (default: pretrain's default)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing entry of that name")
+    q.add_argument("--json", action="store_true", help="print the compression record as JSON")
+    q.set_defaults(func=cmd_library_compress)
+    text = "import a PEFT LoRA adapter trained elsewhere as a module, once it is checked against the base"
+    q = lsub.add_parser("add", help=text, description=text)
+    q.add_argument("--library", required=True, help="library directory")
+    q.add_argument("--adapter", required=True, help="the adapter's directory (adapter_config.json and "
+                                                    "adapter_model.safetensors)")
+    q.add_argument("--domain", required=True, help="name of the new entry")
+    q.add_argument("--base", required=True, help="the base model the adapter was trained on: checked, then recorded")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing entry of that name")
+    q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
+    q.set_defaults(func=cmd_library_add)
     p.set_defaults(func=cmd_library)
 
     p = command(sub, "eval-lm", "LM loss / perplexity of the base, or the base with one library entry", cmd_eval_lm)

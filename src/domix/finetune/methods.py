@@ -153,7 +153,9 @@ class Lora(Method):
         mod = Library(cfg.library).get(cfg.init_module, kinds=("lora",))
         acfg = json.loads((mod.path / "adapter_config.json").read_text())
         return mod, {"r": acfg["r"], "lora_alpha": acfg["lora_alpha"], "target_modules": acfg["target_modules"],
-                     "use_rslora": bool(acfg.get("use_rslora"))}
+                     "use_rslora": bool(acfg.get("use_rslora")),
+                     # per-layer ranks (a module compressed by energy, `library compress --energy`)
+                     **{k: acfg[k] for k in ("rank_pattern", "alpha_pattern") if acfg.get(k)}}
 
     def _wrap(self, model, cfg, head, shape):
         from peft import LoraConfig, get_peft_model
@@ -183,8 +185,8 @@ class Lora(Method):
 
     def restore(self, model, cfg, spec):
         init = spec.get("init_module")
-        shape = ({k: init[k] for k in ("r", "lora_alpha", "target_modules", "use_rslora")} if init
-                 else self._shape(model, cfg))
+        shape = ({k: init[k] for k in ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern",
+                                       "alpha_pattern") if k in init} if init else self._shape(model, cfg))
         self._wrap(model, cfg, spec.get("head", []), shape)
         return model
 

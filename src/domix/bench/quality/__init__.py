@@ -6,6 +6,7 @@ domains of §6 — the same data subsets, the same seeds, every training in its 
                  ├─ joint  (one LoRA on the union, 4× tokens)┤
                  ├─ ncl <order> ×2 (full weights, domains in turn)
                  ├─ mode expert <domain> ×4 ─ compose (experts+gates | gates only) ┤
+                 ├─ merge linear | ties | dare_ties (order A's modules, by PEFT) ┤
                  └─ finetune <method> <task> <seed> ────────┴─ results.json, REPORT.md, plots/
 
 Every job has a cache key: a hash of everything that defines its result (its settings, the

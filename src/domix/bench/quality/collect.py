@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...data.benchmark import GENERAL
 from .plan import _key, _module_tensors_equal
-from .settings import COMPOSE, COMPOSED_FOR, NEEDS, STAMP, order_name
+from .settings import COMPOSE, COMPOSED_FOR, MERGES, NEEDS, STAMP, order_name
 from .verdicts import order_verdict, verdicts
 
 
@@ -47,7 +47,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     run_list = [{"task": task, "method": method, "seed": seed, **({"order": order} if order else {}), "job": name,
                  "kept_step": res[name].get("kept_step", res[name]["steps"]), "max_steps": res[name]["steps"],
                  "dev_macro_f1": res[name]["dev"]["macro_f1"], "test_macro_f1": res[name]["test"]["macro_f1"],
-                 "dev_curve": res[name].get("dev_curve", [])}
+                 "dev_curve": res[name].get("dev_curve", []),
+                 **({"modules_chosen": res[name]["modules_chosen"]} if "modules_chosen" in res[name] else {})}
                 for method, task, seed, order, name in runs if ok(name)]
     # -- LM loss and retention
     ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}
@@ -155,6 +156,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             "step_time_s": round(statistics.mean(r["step_time_s"] for r in fts if r["step_time_s"]), 4),
             "step_cpu_s": _mean([r.get("step_cpu_s") for r in fts]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in fts), "finetune_runs": len(fts)}
+        if method in MERGES and ok(f"merge/{MERGES[method]}"):  # the merge itself, beside the modules' DAP
+            eff[method]["merge_s"] = res[f"merge/{MERGES[method]}"]["wall_s"]
     # -- MoDE's paper comparison: per domain, at the same tokens, a LoRA module, a MoDE expert and all
     # weights trained; the cost of each kind of pre-training per token
     paper = {}

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...io import sha256_text
-from .settings import COMPOSE, METHODS, NEEDS, NO_SAVE, order_name
+from .settings import COMPOSE, MERGES, METHODS, NEEDS, NO_SAVE, order_name
 
 
 # Raised when domix itself computes different results from the same settings, so a rerun redoes
@@ -38,7 +38,7 @@ def _base_id(base: str) -> dict:
 @dataclass
 class Job:
     name: str          # unique; also the label in logs
-    kind: str          # pretrain | ncl | mode-pretrain | mode-compose | lm-eval | finetune
+    kind: str          # pretrain | ncl | mode-pretrain | mode-compose | merge | lm-eval | finetune
     spec: dict         # the runner's input; hashed (with the upstream paths in it) into the key
     out: str           # the artefact
     result: str        # result.json, written last
@@ -49,7 +49,7 @@ class Job:
     def done(self) -> bool:
         if not Path(self.result).is_file():
             return False
-        if self.kind in ("pretrain", "mode-pretrain", "mode-compose"):
+        if self.kind in ("pretrain", "mode-pretrain", "mode-compose", "merge"):
             return (Path(self.out) / "domix.json").is_file()
         if self.kind == "ncl":
             final = json.loads(Path(self.result).read_text()).get("final")
@@ -127,6 +127,19 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                 add(Job(f"module/{i + 1}/{d}", "pretrain", {"config": cfg, **common}, str(lib / d),
                         str(lib / ".results" / f"{d}.json")))
     lib_a = libs.get(order_name(orders[0]))
+    # -- the merge baselines: order A's modules merged into one by PEFT, one entry per combination
+    from ...library.merge import DEFAULT_DENSITY
+
+    merged = {}
+    for method in [m for m in methods if m in MERGES]:
+        comb = MERGES[method]
+        spec = {"library": str(lib_a), "modules": list(domains), "combination": comb, "base": settings["base"],
+                "weights": [1.0 / len(domains)] * len(domains), "density": None if comb == "linear" else DEFAULT_DENSITY,
+                "seed": pre["seed"], **common}
+        mdir = work / f"merge-{comb}-{_key(spec)}"
+        merged[method] = (f"merge/{comb}", mdir)
+        add(Job(f"merge/{comb}", "merge", spec, str(mdir / method), str(mdir / "result.json"),
+                [f"module/1/{d}" for d in domains]))
     # -- joint-lora: one LoRA on the union, the summed token budget
     joint_lib = None
     if "joint" in needs:
@@ -227,11 +240,15 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                         kw.update(lora_rank=ft["base_lora_rank"], lora_alpha=2.0 * ft["base_lora_rank"])
                     if m["method"] == "domix":
                         lib = upstream if method == "domix" else lib_a
-                        kw.update(library=str(lib), modules="all")
+                        kw.update(library=str(lib), modules=m.get("modules", "all"))
                         deps = [f"module/{orders.index(order.split(',')) + 1 if order else 1}/{x}" for x in domains]
                     if m.get("init") == "own":
                         kw.update(library=str(lib_a), init_module=d)
                         deps = [f"module/1/{d}"]
+                    if m.get("init") == "merged":
+                        job, mdir = merged[method]
+                        kw.update(library=str(mdir), init_module=method)
+                        deps = [job]
                     if m.get("init") == "joint":
                         kw.update(library=str(joint_lib), init_module="joint")
                         deps = ["joint"]

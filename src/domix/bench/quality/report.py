@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ...data.benchmark import GENERAL
 from ...io import atomic_write
+from ...library.merge import DEFAULT_DENSITY
+from .settings import MERGES
 
 
 def _fmt(stat: dict | None, digits: int = 3) -> str:
@@ -218,6 +220,18 @@ def dap_curve_section(results: dict) -> list[str]:
     if chosen:
         L += [f"The run pre-trains at **{chosen['tokens_per_domain']:,} tokens per domain**: {chosen['how']}."]
     return L + [""]
+
+
+def _auto_note(results: dict) -> str:
+    """domix-auto-2: which modules `library rank` chose for each task, and whether its own domain led."""
+    chosen = {r["task"]: r["modules_chosen"] for r in results.get("runs", [])
+              if r["method"] == "domix-auto-2" and r.get("modules_chosen")}
+    domains = results["settings"].get("task_domains", {})
+    firsts = sum(1 for t, mods in chosen.items() if mods and mods[0] == domains.get(t))
+    picks = "; ".join(f"{t}: {', '.join(m)}" for t, m in chosen.items())
+    return (f"- domix-auto-2 bridges the 2 modules `library rank` scores best on each task's training text "
+            f"(`finetune --modules auto:2`): {picks or 'no run finished'}"
+            + (f" — the task's own domain ranked first for {firsts} of {len(chosen)} tasks." if chosen else "."))
 
 
 def mode_grid_section(results: dict) -> list[str]:
@@ -516,8 +530,9 @@ def write_report(results: dict, out: Path) -> str:
                      f"({_secs(e.get('finetune_cpu_s'))}) | {_step(e['step_time_s'], e.get('step_cpu_s'))} | "
                      f"{_num(e['peak_rss_mb'], 0)} MB |")
         L += ["", "DAP time: the jobs' wall time, and in brackets their CPU time (process, data, training, save) — for "
-              "the domix family and own-lora "
-              "the four modules together, for joint-lora its one run, for ncl one order's four stages, for the "
+              "the domix family, own-lora and the merge methods "
+              "the four modules together (a merge's own time: `merge_s` in results.json), for joint-lora its one "
+              "run, for ncl one order's four stages, for the "
               "MoDE methods the four experts and their composition (DAP step and trainable: the experts'). "
               "Fine-tune time includes loading, training, dev and test scoring. Step times are wall-clock medians "
               "after the first step, CPU step times the same for the process's CPU time. With more than one worker, or other work on the machine, jobs share the cores "
@@ -551,6 +566,14 @@ def write_report(results: dict, out: Path) -> str:
           "P = I/(N·r) (domix-rank), I/N (domix-uniform), I (domix-identity, trainable), the default init frozen "
           "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",
           f"- ncl orders: {'; '.join(orders)}; the ncl row of the task tables pools both orders.",
+          *([_auto_note(results)] if "domix-auto-2" in results["methods"] else []),
+          *([f"- Merge baselines ({', '.join(m for m in MERGES if m in results['methods'])}): the "
+             f"{len(s['domains'])} modules of the first order's library ({orders[0]}) merged into one LoRA by PEFT's "
+             f"`add_weighted_adapter` (`domix library merge`: linear, ties, dare_ties; weights 1/N each, density "
+             f"{DEFAULT_DENSITY} for ties and dare_ties), "
+             "then every task fine-tuned from the merged module as own-lora is from its domain's module (the same "
+             "settings; the merged module keeps rank r, with PEFT's alpha = r)."]
+            if any(m in MERGES for m in results["methods"]) else []),
           *([f"- MoDE (DESIGN.md §4; {_mode_layout(results)}): each domain's expert sees the modules' "
              f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']:g}, gate lr "
              f"{s['mode'].get('gate_lr', 1e-3):g}{', from the grid above' if s.get('mode_lr_choice') else ''}); "

@@ -1,6 +1,6 @@
 """The jobs themselves, one per kind, as they run in a worker process (`_work`): training,
-held-out LM evaluation and fine-tuning, each timed per optimizer step, with the process's own
-CPU time and peak RSS."""
+merging modules, held-out LM evaluation and fine-tuning, each timed per optimizer step, with the
+process's own CPU time and peak RSS."""
 from __future__ import annotations
 
 import json
@@ -98,6 +98,18 @@ def _run_mode(spec: dict, out: str) -> dict:
             "params": meta.get("params")}
 
 
+def _run_merge(spec: dict, out: str) -> dict:
+    """The domain modules merged into one library entry by PEFT (`domix library merge`)."""
+    from ...library.merge import merge_modules
+
+    out = Path(out)
+    meta = merge_modules(spec["library"], spec["modules"], spec["combination"], out.name, base=spec["base"],
+                         weights=spec["weights"], density=spec["density"], seed=spec["seed"], into=out.parent,
+                         overwrite=True)
+    return {"modules": meta["merged"]["modules"], "combination": meta["merged"]["combination"],
+            "rank": meta["rank"], "merge_time_s": meta["merge_time_s"]}
+
+
 def _run_lm_eval(spec: dict, out: str) -> dict:
     """Held-out LM loss and next-token (masked-token) accuracy of one model on every held-out text."""
     from ...data.corpus import load_documents, pack
@@ -159,11 +171,12 @@ def _run_finetune(spec: dict, out: str) -> dict:
                           if "eval_macro_f1" in h],
             "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
             "weights_dropped": bool(spec.get("drop_weights")),
+            **({"modules_chosen": metrics["module_selection"]["chosen"]} if "module_selection" in metrics else {}),
             "test_predictions": {"y_true": test["y_true"], "y_pred": test["y_pred"]}}
 
 
 RUNNERS = {"pretrain": _run_pretrain, "ncl": _run_ncl, "mode-pretrain": _run_mode, "mode-compose": _run_mode,
-           "lm-eval": _run_lm_eval, "finetune": _run_finetune}
+           "merge": _run_merge, "lm-eval": _run_lm_eval, "finetune": _run_finetune}
 
 
 def _cpu_s() -> float:

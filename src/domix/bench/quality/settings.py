@@ -10,7 +10,8 @@ from ...data.benchmark import DOMAINS
 # ---------------------------------------------------------------------------- methods
 # Each method is data: FinetuneConfig options plus where its starting point comes from.
 # "init": own (the task's domain module), joint (the union module), ncl (the full checkpoint
-# after continual pre-training); the domix variants use the whole order-A library.
+# after continual pre-training), merged (order A's modules merged by PEFT); the domix variants use
+# the whole order-A library.
 METHODS: dict[str, dict] = {
     "base-full": {"method": "full"},
     "base-lora": {"method": "lora"},
@@ -24,13 +25,22 @@ METHODS: dict[str, dict] = {
     "domix-uniform": {"method": "domix", "bridge_init": "uniform"},
     "domix-identity": {"method": "domix", "bridge_init": "identity"},
     "domix-frozen-bridge": {"method": "domix", "freeze_bridge": True},
+    # the bridge over the 2 modules `library rank` puts first on the task's training text
+    "domix-auto-2": {"method": "domix", "modules": "auto:2"},
     # MoDE (DESIGN.md §4): experts trained alone, composed on the mixed corpora, then fine-tuned
     "mode": {"method": "mode", "init": "composed"},
     "mode-frozen-experts": {"method": "mode", "init": "composed", "freeze_experts": True},
+    # the merge baselines: order A's modules merged into one by PEFT (`domix library merge`), then
+    # every task fine-tunes from the merged module as own-lora does from its domain's
+    "linear-merge": {"method": "lora", "init": "merged"},
+    "ties-merge": {"method": "lora", "init": "merged"},
+    "dare-ties-merge": {"method": "lora", "init": "merged"},
 }
-DOMIX_LIKE = ("cat-merge", "domix", "domix-rank", "domix-uniform", "domix-identity", "domix-frozen-bridge")
+DOMIX_LIKE = ("cat-merge", "domix", "domix-rank", "domix-uniform", "domix-identity", "domix-frozen-bridge",
+              "domix-auto-2")
+MERGES = {"linear-merge": "linear", "ties-merge": "ties", "dare-ties-merge": "dare_ties"}  # method -> PEFT's combination
 NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE},
-         "mode": "mode", "mode-frozen-experts": "mode-frozen"}
+         "mode": "mode", "mode-frozen-experts": "mode-frozen", **{m: "modules" for m in MERGES}}
 # a composition per MoDE method: experts and gates trained, or the gates only
 COMPOSE = {"mode": {"freeze_experts": False}, "mode-frozen": {"freeze_experts": True}}
 COMPOSED_FOR = {v: m for m, v in NEEDS.items() if v in COMPOSE}  # composition -> the method fine-tuning it

@@ -1,0 +1,105 @@
+"""`domix library merge`: the usual LoRA merge baselines, computed by PEFT itself.
+
+The chosen LoRA modules are loaded as named adapters on the base and combined with PEFT's
+`add_weighted_adapter` (`linear`, `ties` or `dare_ties`); the merged adapter is written as a new
+library entry of kind lora, so that anything taking a module (`finetune --init-module`,
+`eval-lm --module`, plain PEFT) takes it too.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .store import META, Library, LibraryError
+
+COMBINATIONS = ("linear", "ties", "dare_ties")
+# `add_weighted_adapter(density=None)` fails for the pruning merges: they take the value of PEFT's
+# model-merging guide (also TIES' "keep the top 20 %")
+DEFAULT_DENSITY = 0.2
+
+
+def merge_modules(library: str | Path, modules, combination: str, out: str, base: str | None = None,
+                  weights: list[float] | None = None, density: float | None = None, seed: int = 0,
+                  into: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Merge the LoRA `modules` of `library` (a comma list or a list of names, at least 2) with
+    PEFT's `add_weighted_adapter(combination_type=combination)` and write the result atomically as
+    entry `out` of `into` (default: the same library).
+
+    `weights` default to 1/N each; `density` (ties, dare_ties) to `DEFAULT_DENSITY`. `seed` seeds
+    dare_ties' random drop. `base` defaults to the base the modules were trained on. Refuses
+    modules of other kinds or of different bases, unequal ranks (PEFT's merges keep one rank r)
+    and an unknown combination. Returns the entry's metadata (its `domix.json`)."""
+    import peft
+    import torch
+    from peft import PeftModel
+
+    from ..io import atomic_dir, write_json
+    from ..models import fingerprint, load_model
+
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; known: {', '.join(COMBINATIONS)}")
+    if not out or out.startswith(".") or "/" in out:
+        raise ValueError(f"invalid module name {out!r}")
+    mods = Library(library).select(modules, kind="lora")
+    if len(mods) < 2:
+        raise LibraryError(f"a merge needs at least 2 modules; got {len(mods)} ({', '.join(m.name for m in mods)})")
+    dest = Library(into or library).path / out
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists (overwrite replaces it)")
+    bases: dict[str, list[str]] = {}
+    for m in mods:
+        bases.setdefault(m.meta.get("base_fingerprint"), []).append(m.name)
+    if len(bases) > 1:
+        raise LibraryError("the modules were trained on different bases: " + "; ".join(
+            f"{', '.join(names)} (base '{next(m for m in mods if m.name == names[0]).meta.get('base')}', "
+            f"fingerprint {fp})" for fp, names in bases.items()))
+    configs = [json.loads((m.path / "adapter_config.json").read_text()) for m in mods]
+    ranks = {m.name: c["r"] for m, c in zip(mods, configs)}
+    if len(set(ranks.values())) > 1 or any(c.get("rank_pattern") for c in configs):
+        raise LibraryError(f"PEFT's {combination} merge needs modules of one rank; got "
+                           + ", ".join(f"{n} r={r}" for n, r in ranks.items()))
+    n = len(mods)
+    weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} modules")
+    if combination == "linear":
+        if density is not None:
+            raise ValueError("density applies to ties and dare_ties merges only")
+    else:
+        density = DEFAULT_DENSITY if density is None else float(density)
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1]; got {density}")
+
+    t0 = time.time()
+    base = base or mods[0].meta["base"]
+    model, objective = load_model(base, head="lm", objective=mods[0].meta.get("objective", "auto"))
+    base_fp = fingerprint(model)
+    for m in mods:
+        m.check_base(base_fp)
+        m.tensors()  # a truncated file fails here, with the module's name
+    names = [f"m{i}" for i in range(n)]  # adapter names: library names may hold characters PEFT's dicts refuse
+    merged = PeftModel.from_pretrained(model, str(mods[0].path), adapter_name=names[0])
+    for name, m in zip(names[1:], mods[1:]):
+        merged.load_adapter(str(m.path), adapter_name=name)
+    torch.manual_seed(seed)  # dare_ties drops at random
+    # "default": PEFT's save_pretrained writes that adapter at the top of the directory
+    merged.add_weighted_adapter(names, weights, adapter_name="default", combination_type=combination,
+                                density=density)
+    with atomic_dir(dest, overwrite=overwrite) as stage:
+        merged.save_pretrained(stage, selected_adapters=["default"])
+        acfg = json.loads((stage / "adapter_config.json").read_text())
+        targets = {m.meta.get("targets") for m in mods}
+        meta = {
+            "kind": "lora", "domain": out, "base": base, "base_fingerprint": base_fp, "objective": objective,
+            "rank": acfg["r"], "alpha": acfg["lora_alpha"],
+            "targets": targets.pop() if len(targets) == 1 else "merged",
+            "target_modules": acfg["target_modules"], "seed": seed,
+            "merged": {"modules": [m.name for m in mods], "combination": combination, "weights": weights,
+                       "density": density, "peft": peft.__version__},
+            "data": [p for m in mods for p in m.meta.get("data") or []],
+            "steps": 0, "tokens": sum(m.meta.get("tokens") or 0 for m in mods), "heldout_loss": None,
+            "merge_time_s": round(time.time() - t0, 2),
+        }
+        write_json(stage / META, meta)
+    return meta
