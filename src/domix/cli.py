@@ -53,7 +53,13 @@ def cmd_pretrain_all(a) -> int:
 def cmd_library(a) -> int:
     from .library import Library
 
-    lib = Library(a.dir if "dir" in a else a.library)
+    if "dir" in a:
+        if a.dir and a.library and a.dir != a.library:
+            raise ValueError(f"two library directories given: {a.dir} and --library {a.library}")
+        a.library = a.dir or a.library
+        if not a.library:
+            raise ValueError(f"library {a.action}: give the library directory (library {a.action} DIR, or --library DIR)")
+    lib = Library(a.library)
     if a.action == "list":
         rows = []
         for name in lib.names():
@@ -221,6 +227,13 @@ def float_list(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def _library_dir(q) -> None:
+    """The library directory, as a positional (`library list lib/`) or as `--library` like the other
+    library commands."""
+    q.add_argument("dir", nargs="?", help="library directory (or --library)")
+    q.add_argument("--library", default=None, help="the same, as the other library commands take it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="domix", description=(
         "Modular domain-adaptive pre-training: train one LoRA domain module per corpus, keep them in a "
@@ -246,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("library", help="inventory and integrity of a module library")
     lsub = p.add_subparsers(dest="action", required=True)
     q = lsub.add_parser("list", help="one line per module")
-    q.add_argument("dir")
+    _library_dir(q)
     q.add_argument("--json", action="store_true")
     q = lsub.add_parser("show", help="a module's metadata, with its kind, size and layout under 'entry'")
-    q.add_argument("dir")
+    _library_dir(q)
     q.add_argument("name")
     q = lsub.add_parser("rank", help="which modules a task needs: each module's loss gain over the base on the "
                                      "task's own text, most relevant first")
@@ -279,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
     q = lsub.add_parser("check", help="check every entry against a base model: fingerprint, files, LoRA shapes, MoDE layouts "
                                       "(exit 1 on any problem)")
-    q.add_argument("dir")
+    _library_dir(q)
     q.add_argument("--base", required=True)
     q.add_argument("--json", action="store_true")
     text = "a smaller copy of a LoRA module: each layer's update re-factorised by SVD to a lower rank"
