@@ -11,6 +11,7 @@ from .cli_config import (PER_DOMAIN, add_eval_options, add_options, command, giv
                          report_all)
 from .executors import PoolOptions
 from .finetune.config import FinetuneConfig
+from .finetune.finetune_all import PER_TASK
 from .io import json_stdout, print_json
 from .library.merge import COMBINATIONS, DEFAULT_DENSITY
 from .library.pretrain import PretrainConfig
@@ -168,6 +169,18 @@ def cmd_finetune(a) -> int:
     return report(a, {k: v for k, v in m.items() if k != "history"},
                   f"{a.out}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  trainable "
                   f"{m['trainable_params']:,} / {m['total_params']:,} params  ({m['train_time_s']:.0f} s)")
+
+
+def cmd_finetune_all(a) -> int:
+    from .finetune.finetune_all import finetune_all, load_tasks
+
+    configs, resources = load_tasks(a.config, a.out, given(a, FinetuneConfig, exclude=PER_TASK))
+    results = finetune_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,
+                           progress=not a.json, resources=resources)
+    for r in results.values():  # as `finetune --json`: the history stays in each metrics.json
+        r.get("meta", {}).pop("history", None)
+    return report_all(a, results, lambda r: f"{r['out']}  accuracy {r['meta'].get('accuracy', float('nan')):.4f}  "
+                                            f"macro-F1 {r['meta'].get('macro_f1', float('nan')):.4f}")
 
 
 def cmd_evaluate(a) -> int:
@@ -335,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_options(command(sub, "finetune", "stage 2-3: mix library modules through a bridge and fine-tune on a task",
                         cmd_finetune), FinetuneConfig)
+
+    p = command(sub, "finetune-all", "stages 2-3 for every task (or task x seed) of a YAML config, in parallel",
+                cmd_finetune_all)
+    p.add_argument("--config", required=True, help="tasks.yaml (base, library, defaults, seeds, resources, tasks); "
+                                                   "the options given here override it for every task")
+    p.add_argument("--out", default=None, help="root of the task models without their own out: "
+                                                "OUT/TASK[-sSEED] (default: the config's folder)")
+    add_options(p, PoolOptions)
+    add_options(p, FinetuneConfig, exclude=PER_TASK, overrides=True)
 
     p = command(sub, "evaluate", "score a task model on a JSONL file", cmd_evaluate)
     p.add_argument("--model", required=True)

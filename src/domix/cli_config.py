@@ -127,9 +127,9 @@ def lm_text(out: dict) -> str:
             f"({out['tokens']} tokens)")
 
 
-def report_all(a, results: dict) -> int:
-    """`report` the per-domain results of `pretrain_all`; exit status 1 when a domain failed."""
-    report(a, results, "\n".join(f"{name:16s} {r['status']:8s} " + (
-        r["error"] if r["status"] == "failed" else f"held-out loss {r['meta'].get('heldout_loss')}")
-        for name, r in results.items()))
+def report_all(a, results: dict, detail=lambda r: f"held-out loss {r['meta'].get('heldout_loss')}") -> int:
+    """`report` the per-entry results of `run_all` (`pretrain-all`, `finetune-all`): a line each,
+    its error or `detail(result)`; exit status 1 when one failed."""
+    report(a, results, "\n".join(f"{name:16s} {r['status']:8s} " + (r["error"] if r["status"] == "failed" else detail(r))
+                                 for name, r in results.items()))
     return 0 if all(r["status"] != "failed" for r in results.values()) else 1

@@ -133,13 +133,18 @@ def chunked_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_
 
 class ChunkedLMLossMixin:
     """For a transformers `Trainer` subclass (set `lm_objective`): next-token LM batches take
-    `chunked_lm_loss`, everything else the model's own loss."""
+    `chunked_lm_loss`, everything else the model's own loss.
+
+    A wrapped model (DDP under `torchrun`) takes its own loss too: the chunked loss calls the
+    decoder directly, past the wrapper's forward, where DDP arms its gradient all-reduce; the
+    rank's gradients would then never be averaged."""
 
     lm_objective: str | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if (self.lm_objective == "clm" and not return_outputs and "labels" in inputs
-                and self.label_smoother is None and self.compute_loss_func is None):
+                and self.label_smoother is None and self.compute_loss_func is None
+                and self.accelerator.unwrap_model(model) is model):
             # the decoder is called directly, not through the (accelerate-wrapped) model.forward that
             # carries the mixed-precision autocast: enter it here, or bf16/fp16 runs compute in fp32
             with self.accelerator.autocast():

@@ -93,8 +93,11 @@ def run_seed(name: str, seed: int) -> int:
 
 
 def total_steps(opts: TrainOptions, n_examples: int, seq_len: int | None = None) -> int:
-    """Optimizer steps from the budget: `max_tokens` (LM runs), else `max_steps`, else `epochs`."""
-    per_step = opts.batch_size * opts.grad_accum
+    """Optimizer steps from the budget: `max_tokens` (LM runs), else `max_steps`, else `epochs`.
+    A step takes `batch_size` examples on each process (DDP)."""
+    from .distributed import world_size
+
+    per_step = opts.batch_size * opts.grad_accum * world_size()
     if getattr(opts, "max_tokens", None) is not None:
         return max(1, math.ceil(opts.max_tokens / (per_step * (seq_len or opts.seq_len))))
     if opts.max_steps:
@@ -113,7 +116,8 @@ def quiet() -> None:
 
 
 def setup(opts: TrainOptions):
-    """Threads and output for this run; returns its torch device."""
+    """Threads and output for this run; under a launcher (`torchrun`, `accelerate launch`) it
+    joins the process group. Returns its torch device."""
     import warnings
 
     import torch
@@ -121,13 +125,16 @@ def setup(opts: TrainOptions):
     # transformers deprecates the attribute PEFT still reads on every step: noise, not a problem of the run
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
+    from . import distributed
     from .models import select_device
 
+    device = select_device(opts.device)
+    distributed.init(device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if not opts.progress:
         quiet()
-    return select_device(opts.device)
+    return device
 
 
 def finished(path: Path | str, opts: TrainOptions, what: str) -> bool:
@@ -209,6 +216,9 @@ def build_trainer(model, opts: TrainOptions, *, work: Path, train_dataset, data_
         report_to=["tensorboard"] if logs else "none", seed=seed, data_seed=seed,
         use_cpu=device.type == "cpu", bf16=opts.dtype == "bf16", fp16=opts.dtype == "fp16",
         dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=not opts.progress,
+        # DDP: every trained tensor (LoRA, bridge, MoDE experts and gates, head) gets a gradient each step,
+        # so DDP need not search the graph for unused ones (and warn that it found none)
+        ddp_find_unused_parameters=False,
         **evaluation, **checkpointing_args(opts.gradient_checkpointing))
     cls = trainer_cls or Trainer
     if lm_objective is not None:
@@ -262,7 +272,7 @@ def keep_best(metric: str, greater: bool, patience: int | None = None, resume_fr
                     control.should_training_stop = True
 
         def on_save(self, args, state, control, **kw):
-            if self.tensors:
+            if self.tensors and state.is_world_process_zero:  # under DDP, rank 0 writes the checkpoint
                 save_file(self.tensors, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / KEEP_BEST_FILE),
                           metadata={"best": repr(self.best), "step": str(self.step), "bad": str(self.bad)})
 
@@ -297,9 +307,12 @@ def versions() -> dict:
 def run_record(opts: TrainOptions, trainer, result, *, steps: int, seq_len: int, t0: float, train_time: float,
                last: str | None, device) -> dict:
     """What every pre-training result records about its run (budget, losses, times, environment)."""
+    from .distributed import world_size
+
     return {
-        "steps": steps, "tokens": steps * opts.batch_size * opts.grad_accum * seq_len, "seq_len": seq_len,
-        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "lr": opts.lr,
+        "steps": steps, "tokens": steps * opts.batch_size * opts.grad_accum * world_size() * seq_len,
+        "seq_len": seq_len, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "processes": world_size(),
+        "lr": opts.lr,
         "train_loss": result.training_loss, "loss_history": loss_history(trainer),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),

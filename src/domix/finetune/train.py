@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..checkpoints import resolve_base
+from ..distributed import barrier, main_process_first, on_main
 from ..models import load_tokenizer
 from ..data.tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
 from ..training import build_trainer, finished, keep_best, resume_point, setup, total_steps
@@ -51,29 +52,32 @@ def _datasets(cfg: FinetuneConfig, tokenizer):
 
 
 def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dict:
-    """Fine-tune a task model and write it atomically to `cfg.out`. Returns its metrics."""
+    """Fine-tune a task model and write it atomically to `cfg.out`. Returns its metrics.
+
+    Under a launcher (`torchrun`, `accelerate launch`) the Trainer trains with DDP; rank 0
+    evaluates the final model and writes it, and every rank returns the same metrics."""
     from transformers import set_seed
 
     cfg = cfg or FinetuneConfig(**kwargs)
     out = Path(cfg.out)
     if finished(out, cfg, f"task model {out}"):
         return json.loads((out / "metrics.json").read_text())
-    cfg = _check(cfg)
-    method = get_method(cfg.method)
     setup(cfg)
     t0 = time.time()
-    tokenizer = load_tokenizer(cfg.base)
-    train_rows, eval_rows, labels, train_ds, eval_ds = _datasets(cfg, tokenizer)
-
-    set_seed(cfg.seed)
-    model, info = build_model(cfg, labels)
+    with main_process_first():  # an error on any rank (a file one rank cannot read) stops every rank
+        cfg = _check(cfg)
+        method = get_method(cfg.method)
+        tokenizer = load_tokenizer(cfg.base)
+        train_rows, eval_rows, labels, train_ds, eval_ds = _datasets(cfg, tokenizer)
+        set_seed(cfg.seed)
+        model, info = build_model(cfg, labels)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not method.mixing(n)], "lr": cfg.lr,
                "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in trainable if method.mixing(n)], "lr": cfg.bridge_lr, "weight_decay": 0.0}]
     steps = total_steps(cfg, len(train_ds))
     work = out.parent / f".{out.name}.work"
-    last = resume_point(work, cfg.resume)
+    last = on_main(lambda: resume_point(work, cfg.resume))
 
     def compute_metrics(p):
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -92,28 +96,32 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
                             callbacks=[*(callbacks or []), *([best] if best else [])])
     result = trainer.train(resume_from_checkpoint=last)
     train_time = time.time() - t0
+    barrier()  # every rank's last checkpoint files are written before rank 0 removes the work area
 
-    task = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
-            "max_new_tokens": cfg.max_new_tokens, "where": str(cfg.eval)}
-    final = evaluate_rows(model, tokenizer, task, eval_rows)
-    history = [dict(h) for h in trainer.state.log_history]
-    n_train = sum(p.numel() for _, p in trainable)
-    n_total = sum(p.numel() for p in model.parameters())
-    ran = trainer.state.global_step  # fewer than `steps` when --patience stopped the run
-    metrics = {"method": cfg.method, "task": cfg.task, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"],
-               "eval": final, "trainable_params": n_train, "total_params": n_total,
-               "trainable_fraction": n_train / n_total, "train_loss": result.training_loss, "steps": steps,
-               "steps_run": ran, "kept_step": best.step if best and best.step is not None else ran,
-               "best_eval": best.best if best else None, "train_time_s": round(train_time, 2),
-               "step_time_s": round(result.metrics.get("train_runtime", train_time) / max(1, ran), 4),
-               "history": history, "resumed_from": Path(last).name if last else None,
-               **({"module_selection": info["module_selection"]} if "module_selection" in info else {})}
-    spec = {"base": cfg.base, "base_path": resolve_base(cfg.base), **info, "method": cfg.method, "task": cfg.task,
-            "labels": labels, "max_seq_len": cfg.max_seq_len, "max_new_tokens": cfg.max_new_tokens,
-            "settings": asdict(cfg)}
-    keep = method.saved(model)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
-    plots = [lambda stage: plot_history(history, stage / "loss.png"), *method.plots(model, info, metrics)]
-    save_task_model(out, model, tokenizer, spec, metrics, tensors, work, plots)
-    shutil.rmtree(work, ignore_errors=True)
-    return metrics
+    def write() -> dict:  # rank 0: the final evaluation and the task model
+        task = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
+                "max_new_tokens": cfg.max_new_tokens, "where": str(cfg.eval)}
+        final = evaluate_rows(model, tokenizer, task, eval_rows)
+        history = [dict(h) for h in trainer.state.log_history]
+        n_train = sum(p.numel() for _, p in trainable)
+        n_total = sum(p.numel() for p in model.parameters())
+        ran = trainer.state.global_step  # fewer than `steps` when --patience stopped the run
+        metrics = {"method": cfg.method, "task": cfg.task, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"],
+                   "eval": final, "trainable_params": n_train, "total_params": n_total,
+                   "trainable_fraction": n_train / n_total, "train_loss": result.training_loss, "steps": steps,
+                   "steps_run": ran, "kept_step": best.step if best and best.step is not None else ran,
+                   "best_eval": best.best if best else None, "train_time_s": round(train_time, 2),
+                   "step_time_s": round(result.metrics.get("train_runtime", train_time) / max(1, ran), 4),
+                   "history": history, "resumed_from": Path(last).name if last else None,
+                   **({"module_selection": info["module_selection"]} if "module_selection" in info else {})}
+        spec = {"base": cfg.base, "base_path": resolve_base(cfg.base), **info, "method": cfg.method, "task": cfg.task,
+                "labels": labels, "max_seq_len": cfg.max_seq_len, "max_new_tokens": cfg.max_new_tokens,
+                "settings": asdict(cfg)}
+        keep = method.saved(model)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+        plots = [lambda stage: plot_history(history, stage / "loss.png"), *method.plots(model, info, metrics)]
+        save_task_model(out, model, tokenizer, spec, metrics, tensors, work, plots)
+        shutil.rmtree(work, ignore_errors=True)
+        return metrics
+
+    return on_main(write)

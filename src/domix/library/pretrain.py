@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from ..checkpoints import DEFAULT_BASE, resolve_base
+from ..distributed import barrier, main_process_first, on_main
 from ..io import atomic_dir, write_json
 from ..models import fingerprint, load_model, load_tokenizer, target_regex
 from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
@@ -35,7 +36,11 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
 
     Returns the module's metadata (the content of its `domix.json`). With `full`, every weight
     trains and the entry is a complete HF checkpoint with its tokenizer (kind "full"): the naive
-    continual-DAP baseline, whose next domain or full fine-tuning takes it as `base`."""
+    continual-DAP baseline, whose next domain or full fine-tuning takes it as `base`.
+
+    Under a launcher (`torchrun`, `accelerate launch`) the Trainer trains with DDP; rank 0
+    prepares the data first (the others read datasets' cache), scores the held-out blocks and
+    writes the entry, and every rank returns the same metadata once it is written."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -53,19 +58,21 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()
 
-    tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
-    # a LoRA module's frozen base can be held in half precision (the adapter, its gradients and
-    # AdamW state stay fp32); full-weight training keeps fp32 weights and uses autocast instead
-    model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
-                                  dtype="fp32" if cfg.full else cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    with main_process_first():  # an error on any rank (a corpus one rank cannot read) stops every rank
+        tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+        # a LoRA module's frozen base can be held in half precision (the adapter, its gradients and
+        # AdamW state stay fp32); full-weight training keeps fp32 weights and uses autocast instead
+        model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
+                                      dtype="fp32" if cfg.full else cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        docs = load_documents(cfg.data, cfg.text_field)
+        train_docs, held_docs = split_heldout(docs)
+        train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
+        held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
     base_fp = fingerprint(model)
-    docs = load_documents(cfg.data, cfg.text_field)
-    train_docs, held_docs = split_heldout(docs)
-    train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
-    held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
     steps = total_steps(cfg, len(train_blocks))
 
-    base_held = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
+    base_held = on_main(lambda: lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0)
+                        if held_blocks else None)
     set_seed(seed)
     if cfg.full:  # a full checkpoint: usable as the `base` of a next domain or of full fine-tuning
         lora = None
@@ -79,31 +86,34 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         model.peft_config["default"].base_model_name_or_path = resolve_base(cfg.base)
 
     work = lib.path / ".work" / cfg.domain
-    last = resume_point(work, cfg.resume)
+    last = on_main(lambda: resume_point(work, cfg.resume))
     trainer = build_trainer(model, cfg, work=work, train_dataset=train_blocks, steps=steps, seed=seed,
                             data_collator=lm_collator(tokenizer, objective), lm_objective=objective,
                             callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=last)
     train_time = time.time() - t0
+    barrier()  # every rank's last checkpoint files are written before rank 0 removes the work area
 
-    heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
-    meta = {
-        "kind": "full" if cfg.full else "lora", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
-        "objective": objective, "rank": None if cfg.full else cfg.rank, "alpha": None if cfg.full else cfg.alpha,
-        "targets": "all" if cfg.full else cfg.targets, "target_modules": lora.target_modules if lora else None,
-        "seed": cfg.seed, "module_seed": seed,
-        "data": [str(p) for p in cfg.data], "documents": len(train_docs), "heldout_documents": len(held_docs),
-        **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
-                     last=last, device=device),
-        "heldout_loss": heldout["loss"] if heldout else None, "heldout_tokens": heldout["tokens"] if heldout else 0,
-        "base_heldout_loss": base_held["loss"] if base_held else None, **cfg.extra,
-    }
-    with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
-        model.save_pretrained(stage)
-        if cfg.full:
-            tokenizer.save_pretrained(stage)
-        keep_logs(work, stage)
-        write_json(stage / META, meta)
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
+    def write() -> dict:  # rank 0: the held-out score and the entry
+        heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
+        meta = {
+            "kind": "full" if cfg.full else "lora", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
+            "objective": objective, "rank": None if cfg.full else cfg.rank, "alpha": None if cfg.full else cfg.alpha,
+            "targets": "all" if cfg.full else cfg.targets, "target_modules": lora.target_modules if lora else None,
+            "seed": cfg.seed, "module_seed": seed,
+            "data": [str(p) for p in cfg.data], "documents": len(train_docs), "heldout_documents": len(held_docs),
+            **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
+                         last=last, device=device),
+            "heldout_loss": heldout["loss"] if heldout else None, "heldout_tokens": heldout["tokens"] if heldout else 0,
+            "base_heldout_loss": base_held["loss"] if base_held else None, **cfg.extra,
+        }
+        with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
+            model.save_pretrained(stage)
+            if cfg.full:
+                tokenizer.save_pretrained(stage)
+            keep_logs(work, stage)
+            write_json(stage / META, meta)
+        shutil.rmtree(work, ignore_errors=True)
+        return meta
 
+    return on_main(write)

@@ -1,4 +1,8 @@
-"""`pretrain-all`: train every domain of a config, independently, locally or on Ray."""
+"""`pretrain-all`: train every domain of a config, independently, locally or on Ray.
+
+`read_config` (a YAML of named entries over shared defaults) and `run_all` (every entry not yet
+complete, each in its own process, failures reported while the others finish) are also
+`finetune-all`'s."""
 from __future__ import annotations
 
 import os
@@ -15,80 +19,117 @@ from .pretrain import PretrainConfig, pretrain
 RUN_KEYS = {"base"}  # top-level keys besides `defaults` and `domains`
 
 
+def read_config(path: Path | str, section: str, allowed: set[str], shared: tuple = ("base",), run: tuple = (),
+                overrides: dict | None = None, paths: tuple = ()) -> tuple[dict, list[tuple[str, dict]]]:
+    """(the document, [(name, options)]) of a YAML config: the entries of `section` in their order,
+    each one's options = the `shared` top-level keys, `defaults`, its own, then `overrides`.
+
+    `run`: other top-level keys allowed (read by the caller from the document). Keys outside
+    `allowed` are refused, naming the allowed ones. The file's relative values of `paths` (a
+    string or a list) are resolved from its folder; `overrides` are taken as given."""
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text()) or {}
+    what = section.removesuffix("s")
+    top = {*shared, *run, "defaults", section}
+    if set(doc) - top:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(set(doc) - top)} (allowed: {sorted(top)})")
+    entries = doc.get(section) or {}
+    if not entries:
+        raise ValueError(f"{path}: no {section} listed")
+
+    def resolve(p):
+        return str(p if Path(p).is_absolute() else path.parent / p)
+
+    out = []
+    for name, spec in entries.items():
+        merged = {**{k: doc[k] for k in shared if k in doc}, **(doc.get("defaults") or {}), **(spec or {})}
+        merged.update({k: (resolve(v) if isinstance(v, str) else [resolve(p) for p in v])
+                       for k, v in merged.items() if k in paths and v})
+        merged.update(overrides or {})
+        bad = set(merged) - allowed
+        if bad:
+            raise ValueError(f"{path}: {what} '{name}': unknown keys {sorted(bad)} (allowed: {sorted(allowed)})")
+        out.append((str(name), merged))
+    return doc, out
+
+
 def load_config(path: Path | str, library: str, overrides: dict | None = None,
                 config_cls: type = PretrainConfig) -> list:
     """Parse a `domains.yaml` into one `config_cls` (default PretrainConfig) per domain, in the listed order.
 
     Data paths are relative to the config file; keys are the training command's options, underscored."""
-    path = Path(path)
-    doc = yaml.safe_load(path.read_text()) or {}
-    unknown_top = set(doc) - RUN_KEYS - {"defaults", "domains"}
-    if unknown_top:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown_top)}")
-    domains = doc.get("domains") or {}
-    if not domains:
-        raise ValueError(f"{path}: no domains listed")
     allowed = {f.name for f in fields(config_cls)} - {"domain", "library", "extra"}
+    _, entries = read_config(path, "domains", allowed, shared=tuple(RUN_KEYS), overrides=overrides, paths=("data",))
     configs = []
-    for name, spec in domains.items():
-        merged = {**({"base": doc["base"]} if "base" in doc else {}), **(doc.get("defaults") or {}),
-                  **(spec or {}), **(overrides or {})}
-        bad = set(merged) - allowed
-        if bad:
-            raise ValueError(f"{path}: domain '{name}': unknown keys {sorted(bad)} (allowed: {sorted(allowed)})")
+    for name, merged in entries:
         data = merged.pop("data", None)
         if not data:
             raise ValueError(f"{path}: domain '{name}' has no data")
-        data = [data] if isinstance(data, str) else data
-        data = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in data]
-        configs.append(config_cls(domain=str(name), data=data, library=library, **merged))
+        configs.append(config_cls(domain=name, data=[data] if isinstance(data, str) else data, library=library,
+                                  **merged))
     return configs
 
 
-def _run_one(cfg_dict: dict, cfg_cls: type = PretrainConfig, runner=pretrain) -> dict:
-    """One domain in a worker: returns {"domain", "status", "meta" | "error"}."""
-    cfg = cfg_cls(**cfg_dict)
+def _run_one(name: str, key: str, cfg_dict: dict, cfg_cls: type = PretrainConfig, runner=pretrain) -> dict:
+    """One entry in a worker: returns {key: name, "status", "meta" | "error"}."""
     try:
-        return {"domain": cfg.domain, "status": "done", "meta": runner(cfg)}
-    except Exception as e:  # reported per domain; the other domains still finish
-        return {"domain": cfg.domain, "status": "failed", "error": f"{type(e).__name__}: {e}",
+        return {key: name, "status": "done", "meta": runner(cfg_cls(**cfg_dict))}
+    except Exception as e:  # reported per entry; the others still finish
+        return {key: name, "status": "failed", "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc()}
+
+
+def run_all(configs: dict, runner, complete, *, key: str = "domain", unit: str = "module", workers: int = 1,
+            executor: str = "local", ray_address: str | None = None, progress: bool = True,
+            cpus: float | None = None, gpus: float | None = None) -> dict:
+    """`runner(config)` for every {name: config} where `complete(config)` is None (else that is its
+    meta, reported skipped), each in its own process. Returns {name: {key: name, "status":
+    done|skipped|failed, "meta" | "error"}} in the given order.
+
+    A config runs with `threads` intra-op threads (default: `cpus`, else cores // workers), so
+    its tensors do not depend on what runs beside it; on Ray it reserves `cpus` (default: its
+    threads) and `gpus` (default: 1 with device cuda). `runner` must be importable by the workers."""
+    from tqdm.auto import tqdm
+
+    results, todo = {}, {}
+    threads = max(1, int(cpus) if cpus else (os.cpu_count() or 1) // max(1, workers))
+    for name, cfg in configs.items():
+        meta = complete(cfg)
+        if meta is not None:
+            results[name] = {key: name, "status": "skipped", "meta": meta}
+            continue
+        todo[name] = {**asdict(cfg), "progress": False, "threads": cfg.threads or threads}
+    bar = tqdm(total=len(todo), desc=f"{key}s", unit=unit, disable=not progress)
+    with make_executor(executor, workers, ray_address) as pool:
+        names = {pool.submit(_run_one, name, key, d, type(configs[name]), runner, cpus=cpus or d["threads"],
+                             gpus=(1 if d["device"] == "cuda" else 0) if gpus is None else gpus): name
+                 for name, d in todo.items()}
+        while pool.in_flight:
+            task, r, error = pool.next_done()
+            if error is not None:  # its worker died: the others still finish
+                r = {key: names[task], "status": "failed", "error": f"{type(error).__name__}: {error}"}
+            results[names[task]] = r
+            bar.set_postfix_str(f"{names[task]}: {r['status']}")
+            bar.update()
+    bar.close()
+    return {name: results[name] for name in configs}
+
+
+def _module_complete(cfg) -> dict | None:
+    """The meta of `cfg`'s finished library entry; None when it is to be trained. An entry of
+    another kind under the same name is left to the runner, which refuses it."""
+    kind = "full" if getattr(cfg, "full", False) else getattr(cfg, "kind", "lora")
+    lib = Library(cfg.library)
+    if cfg.domain in lib and not cfg.overwrite and lib.get(cfg.domain).kind == kind:
+        return lib.get(cfg.domain).meta
+    return None
 
 
 def pretrain_all(configs: list[PretrainConfig], workers: int = 1, executor: str = "local",
                  ray_address: str | None = None, progress: bool = True, runner=None) -> dict:
-    """Train every domain not already complete in its library. Returns {domain: result}.
+    """Train every domain not already complete in its library (`run_all`). Returns {domain: result}.
 
-    Each domain runs in its own process with `threads` intra-op threads (default: cores //
-    workers), so its tensors do not depend on which or how many other domains run.
     `runner(cfg) -> meta` trains one domain (default: stage-1 `pretrain`; e.g. MoDE's
-    `pretrain_expert` with its config class); it must be importable by the workers."""
-    from tqdm.auto import tqdm
-
-    results, todo = {}, []
-    runner = runner or pretrain
-    cfg_cls = type(configs[0]) if configs else PretrainConfig
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    for cfg in configs:
-        # an entry of another kind under the same name is left to the runner, which refuses it
-        kind = "full" if getattr(cfg, "full", False) else getattr(cfg, "kind", "lora")
-        if (cfg.domain in Library(cfg.library) and not cfg.overwrite
-                and Library(cfg.library).get(cfg.domain).kind == kind):
-            results[cfg.domain] = {"domain": cfg.domain, "status": "skipped", "meta": Library(cfg.library).get(cfg.domain).meta}
-            continue
-        d = asdict(cfg)
-        d.update(progress=False, threads=cfg.threads or threads)
-        todo.append(d)
-    bar = tqdm(total=len(todo), desc="domains", unit="module", disable=not progress)
-    with make_executor(executor, workers, ray_address) as pool:
-        domains = {pool.submit(_run_one, d, cfg_cls, runner, cpus=d["threads"],
-                               gpus=1 if d["device"] == "cuda" else 0): d["domain"] for d in todo}
-        while pool.in_flight:
-            task, r, error = pool.next_done()
-            if error is not None:  # its worker died: the other domains still finish
-                r = {"domain": domains[task], "status": "failed", "error": f"{type(error).__name__}: {error}"}
-            results[r["domain"]] = r
-            bar.set_postfix_str(f"{r['domain']}: {r['status']}")
-            bar.update()
-    bar.close()
-    return {c.domain: results[c.domain] for c in configs}
+    `pretrain_expert` with its config class)."""
+    return run_all({c.domain: c for c in configs}, runner or pretrain, _module_complete, key="domain",
+                   unit="module", workers=workers, executor=executor, ray_address=ray_address, progress=progress)
