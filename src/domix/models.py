@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from .checkpoints import resolve_base
+
+# transformers deprecates the attribute PEFT still reads when it loads or trains an adapter: noise to
+# a domix user, not a problem of the run (every path to a model goes through this module)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def select_device(device: str = "auto") -> torch.device:

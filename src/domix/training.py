@@ -118,12 +118,7 @@ def quiet() -> None:
 def setup(opts: TrainOptions):
     """Threads and output for this run; under a launcher (`torchrun`, `accelerate launch`) it
     joins the process group. Returns its torch device."""
-    import warnings
-
     import torch
-
-    # transformers deprecates the attribute PEFT still reads on every step: noise, not a problem of the run
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     from . import distributed
     from .models import select_device
