@@ -46,6 +46,10 @@ def cmd_pretrain_all(a) -> int:
     from .library.pretrain_all import load_config, pretrain_all
 
     configs = load_config(a.config, a.library, given(a, PretrainConfig, exclude=PER_DOMAIN))
+    if a.fused:
+        from .library.fused import pretrain_fused
+
+        return report_all(a, pretrain_fused(configs, progress=not a.json))
     results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,
                            progress=not a.json)
     return report_all(a, results)
@@ -266,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="domains.yaml (base, defaults, domains); the training options "
                                                    "given here override it for every domain")
     p.add_argument("--library", required=True, help="library directory")
+    p.add_argument("--fused", action="store_true", help="train every LoRA module in one process that holds the base "
+                                                        "once (decoders; one seq_len): each row of a stacked batch "
+                                                        "through its own domain's LoRA")
     add_options(p, PoolOptions)
     add_options(p, PretrainConfig, exclude=PER_DOMAIN, overrides=True)
 

@@ -1,0 +1,314 @@
+"""`pretrain-all --fused`: the LoRA modules of a config trained in one process that holds the frozen
+base once.
+
+Every step stacks one batch of each domain; the base runs once over all rows (one GEMM per layer
+for every domain), and each row passes through its own domain's LoRA only (a thin product per
+domain, added by a forward hook on PEFT's LoRA layers while PEFT's own adapter path is off). Each
+domain's loss is the chunked next-token loss of its rows, so the summed loss gives each module
+exactly its own gradient; each module then clips, steps and schedules alone.
+
+A module equals the one `pretrain` trains separately, to float tolerance: each domain has its
+own transformers `Trainer` (built as `pretrain` builds it, never trained) that supplies what
+the separate run's Trainer uses — its data loader and epochs, its token count per step, its
+optimizer and schedule — and its adapter is initialised right after `set_seed(module_seed)`, as
+`get_peft_model` initialises it there. On our CPU (fp32, one thread) the modules came out bitwise
+equal to the separate runs; in general equality is to float tolerance, since a matrix product
+over the stacked rows may be blocked differently than over one domain's rows (more threads, GPUs).
+
+Next-token (decoder) bases only: masked-LM masking draws from the global random stream inside
+the collator, which interleaved domains would share.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_dir, write_json
+from .store import META, Library
+
+SAME = ("base", "seq_len", "dtype", "device", "objective", "trust_remote_code")
+_LORA_PARAM = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
+
+
+def check_fusable(configs: list) -> None:
+    """Refuse configs one fused job cannot train together, naming what differs."""
+    for key in SAME:
+        values = {getattr(c, key) for c in configs}
+        if len(values) > 1:
+            by = "; ".join(f"{c.domain}: {getattr(c, key)}" for c in configs)
+            hint = " (group the domains by seq_len into separate runs)" if key == "seq_len" else ""
+            raise ValueError(f"--fused trains domains of one {key} together; these differ ({by}){hint}")
+    for c in configs:
+        if c.full:
+            raise ValueError(f"--fused trains LoRA modules; domain '{c.domain}' is full-weight (full: true)")
+        if c.resume:
+            raise ValueError("--fused runs are not resumable: rerun without --resume (finished modules are kept)")
+        if c.gradient_checkpointing:
+            raise ValueError("--fused does not recompute activations (--gradient-checkpointing): train without it")
+
+
+class _Rows:
+    """Which rows of the stacked batch belong to which domain, read by the LoRA hooks."""
+
+    def __init__(self):
+        self.spans: list[tuple[str, int, int]] = []
+
+    def hook(self, module, args, output):
+        x = args[0]
+        parts = []
+        for name, s, e in self.spans:
+            if name not in module.lora_A:  # this domain's LoRA does not adapt this layer
+                parts.append(output[s:e])
+                continue
+            xa = module._cast_input_dtype(x[s:e], module.lora_A[name].weight.dtype)
+            delta = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](xa))) * module.scaling[name]
+            parts.append((output[s:e] + delta).to(output.dtype))  # as PEFT's LoRA forward adds it
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@contextmanager
+def _routed(peft_model, rows: _Rows):
+    """PEFT's adapter path off, each row through its own domain's LoRA (hooks on every LoRA layer).
+
+    The layers' own flag is set, not `disable_adapter()`: that also sets `requires_grad=False` on
+    every adapter, and re-enabling trains only the active one."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    handles = [m.register_forward_hook(rows.hook) for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._disable_adapters = False
+        for h in handles:
+            h.remove()
+
+
+def _batches(trainer, loader, device):
+    """The separate run's optimizer steps of one domain: its Trainer's `loader`, epoch after epoch
+    (`set_epoch` as `Trainer.train` sets it), in `get_batch_samples` groups with their token count."""
+    ga = trainer.args.gradient_accumulation_steps
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+        it, n = iter(loader), len(loader)
+        for start in range(0, n, ga):
+            yield trainer.get_batch_samples(it, min(ga, n - start), device)
+        epoch += 1
+
+
+def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
+    """Train the LoRA modules of `configs` (PretrainConfig, one base) in one process and write
+    each library entry as `pretrain` writes it. Returns {domain: {"domain", "status", "meta" |
+    "error"}}: a domain that fails (its data, or mid-run) is reported and the others finish.
+    `fail(domain, step)` (tests) may raise to simulate a failure inside a domain's step."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from ..checkpoints import resolve_base
+    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
+    from ..lm import _LinearCrossEntropy, _plain_head, lm_collator, lm_loss
+    from ..models import fingerprint, load_model, load_tokenizer, target_regex
+    from ..training import build_trainer, run_seed, setup, total_steps, versions
+
+    check_fusable(configs)
+    results, todo = {}, []
+    for c in configs:
+        lib = Library(c.library)
+        if c.domain in lib and not c.overwrite and lib.get(c.domain).kind == "lora":
+            results[c.domain] = {"domain": c.domain, "status": "skipped", "meta": lib.get(c.domain).meta}
+        else:
+            todo.append(c)
+    if not todo:
+        return {c.domain: results[c.domain] for c in configs}
+
+    def failed(c, e: BaseException) -> None:
+        results[c.domain] = {"domain": c.domain, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                             "traceback": traceback.format_exc()}
+
+    first = todo[0]
+    device = setup(first)
+    t0 = time.time()
+    tokenizer = load_tokenizer(first.base, first.trust_remote_code)
+    model, objective = load_model(first.base, head="lm", objective=first.objective, dtype=first.dtype,
+                                  trust_remote_code=first.trust_remote_code)
+    if objective != "clm" or _plain_head(model) is None:
+        raise ValueError("--fused trains next-token modules of a decoder with a plain LM head; train "
+                         f"{first.base} without --fused")
+    base_fp = fingerprint(model)
+    collator = lm_collator(tokenizer, objective)
+
+    # -- each domain's data, as `pretrain` prepares it; a domain whose data fails is reported
+    runs = []
+    for c in todo:
+        try:
+            if c.domain.startswith(".") or "/" in c.domain:
+                raise ValueError(f"invalid domain name {c.domain!r}")
+            docs = load_documents(c.data, c.text_field)
+            train_docs, held_docs = split_heldout(docs)
+            blocks = pack(train_docs, tokenizer, c.seq_len)
+            held = pack_heldout(held_docs, tokenizer, c.seq_len, max_blocks=c.eval_blocks)
+            base_held = lm_loss(model, held, tokenizer, objective, c.batch_size, seed=0) if held else None
+            runs.append({"cfg": c, "seed": run_seed(c.domain, c.seed), "blocks": blocks, "held": held,
+                         "docs": (len(train_docs), len(held_docs)), "base_held": base_held,
+                         "steps": total_steps(c, len(blocks))})
+        except Exception as e:  # noqa: BLE001 — reported per domain
+            failed(c, e)
+
+    # -- the adapters, each initialised where `pretrain` initialises its own
+    peft = None
+    regex = {r["cfg"].targets: target_regex(model, r["cfg"].targets) for r in runs}  # of the plain model
+    for r in runs:
+        c = r["cfg"]
+        set_seed(r["seed"])
+        lcfg = LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, bias="none", task_type="CAUSAL_LM",
+                          target_modules=regex[c.targets])
+        if peft is None:
+            peft = get_peft_model(model, lcfg, adapter_name=c.domain)
+        else:
+            peft.add_adapter(c.domain, lcfg)
+        peft.peft_config[c.domain].base_model_name_or_path = resolve_base(c.base)
+    if peft is None:
+        return {c.domain: results[c.domain] for c in configs}
+    params = {r["cfg"].domain: [] for r in runs}
+    for n, p in peft.named_parameters():
+        if (m := _LORA_PARAM.search(n)) and m["adapter"] in params:
+            params[m["adapter"]].append(p)
+
+    # -- each domain's Trainer (never trained): the separate run's data order, optimizer, schedule
+    work = Path(tempfile.mkdtemp(prefix=".fused-", dir=Library(first.library).path
+                                 if Library(first.library).path.is_dir() else None))
+    try:
+        for r in runs:
+            c, name = r["cfg"], r["cfg"].domain
+            for n, ps in params.items():
+                for p in ps:
+                    p.requires_grad_(n == name)  # the optimizer takes what requires grad
+            trainer = build_trainer(peft, c, work=work / name, train_dataset=r["blocks"], steps=r["steps"],
+                                    seed=r["seed"], data_collator=collator, lm_objective=objective, logs=False)
+            trainer.create_optimizer_and_scheduler(num_training_steps=r["steps"])
+            set_seed(r["seed"])  # `Trainer.train` seeds before it builds its loader
+            loader = trainer.get_train_dataloader()
+            r.update(trainer=trainer, batches=_batches(trainer, loader, device), losses=[])
+        for ps in params.values():
+            for p in ps:
+                p.requires_grad_(True)
+
+        causal, head = _plain_head(peft)
+        rows = _Rows()
+        peft.to(device).train()
+        autocast = runs[0]["trainer"].accelerator.autocast
+        active = list(runs)
+        bar = tqdm(total=max(r["steps"] for r in runs), desc="fused steps", disable=not progress)
+        step = 0
+        while active:
+            group = []
+            for r in list(active):
+                try:
+                    if fail:
+                        fail(r["cfg"].domain, step)
+                    samples, n_items = next(r["batches"])
+                    group.append((r, samples, n_items))
+                except Exception as e:  # noqa: BLE001 — this domain stops, the others go on
+                    failed(r["cfg"], e)
+                    active.remove(r)
+            micro = max((len(s) for _, s, _ in group), default=0)
+            for k in range(micro):
+                parts = [(r, s[k], n) for r, s, n in group if k < len(s)]
+                ids = torch.cat([b["input_ids"] for _, b, _ in parts]).to(device)
+                labels = torch.cat([b["labels"] for _, b, _ in parts]).to(device)
+                mask = torch.cat([b["attention_mask"] for _, b, _ in parts]).to(device)
+                rows.spans, start = [], 0
+                for r, b, _ in parts:
+                    rows.spans.append((r["cfg"].domain, start, start + len(b["input_ids"])))
+                    start += len(b["input_ids"])
+                with _routed(peft, rows), autocast():
+                    hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    total = 0.0
+                    for (r, _, n), (_, s, e) in zip(parts, rows.spans):
+                        h = hidden[s:e, :-1].reshape(-1, hidden.shape[-1])
+                        y = labels[s:e, 1:].reshape(-1)
+                        divisor = torch.as_tensor(n if n is not None else (y != -100).sum(), dtype=torch.float32,
+                                                  device=h.device).clamp(min=1)
+                        loss = _LinearCrossEntropy.apply(h, head.weight, y, divisor, 256)
+                        r["losses"].append(loss.item())
+                        total = total + loss
+                total.backward()
+            for r, _, _ in group:
+                if r not in active:
+                    continue
+                t, name = r["trainer"], r["cfg"].domain
+                try:
+                    if t.args.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params[name], t.args.max_grad_norm)
+                    t.optimizer.step()
+                    t.lr_scheduler.step()
+                    for p in params[name]:
+                        p.grad = None
+                except Exception as e:  # noqa: BLE001
+                    failed(r["cfg"], e)
+                    active.remove(r)
+                    continue
+                r["done"] = r.get("done", 0) + 1
+                if r["done"] >= r["steps"]:
+                    active.remove(r)
+            step += 1
+            bar.update()
+        bar.close()
+        train_time = time.time() - t0
+
+        # -- score and write every module that finished, as `pretrain` does
+        peft.eval()
+        for r in runs:
+            c, name = r["cfg"], r["cfg"].domain
+            if name in results:  # failed
+                continue
+            try:
+                peft.set_adapter(name)
+                held = lm_loss(peft, r["held"], tokenizer, objective, c.batch_size, seed=0) if r["held"] else None
+                meta = {
+                    "kind": "lora", "domain": name, "base": c.base, "base_fingerprint": base_fp, "objective": objective,
+                    "rank": c.rank, "alpha": c.alpha, "targets": c.targets,
+                    "target_modules": peft.peft_config[name].target_modules, "seed": c.seed, "module_seed": r["seed"],
+                    "data": [str(p) for p in c.data], "documents": r["docs"][0], "heldout_documents": r["docs"][1],
+                    "steps": r["steps"], "tokens": r["steps"] * c.batch_size * c.grad_accum * c.seq_len,
+                    "seq_len": c.seq_len, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "processes": 1,
+                    "lr": c.lr, "train_loss": sum(r["losses"]) / max(1, len(r["losses"])),
+                    "trainable_params": sum(p.numel() for p in params[name]),
+                    "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
+                    "resumed_from": None, "device": device.type, "dtype": c.dtype,
+                    "gradient_checkpointing": c.gradient_checkpointing, "versions": versions(),
+                    "fused": {"domains": [x["cfg"].domain for x in runs], "train_time_s": round(train_time, 2)},
+                    "heldout_loss": held["loss"] if held else None, "heldout_tokens": held["tokens"] if held else 0,
+                    "base_heldout_loss": r["base_held"]["loss"] if r["base_held"] else None, **c.extra,
+                }
+                with atomic_dir(Library(c.library).path / name, overwrite=c.overwrite) as stage:
+                    tmp = stage / ".adapter"
+                    peft.save_pretrained(tmp, selected_adapters=[name])
+                    saved = tmp / name if (tmp / name).is_dir() else tmp  # PEFT nests adapters other than "default"
+                    for f in saved.iterdir():
+                        if f.is_file():
+                            shutil.move(str(f), stage / f.name)
+                    shutil.rmtree(tmp)
+                    write_json(stage / META, meta)
+                results[name] = {"domain": name, "status": "done", "meta": meta}
+            except Exception as e:  # noqa: BLE001
+                failed(c, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {c.domain: results[c.domain] for c in configs}
