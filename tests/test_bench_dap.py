@@ -64,3 +64,24 @@ def test_bench_dap_memory_settings_reach_every_run(tiny_decoder, corpora, tmp_pa
     assert all(r["gradient_checkpointing"] for r in raw.values())
     assert raw["domix"]["weights_dtype"] == raw["peft-trainer"]["weights_dtype"] == "bfloat16"
     assert raw["full-ft"]["weights_dtype"] == "float32"
+
+
+def test_bench_dap_fused_and_ddp_runs(tiny_decoder, corpora, tmp_path):
+    """--fused 2 --ddp: fused vs separate processes and DDP on 2 processes vs 1, with their ratios
+    and targets (the values are measured on the real model, not here)."""
+    out = tmp_path / "dap.json"
+    assert main(["bench", "dap", "--base", tiny_decoder, "--data", corpora["bio"], "--steps", "2", "--seq-len", "16",
+                 "--batch-size", "2", "--threads", "1", "--fused", "2", "--ddp", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    sc = res["scale"]
+    assert sc["fused"]["domains"] == 2 and sc["separate"]["domains"] == 2 and len(sc["separate"]["runs"]) == 2
+    assert sc["fused"]["tokens"] == sc["separate"]["tokens"] == 2 * (2 + WARMUP_STEPS) * 2 * 16
+    assert sc["ddp_2"]["processes"] == 2 and sc["ddp_1"]["processes"] == 1
+    assert sc["ddp_2"]["tokens_per_step"] == 2 * sc["ddp_1"]["tokens_per_step"]
+    r = res["ratios"]
+    assert r["fused_peak_rss_over_separate_sum"] == pytest.approx(sc["fused"]["peak_rss_mb"] /
+                                                                  sc["separate"]["peak_rss_mb_sum"])
+    assert r["ddp_scaling_2_processes"] == pytest.approx(sc["ddp_2"]["tokens_per_s"] / (2 * sc["ddp_1"]["tokens_per_s"]))
+    assert {"fused_peak_rss_over_separate_sum", "fused_tokens_per_s_over_separate",
+            "ddp_scaling_2_processes"} <= set(res["targets"])
+    assert "fused, one process" in res["table"] and "| 2 |" in res["table"]

@@ -40,9 +40,12 @@ from ..training import PRECISIONS, option
 RUNS = ("peft-trainer", "domix", "full-ft")
 WARMUP_STEPS = 2
 LR = 5e-4  # stage-1 default (PretrainConfig.lr), used by every run
-TARGETS = {  # from the issue
+TARGETS = {  # from the issues
     "tokens_per_s_domix_over_peft": (">=", 0.95),
     "peak_rss_domix_over_full": ("<=", 0.5),
+    "fused_peak_rss_over_separate_sum": ("<=", 0.6),
+    "fused_tokens_per_s_over_separate": (">=", 1.0),
+    "ddp_scaling_2_processes": (">=", 0.8),
 }
 THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
 MIN_DOCS = 20
@@ -70,6 +73,10 @@ class DapOptions(EfficiencyOptions):
     gradient_checkpointing: bool = option(False, "every run recomputes activations in backward (the memory-saving "
                                                  "setting)")
     data: str | None = option(None, "corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample)")
+    fused: int = option(0, "also: N modules trained fused in one process (2 threads) against N separate processes "
+                           "(2 at a time, 1 thread each), end to end; 0 skips it")
+    ddp: bool = option(False, "also: one module on 2 DDP processes against 1 process (1 thread each, the same "
+                              "batch per process)")
     out: str | None = option("bench-out/dap.json", "where to write the JSON result")
 
 
@@ -182,11 +189,15 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
 
 def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           gradient_checkpointing: bool = False, dtype: str = "fp32") -> dict:
-    """One benchmark run in this process; returns its measurements."""
+           gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1) -> dict:
+    """One benchmark run in this process; returns its measurements. `fused`: `domains` modules on
+    copies of the corpus in one process, timed end to end (loading included)."""
     import resource
 
     import torch
+
+    if kind == "fused":
+        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains)
 
     torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -218,7 +229,9 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
     intervals = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
     compute = [timer.end[i] - timer.begin[i] for i in range(WARMUP_STEPS, total_steps)]
     cpu = [timer.cpu_end[i] - timer.cpu_end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
-    per_step = batch_size * seq_len
+    from ..distributed import world_size
+
+    per_step = batch_size * seq_len * world_size()  # DDP: every process's batch
     return {
         "run": kind, "timed_steps": steps, "warmup_steps": WARMUP_STEPS, "tokens_per_step": per_step,
         "tokens_per_s": per_step / statistics.median(intervals),
@@ -230,25 +243,109 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
         "rss_at_train_start_mb": timer.rss_loaded / 2**20,
         "trainable_params": timer.trainable, "total_params": timer.total,
         "weights_dtype": timer.weights_dtype, "gradient_checkpointing": timer.checkpointing,
-        "threads": torch.get_num_threads(), "wall_s": wall,
+        "threads": torch.get_num_threads(), "wall_s": wall, "processes": world_size(),
         "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
     }
 
 
-def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           tmpdir: str, gradient_checkpointing: bool = False, dtype: str = "fp32") -> dict:
-    result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
-    cmd = [sys.executable, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
+def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int, dtype: str,
+                  domains: int) -> dict:
+    import resource
+
+    from ..library.fused import pretrain_fused
+    from ..library.pretrain import PretrainConfig
+
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    total = steps + WARMUP_STEPS
+    with tempfile.TemporaryDirectory(prefix="domix-bench-fused-") as tmp:
+        cfgs = [PretrainConfig(domain=f"d{i}", data=[data], library=tmp, base=base, seq_len=seq_len,
+                               batch_size=batch_size, lr=LR, max_steps=total, device="cpu", threads=threads,
+                               dtype=dtype, progress=False) for i in range(domains)]
+        res = pretrain_fused(cfgs, progress=False)
+    failed = {d: r["error"] for d, r in res.items() if r["status"] != "done"}
+    if failed:
+        raise RuntimeError(f"fused run: {failed}")
+    wall = time.perf_counter() - t0
+    return {"run": "fused", "domains": domains, "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
+            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
+
+
+def _command(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
+             result: Path, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
+             processes: int = 1) -> list[str]:
+    launch = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*launch, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
            "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-           "--threads", str(threads), "--dtype", dtype, "--result", str(result)]
-    cmd += ["--gradient-checkpointing"] if gradient_checkpointing else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+           "--threads", str(threads), "--dtype", dtype, "--domains", str(domains), "--result", str(result)]
+    return cmd + (["--gradient-checkpointing"] if gradient_checkpointing else [])
+
+
+def _env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _read(kind: str, proc, result: Path) -> dict:
     if proc.returncode != 0 or not result.is_file():
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        out = proc.stderr if isinstance(proc.stderr, str) else (proc.stderr.read() if proc.stderr else "")
+        tail = "\n".join((out or "").strip().splitlines()[-25:])
         raise RuntimeError(f"benchmark run '{kind}' failed (exit {proc.returncode}):\n{tail}")
     return json.loads(result.read_text())
+
+
+def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
+           tmpdir: str, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
+           processes: int = 1) -> dict:
+    result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
+    cmd = _command(kind, base, data, steps, seq_len, batch_size, threads, result, gradient_checkpointing, dtype,
+                   domains, processes)
+    proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
+    return _read(kind, proc, result)
+
+
+def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtype, tmpdir) -> dict:
+    """n `domix` runs, `at_once` at a time with 1 thread each, timed end to end (first start to last end)."""
+    t0, runs, pending = time.perf_counter(), [], list(range(n))
+    running: list[tuple] = []
+    while pending or running:
+        while pending and len(running) < at_once:
+            i = pending.pop(0)
+            result = Path(tmpdir) / f"separate-{i}-{time.time_ns()}.json"
+            cmd = _command("domix", base, data, steps, seq_len, batch_size, 1, result, dtype=dtype)
+            running.append((subprocess.Popen(cmd, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                             text=True), result))
+        proc, result = running.pop(0)
+        proc.wait()
+        runs.append(_read("domix (separate)", proc, result))
+    wall = time.perf_counter() - t0
+    tokens = n * (steps + WARMUP_STEPS) * batch_size * seq_len
+    return {"run": "separate", "domains": n, "at_once": at_once, "tokens": tokens, "wall_s": wall,
+            "peak_rss_mb_sum": sum(r["peak_rss_mb"] for r in runs), "peak_rss_mb": [r["peak_rss_mb"] for r in runs],
+            "runs": runs}
+
+
+def scale_study(opts, base: str, data: str, tmpdir: str, log) -> dict:
+    """Fused vs separate processes (`opts.fused` domains, 2 threads in all) and DDP on 2 processes vs 1."""
+    out: dict = {"runs": {}, "ratios": {}}
+    steps, seq_len, batch, dtype = opts.steps, opts.seq_len, opts.batch_size, opts.dtype
+    if opts.fused:
+        log(f"scale: {opts.fused} modules in {opts.fused} separate processes, 2 at a time ...")
+        sep = _separate(opts.fused, 2, base, data, steps, seq_len, batch, dtype, tmpdir)
+        log(f"scale: {opts.fused} modules fused in one process (2 threads) ...")
+        fused = _spawn("fused", base, data, steps, seq_len, batch, 2, tmpdir, dtype=dtype, domains=opts.fused)
+        out["runs"].update(separate=sep, fused=fused)
+        out["ratios"].update(
+            fused_peak_rss_over_separate_sum=fused["peak_rss_mb"] / sep["peak_rss_mb_sum"],
+            fused_tokens_per_s_over_separate=(fused["tokens"] / fused["wall_s"]) / (sep["tokens"] / sep["wall_s"]))
+    if opts.ddp:
+        log("scale: one module on 1 process, then on 2 DDP processes (1 thread each) ...")
+        one = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype)
+        two = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype, processes=2)
+        out["runs"].update(ddp_1=one, ddp_2=two)
+        out["ratios"]["ddp_scaling_2_processes"] = two["tokens_per_s"] / (2 * one["tokens_per_s"])
+    return out
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -301,6 +398,22 @@ def _table(res: dict) -> str:
         load = max(max(x["loadavg_before"], x["loadavg_after"]) for x in res["raw"][name])
         lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | "
                      f"{r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['trainable_params']:,} | {load:.1f} |")
+    sc = res.get("scale") or {}
+    if "fused" in sc:
+        f, p = sc["fused"], sc["separate"]
+        lines += ["", f"Many modules, end to end (loading included), {f['domains']} modules of {s['steps']} (+"
+                      f"{s['warmup_steps']}) steps, 2 threads in all:", "",
+                  "| run | tokens/s | wall (s) | peak RSS (MB) |", "|---|---:|---:|---:|",
+                  f"| {p['domains']} separate processes, 2 at a time, 1 thread each | {p['tokens'] / p['wall_s']:.1f} | "
+                  f"{p['wall_s']:.1f} | {p['peak_rss_mb_sum']:.0f} (sum) |",
+                  f"| fused, one process, 2 threads | {f['tokens'] / f['wall_s']:.1f} | {f['wall_s']:.1f} | "
+                  f"{f['peak_rss_mb']:.0f} |"]
+    if "ddp_1" in sc:
+        one, two = sc["ddp_1"], sc["ddp_2"]
+        lines += ["", "One module on DDP processes (1 thread each, the same batch per process):", "",
+                  "| processes | tokens/s | step time (s) |", "|---|---:|---:|",
+                  f"| 1 | {one['tokens_per_s']:.1f} | {one['step_time_s']:.3f} |",
+                  f"| 2 | {two['tokens_per_s']:.1f} | {two['step_time_s']:.3f} |"]
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:-:|"]
     for name, v in res["ratios"].items():
         t = res["targets"].get(name)
@@ -349,19 +462,23 @@ def run(opts: DapOptions) -> dict:
                   f"{r['step_time_min_s']:.3f})  peak RSS {r['peak_rss_mb']:.0f} MB  {r['wall_s']:.0f} s  "
                   f"load avg {r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}", file=sys.stderr, flush=True)
 
+        scale = scale_study(opts, base, data, tmp, lambda s: print(s, file=sys.stderr, flush=True)) \
+            if opts.fused or opts.ddp else None
+
     runs = {k: _aggregate(v) for k, v in raw.items()}
     # Each ratio is taken within a repeat (its runs ran next to each other), then the median over
     # repeats; with one repeat it is simply the ratio of the runs' figures.
     per_repeat = [_ratios({k: v[i] for k, v in raw.items()}) for i in range(repeats)]
     ratios = {name: statistics.median(r[name] for r in per_repeat) for name in per_repeat[0]}
+    ratios.update(scale["ratios"] if scale else {})
     targets = {name: {"value": ratios[name], "target": target, "op": op, "met": _met(op, ratios[name], target)}
-               for name, (op, target) in TARGETS.items()}
+               for name, (op, target) in TARGETS.items() if name in ratios}
     res = {
         "benchmark": "dap",
         "settings": {
             "base": opts.base, "base_path": base, "steps": steps, "warmup_steps": WARMUP_STEPS,
             "seq_len": seq_len, "batch_size": batch_size, "lr": LR, "threads": threads, "repeats": repeats,
-            "gradient_checkpointing": checkpointing, "dtype": dtype,
+            "gradient_checkpointing": checkpointing, "dtype": dtype, "fused_domains": opts.fused, "ddp": opts.ddp,
             "order": schedule, "corpus": data, "corpus_source": source, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -372,6 +489,7 @@ def run(opts: DapOptions) -> dict:
         "theory": {"step_time_lora_over_full": THEORY_STEP_TIME_LORA_OVER_FULL},
         "targets": targets,
         "raw": raw,
+        **({"scale": scale["runs"]} if scale else {}),
     }
     res["table"] = _table(res)
     if opts.out:
@@ -382,7 +500,7 @@ def run(opts: DapOptions) -> dict:
 
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m domix.bench.dap", description="one `domix bench dap` run")
-    ap.add_argument("--worker", required=True, choices=RUNS)
+    ap.add_argument("--worker", required=True, choices=(*RUNS, "fused"))
     ap.add_argument("--base", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, required=True)
@@ -392,11 +510,15 @@ def _main(argv=None) -> int:
     ap.add_argument("--result", required=True, help="where to write this run's JSON")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--dtype", choices=PRECISIONS, required=True)
+    ap.add_argument("--domains", type=int, default=1, help="fused: modules trained together")
     a = ap.parse_args(argv)
+    from ..distributed import is_main
     from ..io import write_json
 
-    write_json(a.result, worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads,
-                                a.gradient_checkpointing, a.dtype))
+    r = worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads, a.gradient_checkpointing,
+               a.dtype, a.domains)
+    if is_main():  # under torchrun: one result, rank 0's (its steps are every process's)
+        write_json(a.result, r)
     return 0
 
 
