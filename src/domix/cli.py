@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, PoolOptions)
     add_options(p, PretrainConfig, exclude=PER_DOMAIN, overrides=True)
 
-    p = sub.add_parser("library", help="inventory and integrity of a module library")
+    p = sub.add_parser("library", help="the module library: inventory, integrity, selection for a task, merges, "
+                                       "compression, imports")
     lsub = p.add_subparsers(dest="action", required=True)
     q = lsub.add_parser("list", help="one line per module")
     _library_dir(q)
