@@ -482,8 +482,10 @@ def write_report(results: dict, out: Path) -> str:
         L += ["", f"General text (retention, {GENERAL} held-out): base {_num(ret.get('base'))}; "
               f"own modules {_num(ret.get('own-lora'))} (mean; "
               + ", ".join(f"{d} {_num(v)}" for d, v in det.get("own-lora", {}).items()) + f"); joint-lora "
-              f"{_num(ret.get('joint-lora'))}; ncl " + ", ".join(f"[{o}] {_num(v)}" for o, v in det.get("ncl", {}).items())
-              + (("; " + "; ".join(mode_ret)) if mode_ret else "") + ". ncl is measured after its last domain.", ""]
+              f"{_num(ret.get('joint-lora'))}"
+              + ("; ncl " + ", ".join(f"[{o}] {_num(v)}" for o, v in det["ncl"].items()) if det.get("ncl") else "")
+              + (("; " + "; ".join(mode_ret)) if mode_ret else "")
+              + (". ncl is measured after its last domain." if det.get("ncl") else "."), ""]
         cross = det.get("cross", {})
         if cross:
             cols = list(next(iter(cross.values())))
@@ -565,7 +567,8 @@ def write_report(results: dict, out: Path) -> str:
           f"- domix = FinetuneConfig defaults (bridge_init `{s['domix_defaults']['bridge_init']}`); the ablations set "
           "P = I/(N·r) (domix-rank), I/N (domix-uniform), I (domix-identity, trainable), the default init frozen "
           "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",
-          f"- ncl orders: {'; '.join(orders)}; the ncl row of the task tables pools both orders.",
+          *([f"- ncl orders: {'; '.join(orders)}; the ncl row of the task tables pools both orders."]
+            if "ncl" in results["methods"] else []),
           *([_auto_note(results)] if "domix-auto-2" in results["methods"] else []),
           *([f"- Merge baselines ({', '.join(m for m in MERGES if m in results['methods'])}): the "
              f"{len(s['domains'])} modules of the first order's library ({orders[0]}) merged into one LoRA by PEFT's "
