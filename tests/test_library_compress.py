@@ -87,6 +87,9 @@ def test_energy_one_reproduces_the_module(lib, tiny_decoder, tmp_path, capsys):
     assert out["heldout_loss_before"] == pytest.approx(meta["compressed"]["heldout_loss_before"])
     assert out["heldout_loss_before"] == pytest.approx(Library(lib).get("bio").meta["heldout_loss"], abs=1e-5)
     assert out["heldout_loss_after"] == pytest.approx(out["heldout_loss_before"], abs=1e-5)
+    # the base on the same blocks: pretrain's own base score, and the whole gain kept
+    assert out["heldout_loss_base"] == pytest.approx(Library(lib).get("bio").meta["base_heldout_loss"], abs=1e-5)
+    assert out["kept_gain"] == pytest.approx(1.0, abs=1e-3)
     assert out["heldout_note"] is None and out["heldout_tokens"] > 0
 
 
@@ -154,7 +157,7 @@ def test_missing_corpus_records_null(lib, corpora, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "data": [str(tmp_path / "gone.txt")]}))
     rec = compress_module(lib, "bio", "bio-r1", rank=1, device="cpu")
-    assert rec["heldout_loss_before"] is None and rec["heldout_loss_after"] is None
+    assert rec["heldout_loss_before"] is None and rec["heldout_loss_after"] is None and rec["kept_gain"] is None
     assert "no longer exists" in rec["heldout_note"]
     assert Library(lib).get("bio-r1").meta["heldout_loss"] is None
 

@@ -117,6 +117,7 @@ def compress_module(library: str | Path, module: str, out: str, rank: int | None
     def score(m):
         return lm_loss(m.to(dev), blocks, tokenizer, objective, batch, seed=0) if blocks is not None else None
 
+    base_score = score(model)  # the base on the same blocks: what share of the module's gain survives
     peft_model = PeftModel.from_pretrained(model, str(src.path))  # PEFT's own per-layer r and scaling
     before = score(peft_model)
     factors, layers, kept_sq, total_sq = {}, {}, 0.0, 0.0
@@ -153,8 +154,12 @@ def compress_module(library: str | Path, module: str, out: str, rank: int | None
         "rank": r0, "layers": layers, "energy": kept_sq / total_sq if total_sq > 0 else 1.0,
         "params_before": sum(v.numel() for v in src.tensors().values()),
         "params_after": sum(a.numel() + b.numel() for a, b in factors.values()),
+        "heldout_loss_base": base_score["loss"] if base_score else None,
         "heldout_loss_before": before["loss"] if before else None,
         "heldout_loss_after": after["loss"] if after else None,
+        # the share of the module's held-out gain over the base that the compressed copy keeps
+        "kept_gain": ((base_score["loss"] - after["loss"]) / (base_score["loss"] - before["loss"])
+                      if before and after and base_score and base_score["loss"] != before["loss"] else None),
         "heldout_tokens": after["tokens"] if after else None, "heldout_blocks": len(blocks) if blocks else None,
         "heldout_note": note,
     }
