@@ -103,3 +103,16 @@ def corpora(tmp_path_factory) -> dict:
         p.write_text("\n".join(make_corpus(dom)) + "\n")
         out[dom] = str(p)
     return out
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the command line on `argv`, which must fail as a user error: exit 2 and one
+    `domix: error:` line on stderr (returned)."""
+    from domix.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    line = err.splitlines()[-1]
+    assert line.startswith("domix: error:"), err
+    return line

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_corpus
+from conftest import cli_error, make_corpus
 
 from domix import pretrain
 from domix.cli import main
@@ -27,15 +27,6 @@ def _rows(n=12, label=lambda i: ["bio", "law"][i % 2]):
 def _jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)
-
-
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (code, err)
-    line = err.splitlines()[-1]
-    assert line.startswith("domix: error:"), err
-    return line
 
 
 def _finetune(tmp_path, tiny_decoder, lib, train, dev, *extra):
@@ -70,7 +61,7 @@ def test_bad_task_files(case, message, tiny_decoder, lib, tmp_path, capsys):
         _jsonl(dev, [{**r, "label": str(r["label"])} for r in rows[:4]] + [{"text": "x y", "label": "neg"}])
     if not dev.exists():
         _jsonl(dev, rows[:4])
-    line = _error(capsys, _finetune(tmp_path, tiny_decoder, lib, str(train), str(dev)))
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, lib, str(train), str(dev)))
     assert __import__("re").search(message, line), line
     assert not (tmp_path / "task").exists()
 
@@ -85,16 +76,16 @@ def test_integer_train_labels_and_string_eval_labels_are_the_same_labels(tiny_de
 
 def test_unknown_modules_and_bridge_init_name_the_known_ones(tiny_decoder, lib, tmp_path, capsys):
     train = _jsonl(tmp_path / "train.jsonl", _rows())
-    line = _error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--modules", "bio,chem"))
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--modules", "bio,chem"))
     assert "no module 'chem'" in line and "bio, law" in line
-    line = _error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--bridge-init", "own:chem"))
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--bridge-init", "own:chem"))
     assert "own:chem" in line and "bio" in line and "law" in line
 
 
 def test_a_corpus_with_invalid_utf8_is_named(tiny_decoder, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("good text here\n".encode() * 20 + b"broken \xff\xfe bytes\n")
-    line = _error(capsys, ["pretrain", "--domain", "bad", "--data", str(bad), "--library", str(tmp_path / "lib"),
+    line = cli_error(capsys, ["pretrain", "--domain", "bad", "--data", str(bad), "--library", str(tmp_path / "lib"),
                            "--base", tiny_decoder, "--max-steps", "1", "--device", "cpu"])
     assert "bad.txt" in line and "UTF-8" in line
     assert not (tmp_path / "lib" / "bad").exists()
@@ -124,7 +115,7 @@ def test_a_module_for_layers_the_base_lacks_is_refused(tiny_decoder, lib, tmp_pa
     t = load_file(str(copy / "law" / "adapter_model.safetensors"))
     save_file({k.replace("q_proj", "no_such_proj"): v for k, v in t.items()}, str(copy / "law" / "adapter_model.safetensors"))
     train = _jsonl(tmp_path / "train.jsonl", _rows())
-    line = _error(capsys, _finetune(tmp_path, tiny_decoder, copy, train, train))
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, copy, train, train))
     assert "law" in line and "no_such_proj" in line
 
 
@@ -132,10 +123,10 @@ def test_a_pretrain_all_config_with_an_unknown_key_is_refused(tiny_decoder, corp
     cfg = tmp_path / "domains.yaml"
     cfg.write_text(json.dumps({"base": tiny_decoder, "defaults": {"max_step": 3},
                                "domains": {"bio": {"data": [corpora["bio"]]}}}))
-    line = _error(capsys, ["pretrain-all", "--config", str(cfg), "--library", str(tmp_path / "lib")])
+    line = cli_error(capsys, ["pretrain-all", "--config", str(cfg), "--library", str(tmp_path / "lib")])
     assert "max_step" in line and "max_steps" in line  # the typo and what was meant
     cfg.write_text(json.dumps({"base": tiny_decoder, "domain": {"bio": {"data": [corpora["bio"]]}}}))
-    line = _error(capsys, ["pretrain-all", "--config", str(cfg), "--library", str(tmp_path / "lib")])
+    line = cli_error(capsys, ["pretrain-all", "--config", str(cfg), "--library", str(tmp_path / "lib")])
     assert "'domain'" in line
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_error
 from safetensors.torch import load_file
 
 from domix import Library, LibraryError, pretrain
@@ -56,15 +57,6 @@ def _deltas(entry) -> dict:
         assert a.shape[0] == r
         out[layer] = (alpha / r) * (b.double() @ a.double())
     return out
-
-
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (code, err)
-    line = err.splitlines()[-1]
-    assert line.startswith("domix: error:"), err
-    return line
 
 
 def _snapshot(path) -> list[str]:
@@ -197,7 +189,7 @@ def test_compress_bad_input_is_refused_and_writes_nothing(args, message, lib, ti
     _dora_entry(lib, tiny_decoder)
     before = _snapshot(lib)
     argv = ["library", "compress", "--library", str(lib), "--module", "bio", "--out", "bio-small", *args]
-    line = _error(capsys, argv)
+    line = cli_error(capsys, argv)
     assert message in line, line
     assert _snapshot(lib) == before
 
@@ -313,7 +305,7 @@ def test_add_refuses_what_does_not_fit(case, message, tiny_decoder, tiny_encoder
     if case == "taken":
         (lib / "taken").mkdir(parents=True)
     before = _snapshot(lib) if lib.exists() else []
-    line = _error(capsys, ["library", "add", "--library", str(lib), "--adapter", str(path), "--domain",
+    line = cli_error(capsys, ["library", "add", "--library", str(lib), "--adapter", str(path), "--domain",
                            "taken" if case == "taken" else "ext", "--base", base])
     assert message in line, line
     if case.startswith("encoder"):

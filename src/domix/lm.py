@@ -88,10 +88,24 @@ def _plain_head(model):
     return (causal, head) if plain else None
 
 
+def next_token_pairs(hidden, labels):
+    """Decoder states [B, T, d] and labels [B, T] -> the states and the tokens they predict (shifted
+    by one), flattened."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1).to(hidden.device)
+
+
 def _next_token_hidden(causal, input_ids, labels, attention_mask=None):
     """The decoder's final hidden states and the labels they predict (shifted by one), flattened."""
     hidden = causal.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1).to(hidden.device)
+    return next_token_pairs(hidden, labels)
+
+
+def next_token_loss(hidden, labels, weight, num_items_in_batch=None, chunk: int = 256):
+    """Mean cross-entropy of the flattened states `hidden` through the frozen head `weight` against
+    `labels` (-100 ignored), over the scored tokens or over `num_items_in_batch`, chunk by chunk."""
+    n = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+    divisor = torch.as_tensor(n, device=hidden.device, dtype=torch.float32).clamp(min=1)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, divisor, chunk)
 
 
 def _scored_logits(model, ids, labels, objective: str, chunk: int = 256):
@@ -126,9 +140,7 @@ def chunked_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_
         return None
     causal, head = plain
     hidden, labels = _next_token_hidden(causal, input_ids, labels, attention_mask)
-    n = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
-    divisor = torch.as_tensor(n, device=hidden.device, dtype=torch.float32).clamp(min=1)
-    return _LinearCrossEntropy.apply(hidden, head.weight, labels, divisor, chunk)
+    return next_token_loss(hidden, labels, head.weight, num_items_in_batch, chunk)
 
 
 class ChunkedLMLossMixin:

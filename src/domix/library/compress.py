@@ -4,6 +4,7 @@ is re-factorised by SVD and truncated to a lower rank; the result is an ordinary
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..io import atomic_dir, write_json
@@ -93,10 +94,11 @@ def compress_module(library: str | Path, module: str, out: str, rank: int | None
     lib = Library(library)
     src = lib.get(module).require("lora")
     cfg = json.loads((src.path / "adapter_config.json").read_text())
-    problem = plain_lora_problem(cfg, src.shapes())
+    shapes = src.shapes()
+    problem = plain_lora_problem(cfg, shapes)
     if problem:
         raise LibraryError(f"module '{module}' {problem}")
-    src_rank = max(a[0] for a, _ in lora_pairs(src.shapes()).values())
+    src_rank = max(a[0] for a, _ in lora_pairs(shapes).values())
     if rank is not None and rank >= src_rank:
         raise ValueError(f"--rank {rank} does not compress module '{module}' of rank {src_rank}: give a lower rank")
     dest = lib.path / out
@@ -152,7 +154,7 @@ def compress_module(library: str | Path, module: str, out: str, rank: int | None
     record = {
         "source": module, "source_rank": src_rank, "requested": {"rank": rank, "energy": energy},
         "rank": r0, "layers": layers, "energy": kept_sq / total_sq if total_sq > 0 else 1.0,
-        "params_before": sum(v.numel() for v in src.tensors().values()),
+        "params_before": sum(math.prod(s) for s in shapes.values()),
         "params_after": sum(a.numel() + b.numel() for a, b in factors.values()),
         "heldout_loss_base": base_score["loss"] if base_score else None,
         "heldout_loss_before": before["loss"] if before else None,

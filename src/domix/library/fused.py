@@ -122,16 +122,17 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
 
     from ..checkpoints import resolve_base
     from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
-    from ..lm import _LinearCrossEntropy, _plain_head, lm_collator, lm_loss
+    from ..lm import _plain_head, lm_collator, lm_loss, next_token_loss, next_token_pairs
     from ..models import fingerprint, load_model, load_tokenizer, target_regex
     from ..training import build_trainer, run_seed, setup, total_steps, versions
 
     check_fusable(configs)
+    from .pretrain_all import _module_complete
+
     results, todo = {}, []
     for c in configs:
-        lib = Library(c.library)
-        if c.domain in lib and not c.overwrite and lib.get(c.domain).kind == "lora":
-            results[c.domain] = {"domain": c.domain, "status": "skipped", "meta": lib.get(c.domain).meta}
+        if (meta := _module_complete(c)) is not None:
+            results[c.domain] = {"domain": c.domain, "status": "skipped", "meta": meta}
         else:
             todo.append(c)
     if not todo:
@@ -240,12 +241,8 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
                 with _routed(peft, rows), autocast():
                     hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                     total = 0.0
-                    for (r, _, n), (_, s, e) in zip(parts, rows.spans):
-                        h = hidden[s:e, :-1].reshape(-1, hidden.shape[-1])
-                        y = labels[s:e, 1:].reshape(-1)
-                        divisor = torch.as_tensor(n if n is not None else (y != -100).sum(), dtype=torch.float32,
-                                                  device=h.device).clamp(min=1)
-                        loss = _LinearCrossEntropy.apply(h, head.weight, y, divisor, 256)
+                    for (r, _, n), (_, s, e) in zip(parts, rows.spans):  # each domain's loss, as `pretrain`'s
+                        loss = next_token_loss(*next_token_pairs(hidden[s:e], labels[s:e]), head.weight, n)
                         r["losses"].append(loss.item())
                         total = total + loss
                 total.backward()

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .store import META, Library, LibraryError
+from .store import META, Library, LibraryError, one_base
 
 COMBINATIONS = ("linear", "ties", "dare_ties")
 # `add_weighted_adapter(density=None)` fails for the pruning merges: they take the value of PEFT's
@@ -47,13 +47,7 @@ def merge_modules(library: str | Path, modules, combination: str, out: str, base
     dest = Library(into or library).path / out
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists (overwrite replaces it)")
-    bases: dict[str, list[str]] = {}
-    for m in mods:
-        bases.setdefault(m.meta.get("base_fingerprint"), []).append(m.name)
-    if len(bases) > 1:
-        raise LibraryError("the modules were trained on different bases: " + "; ".join(
-            f"{', '.join(names)} (base '{next(m for m in mods if m.name == names[0]).meta.get('base')}', "
-            f"fingerprint {fp})" for fp, names in bases.items()))
+    one_base(mods)
     configs = [json.loads((m.path / "adapter_config.json").read_text()) for m in mods]
     ranks = {m.name: c["r"] for m, c in zip(mods, configs)}
     if len(set(ranks.values())) > 1 or any(c.get("rank_pattern") for c in configs):

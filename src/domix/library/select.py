@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .store import Library, LibraryError
+from .store import Library, LibraryError, one_base
 
 AUTO = re.compile(r"^auto:(\d+)$")
 
@@ -57,12 +57,7 @@ def rank_modules(library: str | Path, data: str | Path, base: str | None = None,
 
     lib = Library(library)
     mods = lib.select(modules, kind="lora")
-    bases = {}
-    for m in mods:
-        bases.setdefault(m.meta.get("base_fingerprint"), []).append(m.name)
-    if len(bases) > 1:
-        raise LibraryError("the modules were trained on different bases: " + "; ".join(
-            f"{', '.join(names)} (fingerprint {fp})" for fp, names in bases.items()))
+    one_base(mods)
     base = base or mods[0].meta["base"]
     model, objective = load_model(base, head="lm")
     fp = fingerprint(model)

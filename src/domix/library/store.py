@@ -92,6 +92,17 @@ class Module:
                 f"(fingerprint {base_fingerprint})")
 
 
+def one_base(mods: list[Module]) -> None:
+    """Refuse modules trained on different bases, naming each group's modules, base and fingerprint."""
+    bases: dict[str, list[Module]] = {}
+    for m in mods:
+        bases.setdefault(m.meta.get("base_fingerprint"), []).append(m)
+    if len(bases) > 1:
+        raise LibraryError("the modules were trained on different bases: " + "; ".join(
+            f"{', '.join(m.name for m in group)} (fingerprint {fp}, base '{group[0].meta.get('base')}')"
+            for fp, group in bases.items()))
+
+
 class Library:
     """A directory of modules. `Library(path).list()`, `.get(name)`, `.check(model)`."""
 
