@@ -159,13 +159,17 @@ def test_finetune_with_ddp_writes_a_loadable_task_model(tiny_decoder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging, no work area
 
 
-# each rank reports what `pretrain` returned; then a corpus missing on rank 1, then on rank 0
+# each rank reports what `pretrain` returned; then a corpus missing on rank 1, then on rank 0; at exit,
+# whether it left the process group
 RANKS = """
-import json, os, sys
+import atexit, json, os, sys
+import torch.distributed as dist
 from domix import pretrain
 from domix.cli import main
 
 rank = os.environ["RANK"]
+# registered first, so it runs last: is the process group gone by then?
+atexit.register(lambda: open(f"group-left-{rank}", "w").write(str(not dist.is_initialized())))
 corpus, lib, base = sys.argv[1:4]
 meta = pretrain(domain="bio", data=[corpus], library=lib, base=base, batch_size=2, max_steps=2, seq_len=16,
                 progress=False, device="cpu", threads=1)
@@ -198,5 +202,7 @@ def test_a_corpus_missing_on_one_rank_fails_every_rank_promptly(tiny_decoder, co
     assert proc.returncode != 0
     assert "domix: error: corpus gone-on-rank-0.txt does not exist" in proc.stderr
     assert took < TIMEOUT / 2
+    # every rank left the process group before interpreter teardown (gloo's threads abort it otherwise)
+    assert [(tmp_path / f"group-left-{r}").read_text() for r in (0, 1)] == ["True", "True"]
     assert sorted(p.name for p in lib.iterdir()) == [".work", "bio"]  # nothing of the failed runs
     assert list((lib / ".work").iterdir()) == []

@@ -8,6 +8,7 @@ every function here is a no-op or runs its argument directly.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -46,6 +47,19 @@ def init(device) -> None:
         from accelerate import PartialState
 
         PartialState(cpu=device.type == "cpu", timeout=TIMEOUT)
+        atexit.unregister(_shutdown)  # once, however many runs the process makes
+        atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    """Leave the process group while the interpreter is whole. Left to interpreter teardown,
+    gloo's worker threads can outlive it and the process aborts ("terminate called without an
+    active exception", SIGABRT) after the command succeeded; torch asks programs to call
+    `destroy_process_group` on exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _group():
