@@ -150,3 +150,27 @@ def test_a_new_task_head_loads_quietly_and_missing_backbone_weights_are_named(ti
     with pytest.warns(UserWarning, match=f"lacks 1 backbone weight.*{gone}"):
         task = load_task_base(str(broken), "classify", ["a", "b"], warn=True)
     assert gone in task.head
+
+
+@pytest.mark.parametrize("name", [".hidden", "a/b", ""])
+def test_every_command_that_names_a_new_entry_refuses_a_name_that_is_not_a_folder_name(name, tiny_decoder, corpora,
+                                                                                       lib, tmp_path, capsys):
+    new = tmp_path / "new"
+    common = ["--base", tiny_decoder, "--max-steps", "1", "--seq-len", "16", "--device", "cpu"]
+    commands = {
+        "pretrain": ["pretrain", "--domain", name, "--data", corpora["bio"], "--library", str(new), *common],
+        "mode pretrain": ["mode", "pretrain", "--domain", name, "--data", corpora["bio"], "--library", str(new),
+                          *common],
+        "library add": ["library", "add", "--library", str(new), "--adapter", str(lib / "bio"), "--domain", name,
+                        "--base", tiny_decoder],
+        "library merge": ["library", "merge", "--library", str(lib), "--modules", "bio,law", "--combination",
+                          "linear", "--out", name],
+        "library compress": ["library", "compress", "--library", str(lib), "--module", "bio", "--rank", "2",
+                             "--out", name],
+    }
+    before = sorted(p.name for p in lib.rglob("*"))
+    for command, argv in commands.items():
+        line = cli_error(capsys, argv)
+        assert f"invalid {'domain' if 'pretrain' in command else 'module'} name {name!r}" in line, command
+    assert not new.exists() or not any(new.iterdir())
+    assert sorted(p.name for p in lib.rglob("*")) == before

@@ -191,6 +191,26 @@ def test_classify_finetune_evaluate_predict_export(kind, request, libs, task_fil
                  "--rank", "4", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["lora_rank"] == 4 and 0 < rep["max_relative_error"] < 1
+    # `bench ranks` scores the task model as `export --rank K` writes it, then untruncated
+    assert main(["bench", "ranks", "--model", str(out), "--data", str(task_files / "dev.jsonl"), "--ranks", "2,4,16",
+                 "--device", "cpu", "--out", str(tmp_path / "ranks.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    pts = res["points"]
+    assert res["full_rank"] == 10 and [(p["rank"], p["truncated"]) for p in pts] == [(2, True), (4, True), (10, False)]
+    assert pts[-1]["macro_f1"] == pytest.approx(ev["macro_f1"]) and pts[-1]["max_relative_error"] == 0
+    assert pts[0]["max_relative_error"] > pts[1]["max_relative_error"] > 0
+    assert pts[1]["max_relative_error"] == pytest.approx(rep["max_relative_error"], rel=1e-4)
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged4"), "--format", "merged",
+                 "--rank", "4"]) == 0
+    from domix.finetune import predict_classify
+
+    rows = [json.loads(line) for line in (task_files / "dev.jsonl").read_text().splitlines()]
+    merged4 = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged4").eval()
+    probs = predict_classify(merged4, tok, [r["text"] for r in rows], max_len=spec["max_seq_len"])
+    gold = torch.tensor([spec["labels"].index(r["label"]) for r in rows])
+    assert -torch.log(probs[torch.arange(len(rows)), gold]).mean().item() == pytest.approx(pts[1]["loss"], abs=1e-4)
+    assert json.loads((tmp_path / "ranks.json").read_text())["points"] == pts
+    assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("kind", ["tiny_decoder"])
@@ -384,6 +404,14 @@ def test_an_interrupted_keep_best_run_resumes_with_its_best(tiny_decoder, libs, 
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # killed after the Trainer's checkpoint files but before the best tensors: that checkpoint is cut short
+    from domix.training import KEEP_BEST_FILE
+
+    with pytest.raises(Stop):
+        finetune(out=str(tmp_path / "cut"), callbacks=[interrupt_at(7)], **opts)
+    (tmp_path / ".cut.work" / "checkpoint-4" / KEEP_BEST_FILE).unlink()
+    m = finetune(out=str(tmp_path / "cut"), resume=True, **opts)
+    assert m["resumed_from"] is None and (m["kept_step"], m["best_eval"]) == (ref["kept_step"], ref["best_eval"])
 
 
 @pytest.mark.parametrize("method", ["domix", "lora"])

@@ -206,3 +206,29 @@ def test_a_corpus_missing_on_one_rank_fails_every_rank_promptly(tiny_decoder, co
     assert [(tmp_path / f"group-left-{r}").read_text() for r in (0, 1)] == ["True", "True"]
     assert sorted(p.name for p in lib.iterdir()) == [".work", "bio"]  # nothing of the failed runs
     assert list((lib / ".work").iterdir()) == []
+
+
+def test_mode_expert_with_ddp_matches_one_process(tiny_decoder, corpora, tmp_path):
+    from domix.mode.train import pretrain_expert
+
+    opts = dict(STEPS, lr=1e-3, blocks=2, expert_layers=1)
+    proc = launch(["-m", "domix", "mode", "pretrain", *flags(domain="bio", data=corpora["bio"], library=tmp_path / "lib",
+                                                           base=tiny_decoder, batch_size=2, **opts), "--json"],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = pretrain_expert(domain="bio", data=[corpora["bio"]], library=str(tmp_path / "one"), base=tiny_decoder,
+                          batch_size=4, progress=False, **opts)
+    meta = json.loads((tmp_path / "lib" / "bio" / "domix.json").read_text())
+    assert meta == json.loads(proc.stdout) and meta["processes"] == 2 and one["processes"] == 1
+    assert meta["tokens"] == one["tokens"] and meta["heldout_loss"] == pytest.approx(one["heldout_loss"], abs=1e-5)
+    a, b = (load_file(str(tmp_path / x / "bio" / "expert.safetensors")) for x in ("lib", "one"))
+    assert_same_module(a, b)
+    assert not (tmp_path / "lib" / ".work" / "bio").exists()
+
+
+def test_commands_that_run_their_own_processes_are_refused_under_a_launcher(tiny_decoder, corpora, tmp_path):
+    (tmp_path / "domains.yaml").write_text(f"base: {tiny_decoder}\ndomains:\n  bio: {{data: [{corpora['bio']}]}}\n")
+    proc = launch(["-m", "domix", "pretrain-all", "--config", "domains.yaml", "--library", "lib"], tmp_path)
+    assert proc.returncode != 0
+    assert "domix: error: 'domix pretrain-all' runs in one process; start it without torchrun" in proc.stderr
+    assert not (tmp_path / "lib").exists()

@@ -398,6 +398,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# what runs as one training on many processes under `torchrun` / `accelerate launch` (DDP)
+LAUNCHABLE = ("pretrain", "finetune", "mode pretrain", "mode compose")
+
+
+def _launch_check(args) -> None:
+    """Under a launcher, only a command that trains one model with DDP may run: the others would
+    run once per process side by side (the fan-out commands start their own processes)."""
+    from .distributed import launched
+
+    name = " ".join(x for x in (args.command, getattr(args, "mode_command", None)) if x)
+    if name in LAUNCHABLE and getattr(args, "config", None):
+        name += " --config"  # one job per domain, in processes of its own
+    if launched() and name not in LAUNCHABLE:
+        raise ValueError(f"'domix {name}' runs in one process; start it without torchrun/accelerate launch "
+                         "(under a launcher: " + ", ".join(f"domix {c}" for c in LAUNCHABLE) + " on one domain or task)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .bench.quality import BenchmarkError
@@ -405,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     from .library import LibraryError
 
     try:
+        _launch_check(args)
         with json_stdout() if getattr(args, "json", False) else contextlib.nullcontext():
             return args.func(args)
     except (BenchmarkError, FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:

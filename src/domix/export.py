@@ -6,6 +6,7 @@ A' = A_cat, B' = B_cat P and the same scaling; `rank=K` truncates it per layer b
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +27,26 @@ def _lora_factors(layer, rank: int | None):
     B2, A2 = U[:, :k] * S[:k], Vh[:k]
     err = (torch.linalg.norm(delta - B2 @ A2) / torch.linalg.norm(delta).clamp_min(1e-12)).item()
     return A2, B2, 1.0, err
+
+
+@contextmanager
+def truncated(model, rank: int | None):
+    """The task model with each bridged layer's update truncated to `rank` by SVD, as `export
+    --rank` writes it (`None`: unchanged); the layers are put back on exit. Yields
+    {layer: relative error of its truncated update}."""
+    layers = bridged_layers(model)
+    saved = {n: (layer.lora_A, layer.lora_P.data, layer.lora_B.data, layer.scaling) for n, layer in layers.items()}
+    errors = {}
+    try:
+        if rank is not None:
+            for name, layer in layers.items():
+                A2, B2, s2, errors[name] = _lora_factors(layer, rank)
+                layer.lora_A, layer.lora_P.data = A2, torch.eye(A2.shape[0], device=A2.device)
+                layer.lora_B.data, layer.scaling = B2, s2
+        yield errors
+    finally:
+        for name, layer in layers.items():
+            layer.lora_A, layer.lora_P.data, layer.lora_B.data, layer.scaling = saved[name]
 
 
 def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: int | None = None,
@@ -50,12 +71,8 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: in
             report["needs_domix"] = ("load with domix.mode.load_mode_model(DIR/'mode', head='classify', "
                                      "num_labels=..., id2label=...) — MoDE layers are not a transformers class")
         elif fmt == "merged":
-            if rank is not None:
-                for layer in bridged_layers(model).values():
-                    A2, B2, s2, _ = _lora_factors(layer, rank)
-                    layer.lora_A, layer.lora_P.data = A2, torch.eye(A2.shape[0])
-                    layer.lora_B.data, layer.scaling = B2, s2
-            merge_bridge(model)
+            with truncated(model, rank):
+                merge_bridge(model)
             model.config.name_or_path = spec["base_path"]
             model.save_pretrained(stage)
         else:

@@ -50,6 +50,18 @@ def write_json(path: Path | str, obj, indent: int = 2) -> None:
     atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
+def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, written atomically like every result, and closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux >= 3.15)
 
 

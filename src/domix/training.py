@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 import shutil
 import sys
@@ -145,11 +146,11 @@ def finished(path: Path | str, opts: TrainOptions, what: str) -> bool:
     raise FileExistsError(f"{what} already exists; pass --overwrite to replace it")
 
 
-def resume_point(work: Path, resume: bool) -> str | None:
+def resume_point(work: Path, resume: bool, also: tuple[str, ...] = ()) -> str | None:
     """The last complete checkpoint in `work` when resuming; otherwise `work` is cleared for a
     fresh run. The Trainer writes a checkpoint's trainer_state.json after its weights, optimizer
-    and RNG states, so a checkpoint without it was cut short (a killed run): it is removed and the
-    one before it used."""
+    and RNG states, and callbacks add their files (`also`, e.g. `KEEP_BEST_FILE`) after it, so a
+    checkpoint without them was cut short (a killed run): it is removed and the one before it used."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     work = Path(work)
@@ -158,7 +159,7 @@ def resume_point(work: Path, resume: bool) -> str | None:
         steps = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                        if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
         for _, ckpt in reversed(steps):
-            if (ckpt / "trainer_state.json").is_file():
+            if all((ckpt / f).is_file() for f in ("trainer_state.json", *also)):
                 last = str(ckpt)
                 break
             shutil.rmtree(ckpt)  # cut short by a crash
@@ -252,7 +253,8 @@ def keep_best(metric: str, greater: bool, patience: int | None = None, resume_fr
                 with safe_open(str(saved), framework="pt") as f:
                     meta = f.metadata()
                     self.tensors = {k: f.get_tensor(k) for k in f.keys()}
-                self.best, self.step, self.bad = float(meta["best"]), int(meta["step"]), int(meta["bad"])
+                if meta["best"]:  # "": no evaluation before this checkpoint
+                    self.best, self.step, self.bad = float(meta["best"]), int(meta["step"]), int(meta["bad"])
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
             value = (metrics or {}).get(metric)
@@ -267,9 +269,15 @@ def keep_best(metric: str, greater: bool, patience: int | None = None, resume_fr
                     control.should_training_stop = True
 
         def on_save(self, args, state, control, **kw):
-            if self.tensors and state.is_world_process_zero:  # under DDP, rank 0 writes the checkpoint
-                save_file(self.tensors, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / KEEP_BEST_FILE),
-                          metadata={"best": repr(self.best), "step": str(self.step), "bad": str(self.bad)})
+            # written into every checkpoint, even before the first evaluation, and last (the Trainer has
+            # written trainer_state.json): `resume_point(..., also=(KEEP_BEST_FILE,))` counts a checkpoint
+            # without it as cut short. Under DDP, rank 0 writes the checkpoint.
+            if state.is_world_process_zero:
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / KEEP_BEST_FILE
+                tmp = path.with_name(f".{path.name}.tmp")
+                save_file(self.tensors, str(tmp), metadata={"best": "" if self.best is None else repr(self.best),
+                                                            "step": str(self.step), "bad": str(self.bad)})
+                os.replace(tmp, path)
 
         def on_train_end(self, args, state, control, model=None, **kw):
             if self.tensors and model is not None:
@@ -299,17 +307,26 @@ def versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def run_record(opts: TrainOptions, trainer, result, *, steps: int, seq_len: int, t0: float, train_time: float,
-               last: str | None, device) -> dict:
-    """What every pre-training result records about its run (budget, losses, times, environment)."""
+def trained(trainer, result) -> dict:
+    """What a Trainer's run gives `run_record`: its mean training loss, logged losses and
+    trainable parameter count."""
+    return {"train_loss": result.training_loss, "loss_history": loss_history(trainer),
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+
+
+def run_record(opts: TrainOptions, *, steps: int, seq_len: int, train_loss: float, loss_history: list[dict],
+               trainable_params: int, t0: float, train_time: float, device, last: str | None = None,
+               processes: int | None = None) -> dict:
+    """What every pre-training result records about its run (budget, losses, times, environment),
+    whether a Trainer ran it (`**trained(trainer, result)`) or the fused job; `processes`: the
+    data-parallel processes (default: this run's world size)."""
     from .distributed import world_size
 
+    processes = world_size() if processes is None else processes
     return {
-        "steps": steps, "tokens": steps * opts.batch_size * opts.grad_accum * world_size() * seq_len,
-        "seq_len": seq_len, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "processes": world_size(),
-        "lr": opts.lr,
-        "train_loss": result.training_loss, "loss_history": loss_history(trainer),
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "steps": steps, "tokens": steps * opts.batch_size * opts.grad_accum * processes * seq_len,
+        "seq_len": seq_len, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "processes": processes,
+        "lr": opts.lr, "train_loss": train_loss, "loss_history": loss_history, "trainable_params": trainable_params,
         "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
         "resumed_from": Path(last).name if last else None, "device": device.type, "dtype": opts.dtype,
         "gradient_checkpointing": opts.gradient_checkpointing, "versions": versions(),

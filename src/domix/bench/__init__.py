@@ -35,10 +35,13 @@ def benchmarks() -> dict:
     workers of `bench dap` run as `python -m domix.bench.dap`."""
     from .dap import DapOptions
     from .finetune import FinetuneBenchOptions
+    from .ranks import RanksOptions
 
     return {
         "dap": (DapOptions, "stage-1 module training vs plain PEFT and full training"),
         "finetune": (FinetuneBenchOptions, "DoMIX vs LoRA/DoRA/full fine-tuning and merged-export inference"),
+        "ranks": (RanksOptions, "a DoMIX task model scored as `export --rank K` would write it, at several K "
+                                "(macro-F1, loss, adapter size): how small it can be"),
         "quality": (QualityOptions, "DoMIX against every baseline on the four-domain benchmark or on your own "
                                     "corpora and tasks (--config): REPORT.md, results.json, plots"),
     }

@@ -12,7 +12,7 @@ from ..checkpoints import resolve_base
 from ..distributed import barrier, main_process_first, on_main
 from ..models import load_tokenizer
 from ..data.tasks import TaskDataError, classify_dataset, generate_dataset, label_names, pad_collator, read_jsonl
-from ..training import build_trainer, finished, keep_best, resume_point, setup, total_steps
+from ..training import KEEP_BEST_FILE, build_trainer, finished, keep_best, resume_point, setup, total_steps
 from .config import TASKS, FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows
 from .methods import get_method
@@ -77,7 +77,8 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
               {"params": [p for n, p in trainable if method.mixing(n)], "lr": cfg.bridge_lr, "weight_decay": 0.0}]
     steps = total_steps(cfg, len(train_ds))
     work = out.parent / f".{out.name}.work"
-    last = on_main(lambda: resume_point(work, cfg.resume))
+    kept = cfg.keep_best or cfg.patience
+    last = on_main(lambda: resume_point(work, cfg.resume, also=(KEEP_BEST_FILE,) if kept else ()))
 
     def compute_metrics(p):
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -85,7 +86,7 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
     best = None
-    if cfg.keep_best or cfg.patience:  # classify: the best macro-F1; generate: the lowest loss
+    if kept:  # classify: the best macro-F1; generate: the lowest loss
         best = keep_best("eval_macro_f1" if cfg.task == "classify" else "eval_loss", greater=cfg.task == "classify",
                          patience=cfg.patience, resume_from=last)
     trainer = build_trainer(model, cfg, work=work, train_dataset=train_ds, data_collator=pad_collator(tokenizer),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..io import atomic_dir, write_json
 from .importing import plain_lora_problem
-from .store import META, Library, LibraryError
+from .store import META, Library, LibraryError, entry_name
 
 ENERGY_TOL = 1e-12  # `energy` 1.0 keeps every singular value above float noise (a lossless re-factorisation)
 
@@ -87,8 +87,7 @@ def compress_module(library: str | Path, module: str, out: str, rank: int | None
         raise ValueError(f"--rank must be at least 1, not {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"--energy must be in (0, 1], not {energy}")
-    if not out or out.startswith(".") or "/" in out:
-        raise ValueError(f"invalid module name {out!r}")
+    entry_name(out)
     if out == module:
         raise ValueError(f"--out must name a new entry, not the module '{module}' itself")
     lib = Library(library)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_dir, write_json
-from .store import META, Library
+from .store import META, Library, entry_name
 
 SAME = ("base", "seq_len", "dtype", "device", "objective", "trust_remote_code")
 _LORA_PARAM = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
@@ -111,6 +111,13 @@ def _batches(trainer, loader, device):
         epoch += 1
 
 
+def _history(losses: list[float], every: int) -> list[dict]:
+    """The Trainer's `loss_history` from a run's per-step losses: every `every` steps, the mean
+    loss of the steps since the last entry (rounded as the Trainer logs it)."""
+    return [{"step": k, "loss": round(sum(losses[k - every:k]) / every, 4)}
+            for k in range(every, len(losses) + 1, every)]
+
+
 def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
     """Train the LoRA modules of `configs` (PretrainConfig, one base) in one process and write
     each library entry as `pretrain` writes it. Returns {domain: {"domain", "status", "meta" |
@@ -124,7 +131,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
     from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
     from ..lm import _plain_head, lm_collator, lm_loss, next_token_loss, next_token_pairs
     from ..models import fingerprint, load_model, load_tokenizer, target_regex
-    from ..training import build_trainer, run_seed, setup, total_steps, versions
+    from ..training import build_trainer, run_record, run_seed, setup, total_steps
 
     check_fusable(configs)
     from .pretrain_all import _module_complete
@@ -158,8 +165,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
     runs = []
     for c in todo:
         try:
-            if c.domain.startswith(".") or "/" in c.domain:
-                raise ValueError(f"invalid domain name {c.domain!r}")
+            entry_name(c.domain, "domain")
             docs = load_documents(c.data, c.text_field)
             train_docs, held_docs = split_heldout(docs)
             blocks = pack(train_docs, tokenizer, c.seq_len)
@@ -229,6 +235,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
                     failed(r["cfg"], e)
                     active.remove(r)
             micro = max((len(s) for _, s, _ in group), default=0)
+            step_loss = {id(r): 0.0 for r, _, _ in group}
             for k in range(micro):
                 parts = [(r, s[k], n) for r, s, n in group if k < len(s)]
                 ids = torch.cat([b["input_ids"] for _, b, _ in parts]).to(device)
@@ -243,7 +250,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
                     total = 0.0
                     for (r, _, n), (_, s, e) in zip(parts, rows.spans):  # each domain's loss, as `pretrain`'s
                         loss = next_token_loss(*next_token_pairs(hidden[s:e], labels[s:e]), head.weight, n)
-                        r["losses"].append(loss.item())
+                        step_loss[id(r)] += loss.item()  # the step's loss, as the Trainer sums it
                         total = total + loss
                 total.backward()
             for r, _, _ in group:
@@ -261,6 +268,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
                     failed(r["cfg"], e)
                     active.remove(r)
                     continue
+                r["losses"].append(step_loss[id(r)])
                 r["done"] = r.get("done", 0) + 1
                 if r["done"] >= r["steps"]:
                     active.remove(r)
@@ -283,13 +291,11 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
                     "rank": c.rank, "alpha": c.alpha, "targets": c.targets,
                     "target_modules": peft.peft_config[name].target_modules, "seed": c.seed, "module_seed": r["seed"],
                     "data": [str(p) for p in c.data], "documents": r["docs"][0], "heldout_documents": r["docs"][1],
-                    "steps": r["steps"], "tokens": r["steps"] * c.batch_size * c.grad_accum * c.seq_len,
-                    "seq_len": c.seq_len, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "processes": 1,
-                    "lr": c.lr, "train_loss": sum(r["losses"]) / max(1, len(r["losses"])),
-                    "trainable_params": sum(p.numel() for p in params[name]),
-                    "wall_time_s": round(time.time() - t0, 2), "train_time_s": round(train_time, 2),
-                    "resumed_from": None, "device": device.type, "dtype": c.dtype,
-                    "gradient_checkpointing": c.gradient_checkpointing, "versions": versions(),
+                    **run_record(c, steps=r["steps"], seq_len=c.seq_len, processes=1,
+                                 train_loss=sum(r["losses"]) / max(1, len(r["losses"])),
+                                 loss_history=_history(r["losses"], r["trainer"].args.logging_steps),
+                                 trainable_params=sum(p.numel() for p in params[name]), t0=t0,
+                                 train_time=train_time, device=device),
                     "fused": {"domains": [x["cfg"].domain for x in runs], "train_time_s": round(train_time, 2)},
                     "heldout_loss": held["loss"] if held else None, "heldout_tokens": held["tokens"] if held else 0,
                     "base_heldout_loss": r["base_held"]["loss"] if r["base_held"] else None, **c.extra,

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..io import atomic_dir, write_json
-from .store import META, Library, LibraryError, Module
+from .store import META, Library, LibraryError, Module, entry_name
 
 SUPPORTED = "plain LoRA (peft_type LORA, without DoRA or other LoRA variants)"
 # LoRA variants and extras a domain module cannot hold: the bridge and the library read LoRA A/B pairs only
@@ -57,8 +57,7 @@ def add_adapter(library: str | Path, adapter: str | Path, domain: str, base: str
     from ..training import versions
 
     lib, src = Library(library), Path(adapter)
-    if not domain or domain.startswith(".") or "/" in domain:
-        raise ValueError(f"invalid module name {domain!r}")
+    entry_name(domain)
     dest = lib.path / domain
     if dest.exists() and not overwrite:
         raise LibraryError(f"module '{domain}' already exists in library {lib.path}; pass --overwrite to replace it")

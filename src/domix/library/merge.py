@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .store import META, Library, LibraryError, one_base
+from .store import META, Library, LibraryError, entry_name, one_base
 
 COMBINATIONS = ("linear", "ties", "dare_ties")
 # `add_weighted_adapter(density=None)` fails for the pruning merges: they take the value of PEFT's
@@ -39,8 +39,7 @@ def merge_modules(library: str | Path, modules, combination: str, out: str, base
 
     if combination not in COMBINATIONS:
         raise ValueError(f"unknown combination {combination!r}; known: {', '.join(COMBINATIONS)}")
-    if not out or out.startswith(".") or "/" in out:
-        raise ValueError(f"invalid module name {out!r}")
+    entry_name(out)
     mods = Library(library).select(modules, kind="lora")
     if len(mods) < 2:
         raise LibraryError(f"a merge needs at least 2 modules; got {len(mods)} ({', '.join(m.name for m in mods)})")

@@ -10,8 +10,8 @@ from ..distributed import barrier, main_process_first, on_main
 from ..io import atomic_dir, write_json
 from ..models import fingerprint, load_model, load_tokenizer, target_regex
 from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
-    total_steps
-from .store import META, Library
+    total_steps, trained
+from .store import META, Library, entry_name
 
 
 @dataclass(kw_only=True)
@@ -50,8 +50,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     cfg = cfg or PretrainConfig(**kwargs)
     lib = Library(cfg.library)
     dest = lib.path / cfg.domain
-    if cfg.domain.startswith(".") or "/" in cfg.domain:
-        raise ValueError(f"invalid domain name {cfg.domain!r}")
+    entry_name(cfg.domain, "domain")
     if finished(dest, cfg, f"module '{cfg.domain}' in {lib.path}"):
         return lib.get(cfg.domain).meta
     device = setup(cfg)
@@ -102,7 +101,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
             "targets": "all" if cfg.full else cfg.targets, "target_modules": lora.target_modules if lora else None,
             "seed": cfg.seed, "module_seed": seed,
             "data": [str(p) for p in cfg.data], "documents": len(train_docs), "heldout_documents": len(held_docs),
-            **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
+            **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
                          last=last, device=device),
             "heldout_loss": heldout["loss"] if heldout else None, "heldout_tokens": heldout["tokens"] if heldout else 0,
             "base_heldout_loss": base_held["loss"] if base_held else None, **cfg.extra,

@@ -100,14 +100,12 @@ def choose_modules(library: str | Path, data: str | Path, k: int, base: str | No
 
 def plot_ranking(result: dict, path: str | Path) -> Path:
     """A horizontal bar chart of the modules' gains (nats/token), the most relevant on top."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write
+    from ..io import save_figure
 
     rows = result["ranking"]
     chosen = set(result.get("chosen", []))
@@ -119,7 +117,4 @@ def plot_ranking(result: dict, path: str | Path) -> Path:
     data = Path(result["data"])
     ax.set_title(f"module relevance: {data.parent.name}/{data.name}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write(path, buf.getvalue())
+    return save_figure(fig, path)

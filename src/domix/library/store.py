@@ -25,6 +25,15 @@ class LibraryError(ValueError):
     """A module is missing, incomplete, corrupt or does not fit the base model."""
 
 
+def entry_name(name: str, what: str = "module") -> str:
+    """`name` if it can name a library entry (a folder of the library: not empty, not starting
+    with '.', which marks staging and work areas, and no path separator), else a ValueError."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"invalid {what} name {name!r}: an entry's name is a folder name in the library, "
+                         "not empty, not starting with '.', without '/' or '\\'")
+    return name
+
+
 @dataclass
 class Module:
     name: str

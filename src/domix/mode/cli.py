@@ -25,7 +25,7 @@ def cmd_pretrain(a) -> int:
         results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,
                                progress=not a.json, runner=pretrain_expert)
         return report_all(a, results)
-    if not (a.domain and a.data):
+    if a.domain is None or not a.data:
         raise ValueError("mode pretrain needs --domain NAME --data PATH... (one domain) or --config domains.yaml")
     meta = pretrain_expert(ModePretrainConfig(**given(a, ModePretrainConfig)))
     lay = meta["layout"]

@@ -16,9 +16,11 @@ from typing import ClassVar
 from ..checkpoints import DEFAULT_BASE
 from ..io import atomic_dir, write_json
 from ..library import META, Library, LibraryError
+from ..library.store import entry_name
 from ..models import fingerprint, load_model, load_tokenizer, select_device
+from ..distributed import barrier, main_process_first, on_main
 from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
-    total_steps
+    total_steps, trained
 from .model import EXPERT_FILE, apply_mode, load_mode_model, read_meta, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"
@@ -96,8 +98,9 @@ def _trainer_class():
 
 def _fit(model, mode, train_blocks, collator, objective: str, cfg: ModeTrainOptions, seed: int, work: Path,
          device, callbacks):
-    """Train the model's trainable MoDE tensors with the Trainer. Returns (result, trainer, steps, last)."""
-    last = resume_point(work, cfg.resume)
+    """Train the model's trainable MoDE tensors with the Trainer (with DDP under a launcher).
+    Returns (result, trainer, steps, last) once every rank has finished."""
+    last = on_main(lambda: resume_point(work, cfg.resume))
     steps = total_steps(cfg, len(train_blocks))
     groups = [{"params": [p for p in mode.expert_parameters() if p.requires_grad], "lr": cfg.lr,
                "weight_decay": cfg.weight_decay},
@@ -108,6 +111,7 @@ def _fit(model, mode, train_blocks, collator, objective: str, cfg: ModeTrainOpti
                             seed=seed, param_groups=groups, lm_objective=objective, trainer_cls=_trainer_class(),
                             callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=last)
+    barrier()  # every rank's last checkpoint files are written before rank 0 removes the work area
     return result, trainer, steps, last
 
 
@@ -115,7 +119,9 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     """Train the MoDE expert `cfg.domain` alone on its corpus (its layers and gates; the base is
     frozen) and write it atomically to `cfg.library/<domain>/` (expert.safetensors + domix.json).
 
-    Its seed comes from the domain name and the run seed. Returns the expert's metadata."""
+    Its seed comes from the domain name and the run seed. Returns the expert's metadata. Under a
+    launcher (`torchrun -m domix mode pretrain ...`) the Trainer trains with DDP; rank 0 prepares
+    the data first, scores the held-out blocks and writes the entry, as `pretrain` does."""
     from transformers import set_seed
 
     from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
@@ -124,8 +130,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     cfg = cfg or ModePretrainConfig(**kwargs)
     lib = Library(cfg.library)
     dest = lib.path / cfg.domain
-    if not cfg.domain or cfg.domain.startswith(".") or "/" in cfg.domain:
-        raise ValueError(f"invalid domain name {cfg.domain!r}")
+    entry_name(cfg.domain, "domain")
     kind = lib.get(cfg.domain).kind if cfg.domain in lib else "unknown"
     if finished(dest, cfg, f"module '{cfg.domain}' (kind {kind}) in {lib.path}"):
         if kind != "mode-expert":
@@ -136,13 +141,15 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()
 
-    tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
-    model, objective = load_model(cfg.base, head="lm", objective=cfg.objective, trust_remote_code=cfg.trust_remote_code)
+    with main_process_first():  # an error on any rank (a corpus one rank cannot read) stops every rank
+        tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+        model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
+                                      trust_remote_code=cfg.trust_remote_code)
+        docs = load_documents(cfg.data, cfg.text_field)
+        train_docs, held_docs = split_heldout(docs)
+        train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
+        held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
     base_fp = fingerprint(model)
-    docs = load_documents(cfg.data, cfg.text_field)
-    train_docs, held_docs = split_heldout(docs)
-    train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
-    held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
 
     set_seed(seed)  # `random` expert init draws from here
     mode = apply_mode(model, [cfg.domain], blocks=cfg.blocks, expert_layers=cfg.expert_layers, init=cfg.expert_init,
@@ -151,29 +158,33 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), objective, cfg,
                                         seed, work, device, callbacks)
     train_time = time.time() - t0
-    heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
-    counts = mode.param_counts()
-    meta = {
-        "kind": "mode-expert", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
-        "objective": objective, "layout": mode.layout.to_dict(), "expert_init": cfg.expert_init,
-        "params": {"expert": counts["per_expert"], "gate": counts["gates"], "total": counts["total"]},
-        "seed": cfg.seed, "module_seed": seed, "data": [str(p) for p in cfg.data],
-        "documents": len(train_docs), "heldout_documents": len(held_docs),
-        **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
-                     last=last, device=device),
-        "gate_lr": cfg.gate_lr,
-        "heldout_loss": heldout["loss"] if heldout else None,
-        "heldout_accuracy": heldout["accuracy"] if heldout else None,
-        "heldout_tokens": heldout["tokens"] if heldout else 0, **cfg.extra,
-    }
-    from safetensors.torch import save_file
 
-    with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
-        save_file(mode.expert_state(0, gate=True), str(stage / EXPERT_FILE), metadata={"format": "pt"})
-        keep_logs(work, stage)
-        write_json(stage / META, meta)
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
+    def write() -> dict:  # rank 0: the held-out score and the entry
+        from safetensors.torch import save_file
+
+        heldout = lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0) if held_blocks else None
+        counts = mode.param_counts()
+        meta = {
+            "kind": "mode-expert", "domain": cfg.domain, "base": cfg.base, "base_fingerprint": base_fp,
+            "objective": objective, "layout": mode.layout.to_dict(), "expert_init": cfg.expert_init,
+            "params": {"expert": counts["per_expert"], "gate": counts["gates"], "total": counts["total"]},
+            "seed": cfg.seed, "module_seed": seed, "data": [str(p) for p in cfg.data],
+            "documents": len(train_docs), "heldout_documents": len(held_docs),
+            **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0,
+                         train_time=train_time, last=last, device=device),
+            "gate_lr": cfg.gate_lr,
+            "heldout_loss": heldout["loss"] if heldout else None,
+            "heldout_accuracy": heldout["accuracy"] if heldout else None,
+            "heldout_tokens": heldout["tokens"] if heldout else 0, **cfg.extra,
+        }
+        with atomic_dir(dest, overwrite=cfg.overwrite) as stage:
+            save_file(mode.expert_state(0, gate=True), str(stage / EXPERT_FILE), metadata={"format": "pt"})
+            keep_logs(work, stage)
+            write_json(stage / META, meta)
+        shutil.rmtree(work, ignore_errors=True)
+        return meta
+
+    return on_main(write)
 
 
 def _parts(data: list[str] | None, experts) -> list[tuple[str, list[str]]]:
@@ -194,7 +205,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     """Put library experts side by side with fresh gates and train gates and experts (or gates
     only) on equal parts of the domains' corpora; write the MoDE model atomically to `cfg.out`.
 
-    Returns its metadata, with each corpus's held-out loss / perplexity / next-token accuracy."""
+    Returns its metadata, with each corpus's held-out loss / perplexity / next-token accuracy.
+    Under a launcher it trains with DDP as `pretrain_expert` does (rank 0 scores and writes)."""
     from datasets import interleave_datasets
     from transformers import set_seed
 
@@ -213,19 +225,20 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     device = setup(cfg)
     t0 = time.time()
     base = cfg.base or experts[0].meta["base"]
-    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-    model, objective = load_model(base, head="lm", objective=cfg.objective, trust_remote_code=cfg.trust_remote_code)
+    with main_process_first():  # an error on any rank (a corpus one rank cannot read) stops every rank
+        tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+        model, objective = load_model(base, head="lm", objective=cfg.objective,
+                                      trust_remote_code=cfg.trust_remote_code)
+        parts = _parts(cfg.data, experts)
+        train_parts, held_parts = [], {}
+        for name, paths in parts:
+            tr, held = split_heldout(load_documents(paths, cfg.text_field))
+            train_parts.append(pack(tr, tokenizer, cfg.seq_len))
+            if (blocks := pack_heldout(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)) is not None:
+                held_parts[name] = blocks
     base_fp = fingerprint(model)
     mode = apply_mode(model, experts, base_fingerprint=base_fp)
     set_trainable(model, experts=not cfg.freeze_experts, gates=True)
-
-    parts = _parts(cfg.data, experts)
-    train_parts, held_parts = [], {}
-    for name, paths in parts:
-        tr, held = split_heldout(load_documents(paths, cfg.text_field))
-        train_parts.append(pack(tr, tokenizer, cfg.seq_len))
-        if (blocks := pack_heldout(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)) is not None:
-            held_parts[name] = blocks
     # equal parts: round-robin over the corpora, the smaller ones repeated until the largest is used up
     train_blocks = interleave_datasets(train_parts, stopping_strategy="all_exhausted") if len(train_parts) > 1 \
         else train_parts[0]
@@ -235,27 +248,31 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), objective, cfg,
                                         cfg.seed, work, device, callbacks)
     train_time = time.time() - t0
-    heldout, routing = {}, {}
-    for name, blocks in held_parts.items():  # held-out loss and where the gates send each domain's tokens
-        with mode.recording_routing() as mean:
-            heldout[name] = lm_loss(model, blocks, tokenizer, objective, cfg.batch_size, seed=0)
-            routing[name] = dict(zip(["backbone", *mode.names], (round(w, 4) for w in mean())))
-    meta = {
-        "kind": "mode", "base": base, "objective": objective, "library": str(cfg.library),
-        "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
-                        for m in experts},
-        "freeze_experts": cfg.freeze_experts, "seed": cfg.seed, "parts": [n for n, _ in parts],
-        "blocks_per_part": [len(p) for p in train_parts],
-        **run_record(cfg, trainer, result, steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
-                     last=last, device=device),
-        "gate_lr": cfg.gate_lr, "heldout": heldout,
-        "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
-        "routing": routing, **cfg.extra,
-    }
-    plots = [lambda stage: plot_routing(routing, stage / "routing.png")] if routing else []
-    meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp, logs=work, plots=plots)
-    shutil.rmtree(work, ignore_errors=True)
-    return meta
+
+    def write() -> dict:  # rank 0: held-out scores, routing and the composed model
+        heldout, routing = {}, {}
+        for name, blocks in held_parts.items():  # held-out loss and where the gates send each domain's tokens
+            with mode.recording_routing() as mean:
+                heldout[name] = lm_loss(model, blocks, tokenizer, objective, cfg.batch_size, seed=0)
+                routing[name] = dict(zip(["backbone", *mode.names], (round(w, 4) for w in mean())))
+        meta = {
+            "kind": "mode", "base": base, "objective": objective, "library": str(cfg.library),
+            "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
+                            for m in experts},
+            "freeze_experts": cfg.freeze_experts, "seed": cfg.seed, "parts": [n for n, _ in parts],
+            "blocks_per_part": [len(p) for p in train_parts],
+            **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0,
+                         train_time=train_time, last=last, device=device),
+            "gate_lr": cfg.gate_lr, "heldout": heldout,
+            "heldout_loss": (sum(h["loss"] for h in heldout.values()) / len(heldout)) if heldout else None,
+            "routing": routing, **cfg.extra,
+        }
+        plots = [lambda stage: plot_routing(routing, stage / "routing.png")] if routing else []
+        meta = save_mode(model, out, meta, overwrite=cfg.overwrite, base_fingerprint=base_fp, logs=work, plots=plots)
+        shutil.rmtree(work, ignore_errors=True)
+        return meta
+
+    return on_main(write)
 
 
 def plot_routing(routing: dict, path: Path) -> None:

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from ...data.benchmark import GENERAL
-from ...io import atomic_write
+from ...io import atomic_write, save_figure
 from ...library.merge import DEFAULT_DENSITY
 from .settings import MERGES
 
@@ -284,15 +284,6 @@ def kept_steps_section(results: dict) -> list[str]:
                 "(`plots/dev_curves.png`: the first seed's dev curves).", ""]
 
 
-def _save(fig, path: Path) -> None:
-    """A figure as PNG, written atomically like every result."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write(path, buf.getvalue())
-
-
 def _plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -321,8 +312,7 @@ def _plots(results: dict, out: Path) -> list[str]:
             ax.grid(axis="y", alpha=0.3)
         fig.suptitle(f"end tasks (mean ± std over seeds {results['seeds']})", fontsize=9)
         fig.tight_layout()
-        _save(fig, plots / "tasks.png")
-        plt.close(fig)
+        save_figure(fig, plots / "tasks.png")
         made.append("plots/tasks.png")
     # per-domain LM loss
     lm = results["lm_loss"]
@@ -348,8 +338,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        _save(fig, plots / "lm_loss.png")
-        plt.close(fig)
+        save_figure(fig, plots / "lm_loss.png")
         made.append("plots/lm_loss.png")
     curve = results.get("dap_curve")
     if curve:
@@ -374,8 +363,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         for ax in (a1, a2):
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        _save(fig, plots / "dap_curve.png")
-        plt.close(fig)
+        save_figure(fig, plots / "dap_curve.png")
         made.append("plots/dap_curve.png")
     first = [r for r in results.get("runs") or [] if r["seed"] == results["seeds"][0] and len(r.get("dev_curve") or []) > 1
              and r.get("order") in (None, ",".join(results["settings"]["orders"][0]))]
@@ -393,8 +381,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         axes[0][0].legend(fontsize=6)
         fig.suptitle("dev curves, first seed (dot: the kept step)", fontsize=9)
         fig.tight_layout()
-        _save(fig, plots / "dev_curves.png")
-        plt.close(fig)
+        save_figure(fig, plots / "dev_curves.png")
         made.append("plots/dev_curves.png")
     # bridge heatmaps of DoMIX (first seed), averaged over layer types
     grids = results.get("bridge_blocks", {})
@@ -410,8 +397,7 @@ def _plots(results: dict, out: Path) -> list[str]:
         fig.suptitle("DoMIX bridge: mean ||P block|| over layers (rows: output domain, cols: input domain)",
                      fontsize=9)
         fig.tight_layout()
-        _save(fig, plots / "bridge.png")
-        plt.close(fig)
+        save_figure(fig, plots / "bridge.png")
         made.append("plots/bridge.png")
     return made
 
