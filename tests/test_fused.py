@@ -71,6 +71,11 @@ def test_fused_modules_equal_separately_trained_ones(tiny_decoder, corpora, sepa
     alone = tmp_path / "alone"
     pretrain_fused(_cfgs(tiny_decoder, corpora, alone, ["law"]))
     assert _max_diff(_tensors(alone, "law"), _tensors(lib, "law")) <= TOL
+    # nor on how many domains share a forward pass
+    turns = tmp_path / "turns"
+    pretrain_fused(_cfgs(tiny_decoder, corpora, turns, ["bio", "law", "food"]), stack=1)
+    for d in ("bio", "law", "food"):
+        assert _max_diff(_tensors(turns, d), _tensors(separate, d)) <= TOL, d
     # a rerun keeps the finished modules
     again = pretrain_fused(_cfgs(tiny_decoder, corpora, lib, ["bio", "law"]))
     assert {r["status"] for r in again.values()} == {"skipped"}

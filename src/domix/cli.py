@@ -49,7 +49,9 @@ def cmd_pretrain_all(a) -> int:
     if a.fused:
         from .library.fused import pretrain_fused
 
-        return report_all(a, pretrain_fused(configs, progress=not a.json))
+        return report_all(a, pretrain_fused(configs, progress=not a.json, stack=a.fused_stack))
+    if a.fused_stack is not None:
+        raise ValueError("--fused-stack applies to --fused")
     results = pretrain_all(configs, workers=a.workers, executor=a.executor, ray_address=a.ray_address,
                            progress=not a.json)
     return report_all(a, results)
@@ -273,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", action="store_true", help="train every LoRA module in one process that holds the base "
                                                         "once (decoders; one seq_len): each row of a stacked batch "
                                                         "through its own domain's LoRA")
+    p.add_argument("--fused-stack", type=int, default=None, metavar="K",
+                   help="with --fused: how many domains' batches share one forward/backward pass (default: all); "
+                        "fewer hold fewer activations at once (1: the domains take turns through the one base)")
     add_options(p, PoolOptions)
     add_options(p, PretrainConfig, exclude=PER_DOMAIN, overrides=True)
 

@@ -45,6 +45,8 @@ TARGETS = {  # from the issues
     "peak_rss_domix_over_full": ("<=", 0.5),
     "fused_peak_rss_over_separate_sum": ("<=", 0.6),
     "fused_tokens_per_s_over_separate": (">=", 1.0),
+    "fused_stack1_peak_rss_over_separate_sum": ("<=", 0.6),
+    "fused_stack1_tokens_per_s_over_separate": (">=", 1.0),
     "ddp_scaling_2_processes": (">=", 0.8),
 }
 THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
@@ -189,15 +191,16 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
 
 def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1) -> dict:
+           gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1, stack: int = 0) -> dict:
     """One benchmark run in this process; returns its measurements. `fused`: `domains` modules on
-    copies of the corpus in one process, timed end to end (loading included)."""
+    copies of the corpus in one process, `stack` of them per forward pass (0: all), timed end to
+    end (loading included)."""
     import resource
 
     import torch
 
     if kind == "fused":
-        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains)
+        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains, stack)
 
     torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -249,7 +252,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
 
 def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int, dtype: str,
-                  domains: int) -> dict:
+                  domains: int, stack: int = 0) -> dict:
     import resource
 
     from ..library.fused import pretrain_fused
@@ -261,24 +264,26 @@ def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: in
         cfgs = [PretrainConfig(domain=f"d{i}", data=[data], library=tmp, base=base, seq_len=seq_len,
                                batch_size=batch_size, lr=LR, max_steps=total, device="cpu", threads=threads,
                                dtype=dtype, progress=False) for i in range(domains)]
-        res = pretrain_fused(cfgs, progress=False)
+        res = pretrain_fused(cfgs, progress=False, stack=stack or None)
     failed = {d: r["error"] for d, r in res.items() if r["status"] != "done"}
     if failed:
         raise RuntimeError(f"fused run: {failed}")
     wall = time.perf_counter() - t0
-    return {"run": "fused", "domains": domains, "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
+    return {"run": "fused", "domains": domains, "stack": stack or domains,
+            "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
             "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
 
 
 def _command(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
              result: Path, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
-             processes: int = 1) -> list[str]:
+             processes: int = 1, stack: int = 0) -> list[str]:
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     cmd = [*launch, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
            "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
-           "--threads", str(threads), "--dtype", dtype, "--domains", str(domains), "--result", str(result)]
+           "--threads", str(threads), "--dtype", dtype, "--domains", str(domains), "--stack", str(stack),
+           "--result", str(result)]
     return cmd + (["--gradient-checkpointing"] if gradient_checkpointing else [])
 
 
@@ -297,10 +302,10 @@ def _read(kind: str, proc, result: Path) -> dict:
 
 def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
            tmpdir: str, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
-           processes: int = 1) -> dict:
+           processes: int = 1, stack: int = 0) -> dict:
     result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
     cmd = _command(kind, base, data, steps, seq_len, batch_size, threads, result, gradient_checkpointing, dtype,
-                   domains, processes)
+                   domains, processes, stack)
     proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
     return _read(kind, proc, result)
 
@@ -327,18 +332,23 @@ def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtyp
 
 
 def scale_study(opts, base: str, data: str, tmpdir: str, log) -> dict:
-    """Fused vs separate processes (`opts.fused` domains, 2 threads in all) and DDP on 2 processes vs 1."""
+    """Fused (all domains stacked per forward pass, then one at a time) vs separate processes
+    (`opts.fused` domains, 2 threads in all), and DDP on 2 processes vs 1."""
     out: dict = {"runs": {}, "ratios": {}}
     steps, seq_len, batch, dtype = opts.steps, opts.seq_len, opts.batch_size, opts.dtype
     if opts.fused:
         log(f"scale: {opts.fused} modules in {opts.fused} separate processes, 2 at a time ...")
         sep = _separate(opts.fused, 2, base, data, steps, seq_len, batch, dtype, tmpdir)
-        log(f"scale: {opts.fused} modules fused in one process (2 threads) ...")
-        fused = _spawn("fused", base, data, steps, seq_len, batch, 2, tmpdir, dtype=dtype, domains=opts.fused)
-        out["runs"].update(separate=sep, fused=fused)
-        out["ratios"].update(
-            fused_peak_rss_over_separate_sum=fused["peak_rss_mb"] / sep["peak_rss_mb_sum"],
-            fused_tokens_per_s_over_separate=(fused["tokens"] / fused["wall_s"]) / (sep["tokens"] / sep["wall_s"]))
+        out["runs"]["separate"] = sep
+        for key, stack in (("fused", 0), ("fused_stack1", 1)):
+            log(f"scale: {opts.fused} modules fused in one process (2 threads), "
+                + ("all stacked in each forward pass ..." if not stack else f"{stack} per forward pass ..."))
+            f = _spawn("fused", base, data, steps, seq_len, batch, 2, tmpdir, dtype=dtype, domains=opts.fused,
+                       stack=stack)
+            out["runs"][key] = f
+            out["ratios"].update({
+                f"{key}_peak_rss_over_separate_sum": f["peak_rss_mb"] / sep["peak_rss_mb_sum"],
+                f"{key}_tokens_per_s_over_separate": (f["tokens"] / f["wall_s"]) / (sep["tokens"] / sep["wall_s"])})
     if opts.ddp:
         log("scale: one module on 1 process, then on 2 DDP processes (1 thread each) ...")
         one = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype)
@@ -399,15 +409,18 @@ def _table(res: dict) -> str:
         lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | "
                      f"{r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['trainable_params']:,} | {load:.1f} |")
     sc = res.get("scale") or {}
-    if "fused" in sc:
-        f, p = sc["fused"], sc["separate"]
-        lines += ["", f"Many modules, end to end (loading included), {f['domains']} modules of {s['steps']} (+"
+    if "separate" in sc:
+        p = sc["separate"]
+        lines += ["", f"Many modules, end to end (loading included), {p['domains']} modules of {s['steps']} (+"
                       f"{s['warmup_steps']}) steps, 2 threads in all:", "",
                   "| run | tokens/s | wall (s) | peak RSS (MB) |", "|---|---:|---:|---:|",
                   f"| {p['domains']} separate processes, 2 at a time, 1 thread each | {p['tokens'] / p['wall_s']:.1f} | "
-                  f"{p['wall_s']:.1f} | {p['peak_rss_mb_sum']:.0f} (sum) |",
-                  f"| fused, one process, 2 threads | {f['tokens'] / f['wall_s']:.1f} | {f['wall_s']:.1f} | "
-                  f"{f['peak_rss_mb']:.0f} |"]
+                  f"{p['wall_s']:.1f} | {p['peak_rss_mb_sum']:.0f} (sum) |"]
+        for f in (sc[k] for k in ("fused", "fused_stack1") if k in sc):
+            how = "all domains per forward pass" if f.get("stack", f["domains"]) == f["domains"] else \
+                f"{f['stack']} domain(s) per forward pass"
+            lines.append(f"| fused, one process, 2 threads, {how} | {f['tokens'] / f['wall_s']:.1f} | "
+                         f"{f['wall_s']:.1f} | {f['peak_rss_mb']:.0f} |")
     if "ddp_1" in sc:
         one, two = sc["ddp_1"], sc["ddp_2"]
         lines += ["", "One module on DDP processes (1 thread each, the same batch per process):", "",
@@ -511,12 +524,13 @@ def _main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--dtype", choices=PRECISIONS, required=True)
     ap.add_argument("--domains", type=int, default=1, help="fused: modules trained together")
+    ap.add_argument("--stack", type=int, default=0, help="fused: modules per forward pass (0: all)")
     a = ap.parse_args(argv)
     from ..distributed import is_main
     from ..io import write_json
 
     r = worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads, a.gradient_checkpointing,
-               a.dtype, a.domains)
+               a.dtype, a.domains, a.stack)
     if is_main():  # under torchrun: one result, rank 0's (its steps are every process's)
         write_json(a.result, r)
     return 0

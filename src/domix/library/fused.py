@@ -118,10 +118,14 @@ def _history(losses: list[float], every: int) -> list[dict]:
             for k in range(every, len(losses) + 1, every)]
 
 
-def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
+def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int | None = None) -> dict:
     """Train the LoRA modules of `configs` (PretrainConfig, one base) in one process and write
     each library entry as `pretrain` writes it. Returns {domain: {"domain", "status", "meta" |
     "error"}}: a domain that fails (its data, or mid-run) is reported and the others finish.
+
+    `stack`: how many domains' batches share one forward and backward pass (default: all). The
+    activations held at once grow with it; with 1 the domains take turns through the one base,
+    whose weights are still held once. The modules are the same either way (to float tolerance).
     `fail(domain, step)` (tests) may raise to simulate a failure inside a domain's step."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -134,6 +138,8 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
     from ..training import build_trainer, run_record, run_seed, setup, total_steps
 
     check_fusable(configs)
+    if stack is not None and stack < 1:
+        raise ValueError(f"--fused-stack must be at least 1, not {stack}")
     from .pretrain_all import _module_complete
 
     results, todo = {}, []
@@ -236,8 +242,11 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None) -> dict:
                     active.remove(r)
             micro = max((len(s) for _, s, _ in group), default=0)
             step_loss = {id(r): 0.0 for r, _, _ in group}
-            for k in range(micro):
-                parts = [(r, s[k], n) for r, s, n in group if k < len(s)]
+            chunks = [(k, i) for k in range(micro) for i in range(0, len(group), stack or len(group))]
+            for k, i in chunks:
+                parts = [(r, s[k], n) for r, s, n in group[i:i + (stack or len(group))] if k < len(s)]
+                if not parts:
+                    continue
                 ids = torch.cat([b["input_ids"] for _, b, _ in parts]).to(device)
                 labels = torch.cat([b["labels"] for _, b, _ in parts]).to(device)
                 mask = torch.cat([b["attention_mask"] for _, b, _ in parts]).to(device)
