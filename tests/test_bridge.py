@@ -192,14 +192,16 @@ def test_classify_finetune_evaluate_predict_export(kind, request, libs, task_fil
     rep = json.loads(capsys.readouterr().out)
     assert rep["lora_rank"] == 4 and 0 < rep["max_relative_error"] < 1
     # `bench ranks` scores the task model as `export --rank K` writes it, then untruncated
-    assert main(["bench", "ranks", "--model", str(out), "--data", str(task_files / "dev.jsonl"), "--ranks", "2,4,16",
+    assert main(["bench", "ranks", "--model", str(out), "--data", str(task_files / "dev.jsonl"), "--ranks", "0,2,4,16",
                  "--device", "cpu", "--out", str(tmp_path / "ranks.json"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     pts = res["points"]
-    assert res["full_rank"] == 10 and [(p["rank"], p["truncated"]) for p in pts] == [(2, True), (4, True), (10, False)]
+    assert res["full_rank"] == 10
+    assert [(p["rank"], p["truncated"]) for p in pts] == [(0, True), (2, True), (4, True), (10, False)]
     assert pts[-1]["macro_f1"] == pytest.approx(ev["macro_f1"]) and pts[-1]["max_relative_error"] == 0
-    assert pts[0]["max_relative_error"] > pts[1]["max_relative_error"] > 0
-    assert pts[1]["max_relative_error"] == pytest.approx(rep["max_relative_error"], rel=1e-4)
+    assert pts[0]["max_relative_error"] == pytest.approx(1) and pts[0]["lora_params"] == 0  # no update at all
+    assert pts[1]["max_relative_error"] > pts[2]["max_relative_error"] > 0
+    assert pts[2]["max_relative_error"] == pytest.approx(rep["max_relative_error"], rel=1e-4)
     assert main(["export", "--model", str(out), "--out", str(tmp_path / "merged4"), "--format", "merged",
                  "--rank", "4"]) == 0
     from domix.finetune import predict_classify
@@ -208,7 +210,7 @@ def test_classify_finetune_evaluate_predict_export(kind, request, libs, task_fil
     merged4 = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged4").eval()
     probs = predict_classify(merged4, tok, [r["text"] for r in rows], max_len=spec["max_seq_len"])
     gold = torch.tensor([spec["labels"].index(r["label"]) for r in rows])
-    assert -torch.log(probs[torch.arange(len(rows)), gold]).mean().item() == pytest.approx(pts[1]["loss"], abs=1e-4)
+    assert -torch.log(probs[torch.arange(len(rows)), gold]).mean().item() == pytest.approx(pts[2]["loss"], abs=1e-4)
     assert json.loads((tmp_path / "ranks.json").read_text())["points"] == pts
     assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -21,7 +21,8 @@ class RanksOptions:
 
     model: str = option(help="a DoMIX task model directory (`domix finetune --method domix`, a classify task)")
     data: str = option(help="labelled JSONL to score every rank on (the task's dev or test split)")
-    ranks: str = option("1,2,4,8,16", "comma list of ranks K (each layer's update truncated to K by SVD)")
+    ranks: str = option("0,1,2,4,8,16", "comma list of ranks K (each layer's update truncated to K by SVD; 0: "
+                                        "no update, the base with the trained head alone)")
     batch_size: int = option(32, "examples per forward pass")
     device: str = option("auto", "where to score", choices=DEVICES)
     out: str | None = option("bench-out/ranks.json", "where to write the JSON result (the plot: same name, .png)")
@@ -31,9 +32,9 @@ def _ranks(text: str) -> list[int]:
     try:
         ranks = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--ranks must be a comma list of positive integers, not {text!r}") from None
-    if not ranks or ranks[0] < 1:
-        raise ValueError(f"--ranks must be a comma list of positive integers, not {text!r}")
+        raise ValueError(f"--ranks must be a comma list of integers >= 0, not {text!r}") from None
+    if not ranks or ranks[0] < 0:
+        raise ValueError(f"--ranks must be a comma list of integers >= 0, not {text!r}")
     return ranks
 
 
@@ -119,7 +120,7 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(ks, [p["macro_f1"] for p in pts], "o-", color="tab:blue", label="macro-F1")
     ax.axhline(pts[-1]["macro_f1"], ls="--", color="tab:blue", lw=0.8)
-    ax.set_xscale("log", base=2)
+    ax.set_xscale("symlog", base=2, linthresh=1)  # K = 0 (no update) on the same axis
     ax.set_xlabel("export rank K (untruncated: N·r = %d)" % res["full_rank"])
     ax.set_ylabel("macro-F1", color="tab:blue")
     ax2 = ax.twinx()
