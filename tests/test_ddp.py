@@ -230,5 +230,5 @@ def test_commands_that_run_their_own_processes_are_refused_under_a_launcher(tiny
     (tmp_path / "domains.yaml").write_text(f"base: {tiny_decoder}\ndomains:\n  bio: {{data: [{corpora['bio']}]}}\n")
     proc = launch(["-m", "domix", "pretrain-all", "--config", "domains.yaml", "--library", "lib"], tmp_path)
     assert proc.returncode != 0
-    assert "domix: error: 'domix pretrain-all' runs in one process; start it without torchrun" in proc.stderr
+    assert "domix: error: 'domix pretrain-all' is not for launchers: start it once, without torchrun" in proc.stderr
     assert not (tmp_path / "lib").exists()

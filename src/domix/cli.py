@@ -416,7 +416,7 @@ def _launch_check(args) -> None:
     if name in LAUNCHABLE and getattr(args, "config", None):
         name += " --config"  # one job per domain, in processes of its own
     if launched() and name not in LAUNCHABLE:
-        raise ValueError(f"'domix {name}' runs in one process; start it without torchrun/accelerate launch "
+        raise ValueError(f"'domix {name}' is not for launchers: start it once, without torchrun/accelerate launch "
                          "(under a launcher: " + ", ".join(f"domix {c}" for c in LAUNCHABLE) + " on one domain or task)")
 
 
