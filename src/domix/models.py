@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -42,6 +43,21 @@ def is_masked_lm(config) -> bool:
     return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
+@contextmanager
+def quiet_load():
+    """transformers' "Loading weights" progress bar off while a checkpoint loads: a base loads in
+    seconds, and a bar on the stderr of every command that loads one is noise."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(base: str, head: str = "lm", objective: str = "auto", num_labels: int | None = None,
                id2label: dict | None = None, dtype: str = "fp32", trust_remote_code: bool = False):
     """Load `base` with an LM head (`head="lm"`, MLM or causal from `objective`) or a
@@ -57,10 +73,13 @@ def load_model(base: str, head: str = "lm", objective: str = "auto", num_labels:
     if head == "classify":
         kw.update(num_labels=num_labels, id2label=id2label,
                   label2id={v: k for k, v in (id2label or {}).items()} or None)
-        model = AutoModelForSequenceClassification.from_pretrained(path, **{k: v for k, v in kw.items() if v is not None})
+        with quiet_load():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, **{k: v for k, v in kw.items() if v is not None})
     else:
         cls = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
-        model = cls.from_pretrained(path, **kw)
+        with quiet_load():
+            model = cls.from_pretrained(path, **kw)
     return model, objective
 
 

@@ -20,7 +20,7 @@ from .. import __version__
 from ..checkpoints import resolve_base
 from ..io import atomic_dir, write_json
 from ..library import LibraryError
-from ..models import DTYPES, backbone, fingerprint, load_model, load_tokenizer, select_device
+from ..models import DTYPES, backbone, fingerprint, load_model, load_tokenizer, quiet_load, select_device
 from ..training import keep_logs
 from .config import FinetuneConfig
 from .methods import get_method
@@ -48,7 +48,7 @@ def load_task_base(base: str, task: str, labels: list[str] | None, dtype: str = 
         from transformers import AutoModelForSequenceClassification
 
         id2label = dict(enumerate(labels))
-        with _new_head_expected():
+        with _new_head_expected(), quiet_load():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 resolve_base(base), num_labels=len(labels), id2label=id2label, dtype=DTYPES[dtype],
                 label2id={v: k for k, v in id2label.items()}, output_loading_info=True)
