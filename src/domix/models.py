@@ -73,13 +73,11 @@ def load_model(base: str, head: str = "lm", objective: str = "auto", num_labels:
     if head == "classify":
         kw.update(num_labels=num_labels, id2label=id2label,
                   label2id={v: k for k, v in (id2label or {}).items()} or None)
-        with quiet_load():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, **{k: v for k, v in kw.items() if v is not None})
+        cls, kw = AutoModelForSequenceClassification, {k: v for k, v in kw.items() if v is not None}
     else:
         cls = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
-        with quiet_load():
-            model = cls.from_pretrained(path, **kw)
+    with quiet_load():
+        model = cls.from_pretrained(path, **kw)
     return model, objective
 
 

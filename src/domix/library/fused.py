@@ -242,9 +242,9 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
                     active.remove(r)
             micro = max((len(s) for _, s, _ in group), default=0)
             step_loss = {id(r): 0.0 for r, _, _ in group}
-            chunks = [(k, i) for k in range(micro) for i in range(0, len(group), stack or len(group))]
-            for k, i in chunks:
-                parts = [(r, s[k], n) for r, s, n in group[i:i + (stack or len(group))] if k < len(s)]
+            per = stack or len(group)  # domains per forward pass
+            for k, i in [(k, i) for k in range(micro) for i in range(0, len(group), per)]:
+                parts = [(r, s[k], n) for r, s, n in group[i:i + per] if k < len(s)]
                 if not parts:
                     continue
                 ids = torch.cat([b["input_ids"] for _, b, _ in parts]).to(device)

@@ -15,8 +15,8 @@ from typing import ClassVar
 
 from ..checkpoints import DEFAULT_BASE
 from ..io import atomic_dir, write_json
-from ..library import META, Library, LibraryError
-from ..library.store import entry_name
+from ..library import META, Library
+from ..library.store import entry_name, one_base
 from ..models import fingerprint, load_model, load_tokenizer, select_device
 from ..distributed import barrier, main_process_first, on_main
 from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
@@ -218,10 +218,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     if finished(out, cfg, f"composed MoDE model {out}"):
         return read_meta(out)
     experts = Library(cfg.library).select(cfg.experts, kind="mode-expert")
-    bases = {m.meta.get("base_fingerprint") for m in experts}
-    if len(bases) > 1:
-        raise LibraryError("the experts were trained on different bases: "
-                           + ", ".join(f"'{m.name}' on {m.meta.get('base')}" for m in experts))
+    one_base(experts)
     device = setup(cfg)
     t0 = time.time()
     base = cfg.base or experts[0].meta["base"]
