@@ -255,6 +255,49 @@ def test_compose_trains_gates_and_round_trips(tiny_decoder, lib, corpora, tmp_pa
     assert "already exists" in capsys.readouterr().err
 
 
+def test_routing_loss_is_the_gates_cross_entropy_among_the_experts(tiny_decoder, lib):
+    model = _load(tiny_decoder)
+    mode = apply_mode(model, Library(lib).select("bio,law", kind="mode-expert"))
+    _randomise_gates(mode)
+    seen = []
+    for blk in mode.blocks:  # the gate logits each block computes
+        blk.gate.register_forward_hook(lambda m, args, out: seen.append(out))
+    route = torch.tensor([1, -1])  # row 0 is law text, row 1 of no expert's corpus
+    with mode.routing_targets(route) as routed:
+        model(input_ids=IDS, attention_mask=MASK)
+        loss = routed()
+    want = torch.stack([torch.nn.functional.cross_entropy(z[0, :, 1:], torch.ones(8, dtype=torch.long))
+                        for z in seen]).mean()
+    torch.testing.assert_close(loss, want)
+    loss.backward()  # it trains the gates and nothing else
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mode.gate_parameters())
+    assert all(p.grad is None for p in mode.expert_parameters())
+    with mode.routing_targets(torch.tensor([-1, -1])) as routed:  # no row of an expert's corpus: no loss
+        model(input_ids=IDS, attention_mask=MASK)
+        assert routed() is None
+    assert all(blk.route is None and blk.route_losses == [] for blk in mode.blocks)
+
+
+def test_routing_loss_hands_each_domain_to_its_expert(tiny_decoder, lib, corpora, tmp_path):
+    data = [f"bio={corpora['bio']}", f"law={corpora['law']}"]
+    kw = {**FAST, "max_steps": 12}
+    routed = compose(library=str(lib), data=data, out=str(tmp_path / "routed"), freeze_experts=True, **kw)
+    plain = compose(library=str(lib), data=data, out=str(tmp_path / "plain"), freeze_experts=True, routing_loss=0,
+                    **kw)
+    assert routed["routing_loss"] == 1.0 and plain["routing_loss"] == 0
+    for own, other in (("bio", "law"), ("law", "bio")):
+        r = routed["routing"][own]
+        assert r[own] > 2 * r[other], routed["routing"]
+        share = lambda m: m["routing"][own][own] / (m["routing"][own][own] + m["routing"][own][other])  # noqa: E731
+        assert share(routed) > share(plain), (routed["routing"], plain["routing"])
+    with pytest.raises(ValueError, match="--routing-loss must be 0 or more"):
+        compose(library=str(lib), data=data, out=str(tmp_path / "x"), routing_loss=-1, **FAST)
+    # corpora named after no expert cannot be routed
+    with pytest.raises(ValueError, match="--routing-loss 0"):
+        compose(library=str(lib), data=[f"x={corpora['bio']}", f"y={corpora['law']}"], out=str(tmp_path / "x"),
+                experts="bio", **FAST)
+
+
 def test_classifier_with_mode_round_trips_with_its_head(tiny_encoder, tmp_path):
     model = _load(tiny_encoder, "classify")
     mode = apply_mode(model, ["a", "b"])

@@ -218,7 +218,9 @@ def build_trainer(model, opts: TrainOptions, *, work: Path, train_dataset, data_
         **evaluation, **checkpointing_args(opts.gradient_checkpointing))
     cls = trainer_cls or Trainer
     if lm_objective is not None:
-        cls = type(cls.__name__, (ChunkedLMLossMixin, cls), {"lm_objective": lm_objective})
+        # a trainer class that is already one (to wrap the chunked loss in its own) keeps its method order
+        bases = (cls,) if issubclass(cls, ChunkedLMLossMixin) else (ChunkedLMLossMixin, cls)
+        cls = type(cls.__name__, bases, {"lm_objective": lm_objective})
     optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]]) if param_groups else None
     trainer = cls(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                   data_collator=data_collator, callbacks=callbacks, compute_metrics=compute_metrics,

@@ -173,7 +173,9 @@ class ModeBlock(nn.Module):
             for w in self.out:
                 w.weight.zero_()  # W_j = 0: the block computes the backbone exactly
         self.reset_gate()
-        self.routing: list | None = None
+        self.routing: list | None = None  # `Mode.recording_routing`
+        self.route: torch.Tensor | None = None  # `Mode.routing_targets`: each row's own expert (-1: none)
+        self.route_losses: list[torch.Tensor] = []
 
     @torch.no_grad()
     def reset_gate(self) -> None:
@@ -188,7 +190,16 @@ class ModeBlock(nn.Module):
         with, its hidden states excluded: masks, position embeddings, cache — per layer, since
         models such as Gemma-3 give sliding and full attention layers different masks and
         rotary embeddings."""
-        a = torch.softmax(self.gate(_rms(x)), dim=-1)
+        logits = self.gate(_rms(x))
+        a = torch.softmax(logits, dim=-1)
+        if self.route is not None and bool((self.route >= 0).any()):
+            # the routing loss: the share of each expert among the experts (the backbone's weight is left
+            # to the LM loss), against the expert of the row's own corpus, for every token of the row. It
+            # trains the gate alone: x is detached, or it would also bend the earlier blocks' experts
+            target = self.route.to(logits.device)[:, None].expand(logits.shape[:-1])
+            z = self.gate(_rms(x.detach()))[..., 1:]
+            self.route_losses.append(nn.functional.cross_entropy(
+                z.float().reshape(-1, z.shape[-1]), target.reshape(-1), ignore_index=-1))
         if self.routing is not None:  # `Mode.recording_routing`: the gate's mean weights over these tokens
             self.routing.append((a.detach().float().reshape(-1, a.shape[-1]).sum(0), a[..., 0].numel()))
         delta = torch.zeros_like(y)
@@ -285,6 +296,24 @@ class Mode(nn.Module):
         finally:
             for blk in self.blocks:
                 blk.routing = None
+
+    @contextmanager
+    def routing_targets(self, route: torch.Tensor):
+        """Within: forwards compute the routing loss of a batch whose row i comes from the corpus of
+        expert `route[i]` (-1: of none). Yields a function returning (when called inside) its mean
+        over the blocks, or None when no row had an expert."""
+        for blk in self.blocks:
+            blk.route, blk.route_losses = route, []
+
+        def loss() -> torch.Tensor | None:
+            losses = [t for blk in self.blocks for t in blk.route_losses]
+            return torch.stack(losses).mean() if losses else None
+
+        try:
+            yield loss
+        finally:
+            for blk in self.blocks:
+                blk.route, blk.route_losses = None, []
 
     # ---- state ---------------------------------------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:

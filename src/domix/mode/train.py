@@ -65,14 +65,41 @@ class ComposeConfig(ModeTrainOptions):
                                           "default: the experts' own")
     base: str | None = option(None, "default: the base the experts were trained on")
     freeze_experts: bool = option(False, "train the gates only")
+    routing_loss: float = option(1.0, "weight of the routing loss: the cross-entropy of each token's expert "
+                                      "weights (the gate's shares among the experts) against the expert of its own "
+                                      "corpus, for corpora named as experts; 0: the LM loss alone trains the gates")
 
 
 def _trainer_class():
     from safetensors.torch import load_file, save_file
     from transformers import Trainer
 
-    class ModeTrainer(Trainer):
-        """Checkpoints hold only the trained tensors (experts, gates, a head), not the frozen base."""
+    from ..lm import ChunkedLMLossMixin
+
+    class ModeTrainer(ChunkedLMLossMixin, Trainer):
+        """Checkpoints hold only the trained tensors (experts, gates, a head), not the frozen base.
+        A batch with `route` (each row's own expert, `RoutedCollator`) adds `routing_loss` times the
+        gates' routing loss (`Mode.routing_targets`) to the LM loss."""
+
+        routing_loss: float = 0.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            route = inputs.pop("route", None)
+            if route is None or not self.routing_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from .model import mode_of
+
+            with mode_of(self.accelerator.unwrap_model(model)).routing_targets(route) as routed:
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                aux = routed()
+            if aux is None:
+                return out
+            scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else \
+                (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            if scaled:  # the Trainer will not divide this micro-batch's loss by the accumulation steps
+                aux = aux / self.current_gradient_accumulation_steps
+            aux = self.routing_loss * aux
+            return (out[0] + aux, *out[1:]) if return_outputs else out + aux
 
         def _save(self, output_dir=None, state_dict=None):
             out = Path(output_dir or self.args.output_dir)
@@ -96,8 +123,22 @@ def _trainer_class():
     return ModeTrainer
 
 
+class RoutedCollator:
+    """`collate` on the LM columns, plus `route` (each row's own expert, -1: none) as a tensor."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        batch = self.collate([{k: v for k, v in f.items() if k != "route"} for f in features])
+        batch["route"] = torch.tensor([f["route"] for f in features], dtype=torch.long)
+        return batch
+
+
 def _fit(model, mode, train_blocks, collator, objective: str, cfg: ModeTrainOptions, seed: int, work: Path,
-         device, callbacks):
+         device, callbacks, routing_loss: float = 0.0):
     """Train the model's trainable MoDE tensors with the Trainer (with DDP under a launcher).
     Returns (result, trainer, steps, last) once every rank has finished."""
     last = on_main(lambda: resume_point(work, cfg.resume))
@@ -110,6 +151,7 @@ def _fit(model, mode, train_blocks, collator, objective: str, cfg: ModeTrainOpti
     trainer = build_trainer(model, cfg, work=work, train_dataset=train_blocks, data_collator=collator, steps=steps,
                             seed=seed, param_groups=groups, lm_objective=objective, trainer_cls=_trainer_class(),
                             callbacks=callbacks)
+    trainer.routing_loss = routing_loss
     result = trainer.train(resume_from_checkpoint=last)
     barrier()  # every rank's last checkpoint files are written before rank 0 removes the work area
     return result, trainer, steps, last
@@ -205,6 +247,12 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     """Put library experts side by side with fresh gates and train gates and experts (or gates
     only) on equal parts of the domains' corpora; write the MoDE model atomically to `cfg.out`.
 
+    The LM loss alone leaves the fresh gates near uniform in a short composition (each expert
+    alone learned to help on its own text, not to stay out of the others'), so by default a
+    routing loss is added (`routing_loss` times it): per token, the cross-entropy of the gate's
+    shares among the experts against the expert of the block's own corpus. It teaches the gates
+    which expert a token's context belongs to and leaves the backbone's weight to the LM loss.
+
     Returns its metadata, with each corpus's held-out loss / perplexity / next-token accuracy.
     Under a launcher it trains with DDP as `pretrain_expert` does (rank 0 scores and writes)."""
     from datasets import interleave_datasets
@@ -214,6 +262,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or ComposeConfig(**kwargs)
+    if cfg.routing_loss < 0:
+        raise ValueError(f"--routing-loss must be 0 or more, not {cfg.routing_loss:g}")
     out = Path(cfg.out)
     if finished(out, cfg, f"composed MoDE model {out}"):
         return read_meta(out)
@@ -236,14 +286,22 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     base_fp = fingerprint(model)
     mode = apply_mode(model, experts, base_fingerprint=base_fp)
     set_trainable(model, experts=not cfg.freeze_experts, gates=True)
+    collate = lm_collator(tokenizer, objective)
+    if cfg.routing_loss:  # each block carries the expert of its corpus (-1: a corpus no expert is named after)
+        routes = [mode.names.index(name) if name in mode.names else -1 for name, _ in parts]
+        if max(routes) < 0:
+            raise ValueError(f"--routing-loss needs corpora named as experts {mode.names} (--data NAME=PATH), "
+                             f"not {[n for n, _ in parts]}; or --routing-loss 0")
+        train_parts = [p.add_column("route", [r] * len(p)) for p, r in zip(train_parts, routes)]
+        collate = RoutedCollator(collate)
     # equal parts: round-robin over the corpora, the smaller ones repeated until the largest is used up
     train_blocks = interleave_datasets(train_parts, stopping_strategy="all_exhausted") if len(train_parts) > 1 \
         else train_parts[0]
 
     set_seed(cfg.seed)
     work = out.parent / f".{out.name}.work"
-    result, trainer, steps, last = _fit(model, mode, train_blocks, lm_collator(tokenizer, objective), objective, cfg,
-                                        cfg.seed, work, device, callbacks)
+    result, trainer, steps, last = _fit(model, mode, train_blocks, collate, objective, cfg, cfg.seed, work, device,
+                                        callbacks, routing_loss=cfg.routing_loss)
     train_time = time.time() - t0
 
     def write() -> dict:  # rank 0: held-out scores, routing and the composed model
@@ -256,7 +314,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
             "kind": "mode", "base": base, "objective": objective, "library": str(cfg.library),
             "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
                             for m in experts},
-            "freeze_experts": cfg.freeze_experts, "seed": cfg.seed, "parts": [n for n, _ in parts],
+            "freeze_experts": cfg.freeze_experts, "routing_loss": cfg.routing_loss, "seed": cfg.seed,
+            "parts": [n for n, _ in parts],
             "blocks_per_part": [len(p) for p in train_parts],
             **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0,
                          train_time=train_time, last=last, device=device),
