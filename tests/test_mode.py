@@ -255,20 +255,26 @@ def test_compose_trains_gates_and_round_trips(tiny_decoder, lib, corpora, tmp_pa
     assert "already exists" in capsys.readouterr().err
 
 
-def test_routing_loss_is_the_gates_cross_entropy_among_the_experts(tiny_decoder, lib):
+def test_routing_loss_teaches_each_expert_its_own_gate_weight(tiny_decoder, lib):
     model = _load(tiny_decoder)
-    mode = apply_mode(model, Library(lib).select("bio,law", kind="mode-expert"))
+    experts = Library(lib).select("bio,law", kind="mode-expert")
+    mode = apply_mode(model, experts)
     _randomise_gates(mode)
-    seen = []
-    for blk in mode.blocks:  # the gate logits each block computes
-        blk.gate.register_forward_hook(lambda m, args, out: seen.append(out))
+    inputs = []
+    for blk in mode.blocks:  # each block's input
+        blk.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
     route = torch.tensor([1, -1])  # row 0 is law text, row 1 of no expert's corpus
     with mode.routing_targets(route) as routed:
         model(input_ids=IDS, attention_mask=MASK)
         loss = routed()
-    want = torch.stack([torch.nn.functional.cross_entropy(z[0, :, 1:], torch.ones(8, dtype=torch.long))
-                        for z in seen]).mean()
-    torch.testing.assert_close(loss, want)
+    law = experts[1].tensors()
+    want = []
+    for b, (blk, x) in enumerate(zip(mode.blocks, inputs)):  # by hand: law's own gate, alone, on row 0
+        xh = x[0] / x[0].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        own = torch.softmax(xh @ law[f"blocks.{b}.gate.weight"].T + law[f"blocks.{b}.gate.bias"], -1)
+        logp = torch.log_softmax(blk.gate(xh), -1)
+        want.append(-(own[:, 0] * logp[:, 0] + own[:, 1] * logp[:, 2]).mean())
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
     loss.backward()  # it trains the gates and nothing else
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mode.gate_parameters())
     assert all(p.grad is None for p in mode.expert_parameters())
@@ -276,6 +282,10 @@ def test_routing_loss_is_the_gates_cross_entropy_among_the_experts(tiny_decoder,
         model(input_ids=IDS, attention_mask=MASK)
         assert routed() is None
     assert all(blk.route is None and blk.route_losses == [] for blk in mode.blocks)
+    # experts that carry no gate of their own (made here, not loaded) cannot be routed this way
+    fresh = apply_mode(_load(tiny_decoder), ["a", "b"])
+    with pytest.raises(ValueError, match="own gate"):
+        fresh.blocks[0].routing_loss(torch.randn(2, 8, 32), torch.tensor([0, 1]))
 
 
 def test_routing_loss_hands_each_domain_to_its_expert(tiny_decoder, lib, corpora, tmp_path):
@@ -285,7 +295,7 @@ def test_routing_loss_hands_each_domain_to_its_expert(tiny_decoder, lib, corpora
     plain = compose(library=str(lib), data=data, out=str(tmp_path / "plain"), freeze_experts=True, routing_loss=0,
                     **kw)
     assert routed["routing_loss"] == 1.0 and plain["routing_loss"] == 0
-    for own, other in (("bio", "law"), ("law", "bio")):
+    for own, other in (("bio", "law"), ("law", "bio")):  # each domain's tokens go to its own expert
         r = routed["routing"][own]
         assert r[own] > 2 * r[other], routed["routing"]
         share = lambda m: m["routing"][own][own] / (m["routing"][own][own] + m["routing"][own][other])  # noqa: E731

@@ -173,6 +173,10 @@ class ModeBlock(nn.Module):
             for w in self.out:
                 w.weight.zero_()  # W_j = 0: the block computes the backbone exactly
         self.reset_gate()
+        # row j: expert j's own gate (trained alone, 2-way) as log-odds of the expert over the backbone,
+        # [w_1 - w_0, c_1 - c_0]; NaN where unknown. Only the routing loss reads it; it is not saved
+        self.register_buffer("own_gate", torch.full((len(experts), hidden_size + 1), float("nan"), device=p.device,
+                                                    dtype=p.dtype), persistent=False)
         self.routing: list | None = None  # `Mode.recording_routing`
         self.route: torch.Tensor | None = None  # `Mode.routing_targets`: each row's own expert (-1: none)
         self.route_losses: list[torch.Tensor] = []
@@ -183,6 +187,24 @@ class ModeBlock(nn.Module):
         self.gate.weight.zero_()
         self.gate.bias.zero_()
 
+    def routing_loss(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the gate on rows of an expert's corpus (`route[i]` >= 0) against what that
+        expert's own gate gave alone: per token, weight q = sigmoid(own log-odds) for the expert,
+        1 - q for the backbone, 0 for every other expert. At its optimum a token of expert j's
+        corpus gets exactly the block output of expert j alone, `f_bb + q W_j (f_j - f_bb)`. The
+        caller detaches x, so that the loss trains the gate alone (not the earlier blocks' experts)."""
+        rows = route >= 0
+        r = route[rows]
+        own = self.own_gate[r].float()
+        if torch.isnan(own).any():
+            raise ValueError("the routing loss needs each expert's own gate, which library experts carry; these "
+                             "experts have none (pass --routing-loss 0)")
+        xh = _rms(x[rows])
+        logp = torch.log_softmax(self.gate(xh).float(), dim=-1)
+        q = torch.sigmoid(torch.einsum("btd,bd->bt", xh.float(), own[:, :-1]) + own[:, -1:])
+        own_logp = logp.gather(-1, (r + 1)[:, None, None].expand(-1, logp.shape[1], 1)).squeeze(-1)
+        return -((1 - q) * logp[..., 0] + q * own_logp).mean()
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
         """Mix the backbone block's output `y` with the experts run on the block input `x`.
 
@@ -190,16 +212,9 @@ class ModeBlock(nn.Module):
         with, its hidden states excluded: masks, position embeddings, cache — per layer, since
         models such as Gemma-3 give sliding and full attention layers different masks and
         rotary embeddings."""
-        logits = self.gate(_rms(x))
-        a = torch.softmax(logits, dim=-1)
+        a = torch.softmax(self.gate(_rms(x)), dim=-1)
         if self.route is not None and bool((self.route >= 0).any()):
-            # the routing loss: the share of each expert among the experts (the backbone's weight is left
-            # to the LM loss), against the expert of the row's own corpus, for every token of the row. It
-            # trains the gate alone: x is detached, or it would also bend the earlier blocks' experts
-            target = self.route.to(logits.device)[:, None].expand(logits.shape[:-1])
-            z = self.gate(_rms(x.detach()))[..., 1:]
-            self.route_losses.append(nn.functional.cross_entropy(
-                z.float().reshape(-1, z.shape[-1]), target.reshape(-1), ignore_index=-1))
+            self.route_losses.append(self.routing_loss(x.detach(), self.route.to(x.device)))
         if self.routing is not None:  # `Mode.recording_routing`: the gate's mean weights over these tokens
             self.routing.append((a.detach().float().reshape(-1, a.shape[-1]).sum(0), a[..., 0].numel()))
         delta = torch.zeros_like(y)
@@ -359,6 +374,12 @@ class Mode(nn.Module):
         unexpected = sorted(set(tensors) - used)
         if unexpected:
             raise ValueError(f"tensors that do not belong to this layout: {unexpected[:5]}")
+        with torch.no_grad():  # the expert's own gate as log-odds over the backbone (for the routing loss)
+            for b, blk in enumerate(self.blocks):
+                w, c = tensors.get(f"blocks.{b}.gate.weight"), tensors.get(f"blocks.{b}.gate.bias")
+                if w is not None and c is not None and w.shape[0] == 2:
+                    blk.own_gate[j, :-1] = w[1] - w[0]
+                    blk.own_gate[j, -1] = c[1] - c[0]
         if gate:
             if self.n_experts != 1:
                 raise ValueError("an expert's own gate fits only a model of that one expert")

@@ -65,9 +65,10 @@ class ComposeConfig(ModeTrainOptions):
                                           "default: the experts' own")
     base: str | None = option(None, "default: the base the experts were trained on")
     freeze_experts: bool = option(False, "train the gates only")
-    routing_loss: float = option(1.0, "weight of the routing loss: the cross-entropy of each token's expert "
-                                      "weights (the gate's shares among the experts) against the expert of its own "
-                                      "corpus, for corpora named as experts; 0: the LM loss alone trains the gates")
+    routing_loss: float = option(1.0, "weight of the routing loss: on the text of a corpus named as an expert, "
+                                      "the gate learns to give that expert the weight its own gate gave it alone, "
+                                      "the backbone the rest and the other experts none; 0: the LM loss alone "
+                                      "trains the gates")
 
 
 def _trainer_class():
@@ -249,9 +250,11 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
 
     The LM loss alone leaves the fresh gates near uniform in a short composition (each expert
     alone learned to help on its own text, not to stay out of the others'), so by default a
-    routing loss is added (`routing_loss` times it): per token, the cross-entropy of the gate's
-    shares among the experts against the expert of the block's own corpus. It teaches the gates
-    which expert a token's context belongs to and leaves the backbone's weight to the LM loss.
+    routing loss is added (`routing_loss` times it, `ModeBlock.routing_loss`): on every token of
+    a corpus named as an expert, the cross-entropy of the gate against the weights that expert's
+    own gate gave alone (the expert q, the backbone 1 - q, the other experts 0). Where the gates
+    learn it, a domain's tokens get exactly its expert's block outputs: the composition hands
+    each domain over to its expert, and the LM loss trains on from there.
 
     Returns its metadata, with each corpus's held-out loss / perplexity / next-token accuracy.
     Under a launcher it trains with DDP as `pretrain_expert` does (rank 0 scores and writes)."""
