@@ -248,3 +248,18 @@ def test_a_killed_run_resumes_to_the_same_results(bench, tiny_decoder, data_root
                         for t, by in r["tasks"].items()}  # the job names hold the output folder's path
     assert scores(again) == scores(ref) and again["lm_loss"] == ref["lm_loss"]
     assert again["history"][0]["interrupted"]
+
+
+def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_lr(bench, tiny_decoder, data_root):
+    out, _ = bench
+    mode = {**TINY.get("mode", {}), "gate_lr": 2e-3, "compose_gate_lr": 7e-3}
+    s = resolve_settings("quick", tiny_decoder, workers=2,
+                         overrides={**TINY, "mode": mode, "pretrain": {**TINY["pretrain"], "dtype": "bf16"}})
+    s["base_id"] = _base_id(tiny_decoder)
+    jobs, _ = plan(s, prepare_data(data_root, out, s), out / "work", ["mode", "mode-frozen-experts"], s["seeds"])
+    experts = [j for j in jobs.values() if j.kind == "mode-pretrain"]
+    composed = [j for j in jobs.values() if j.kind == "mode-compose"]
+    assert experts and len(composed) == 2
+    assert all(j.spec["config"]["gate_lr"] == 2e-3 and j.spec["config"]["dtype"] == "bf16" for j in experts)
+    assert all(j.spec["config"]["gate_lr"] == 7e-3 and j.spec["config"]["dtype"] == "bf16" for j in composed)
+    assert all(j.spec["config"]["routing_loss"] == 1.0 for j in composed)

@@ -76,8 +76,10 @@ def _pretrain_cfg(settings: dict, domain: str, data: list[str], library: Path, s
 
 
 def _mode_cfg(settings: dict, cls, **kw) -> dict:
+    """A MoDE expert's or composition's config: the MoDE rates, and the pre-training dtype that the LoRA
+    modules and the all-weights runs use (their costs per token are compared)."""
     rates = {k: settings["mode"][k] for k in ("lr", "gate_lr") if k in settings["mode"]}
-    return _train_cfg(settings, cls, **{**rates, **kw})
+    return _train_cfg(settings, cls, **{**rates, "dtype": settings["pretrain"].get("dtype", "fp32"), **kw})
 
 
 def _library_key(common: dict, member_cfg: dict) -> str:
@@ -174,7 +176,9 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
         for variant in [v for v in COMPOSE if v in needs]:
             cfg = _mode_cfg(settings, ComposeConfig, library=str(mode_lib), out="", experts=list(domains),
                             data=[f"{d}={data['corpora'][d]['path']}" for d in domains], base=settings["base"],
-                            max_steps=settings["mode"]["compose_steps"], **COMPOSE[variant])
+                            max_steps=settings["mode"]["compose_steps"], **COMPOSE[variant],
+                            # the composition's fresh gates may want their own rate (settings.py)
+                            gate_lr=settings["mode"].get("compose_gate_lr", settings["mode"].get("gate_lr", 1e-3)))
             cdir = work / f"{variant}-compose-{_key({**common, 'config': cfg})}"
             cfg["out"] = str(cdir / "model")
             composed[variant] = (f"{variant}/compose", cdir / "model")
