@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...io import sha256_text
-from .settings import COMPOSE, MERGES, METHODS, NEEDS, NO_SAVE, order_name
+from .settings import COMPOSE, MERGES, METHODS, NEEDS, NO_SAVE, compose_gate_lr, order_name
 
 
 # Raised when domix itself computes different results from the same settings, so a rerun redoes
@@ -177,8 +177,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
             cfg = _mode_cfg(settings, ComposeConfig, library=str(mode_lib), out="", experts=list(domains),
                             data=[f"{d}={data['corpora'][d]['path']}" for d in domains], base=settings["base"],
                             max_steps=settings["mode"]["compose_steps"], **COMPOSE[variant],
-                            # the composition's fresh gates may want their own rate (settings.py)
-                            gate_lr=settings["mode"].get("compose_gate_lr", settings["mode"].get("gate_lr", 1e-3)))
+                            gate_lr=compose_gate_lr(settings["mode"]))  # fresh gates: their own rate
             cdir = work / f"{variant}-compose-{_key({**common, 'config': cfg})}"
             cfg["out"] = str(cdir / "model")
             composed[variant] = (f"{variant}/compose", cdir / "model")

@@ -7,7 +7,7 @@ from pathlib import Path
 from ...data.benchmark import GENERAL
 from ...io import atomic_write, save_figure
 from ...library.merge import DEFAULT_DENSITY
-from .settings import MERGES
+from .settings import MERGES, compose_gate_lr
 
 
 def _fmt(stat: dict | None, digits: int = 3) -> str:
@@ -570,7 +570,7 @@ def write_report(results: dict, out: Path) -> str:
              f"{s['mode']['compose_steps']} steps × {pre['batch_size']} × {pre['seq_len']} = "
              f"{s['mode']['compose_steps'] * pre['batch_size'] * pre['seq_len']:,} tokens of the four corpora in "
              "equal parts (DoMIX has no such stage: MoDE's pre-training budget is that much larger) at gate lr "
-             f"{s['mode'].get('compose_gate_lr', s['mode'].get('gate_lr', 1e-3)):g}. "
+             f"{compose_gate_lr(s['mode']):g}. "
              "mode trains experts and gates in composition and fine-tuning; mode-frozen-experts trains the gates "
              f"(and the head) only in both. MoDE fine-tunes at lr {ft.get('mode_lr')} (experts are full "
              "transformer layers; gates at the bridge lr), not tuned."]

@@ -45,6 +45,11 @@ NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modu
 COMPOSE = {"mode": {"freeze_experts": False}, "mode-frozen": {"freeze_experts": True}}
 COMPOSED_FOR = {v: m for m, v in NEEDS.items() if v in COMPOSE}  # composition -> the method fine-tuning it
 
+
+def compose_gate_lr(mode: dict) -> float:
+    """The compositions' gate lr: `compose_gate_lr`, else the experts' `gate_lr`, else its default."""
+    return mode.get("compose_gate_lr", mode.get("gate_lr", 1e-3))
+
 # ---------------------------------------------------------------------------- presets
 def _merge(a: dict, b: dict) -> dict:
     out = deepcopy(a)
