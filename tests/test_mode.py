@@ -52,15 +52,16 @@ def lib(tiny_decoder, corpora, tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("context", ["token", "mean"])
 @pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
 @pytest.mark.parametrize("head", ["lm", "classify"])
-def test_fresh_gates_give_the_base_model(kind, head, request):
+def test_fresh_gates_give_the_base_model(kind, head, context, request):
     base = request.getfixturevalue(kind)
     model = _load(base, head, kind)
     ref = _logits(model)
     n_hidden = len(model(input_ids=IDS, output_hidden_states=True).hidden_states)
     for init in ("copy", "random"):
-        mode = apply_mode(model, ["a", "b"], init=init)
+        mode = apply_mode(model, ["a", "b"], init=init, gate_context=context)
         assert torch.equal(_logits(model), ref), init  # exactly: the output maps W_j start at 0
         # the experts are real and trainable, the base is frozen
         assert all(p.requires_grad for p in mode.parameters())
@@ -106,19 +107,48 @@ def test_expert_layers_receive_masks_and_position_embeddings(kind, request):
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-5)
 
 
-def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder):
+@pytest.mark.parametrize("context", ["token", "mean"])
+def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder, context):
+    """Also for gates that read the mean of the text so far: in decoding, each block keeps its
+    earlier tokens' inputs in the cache (so `generate`, beam reordering included, sees them)."""
     model = _load(tiny_decoder)
-    _randomise_gates(apply_mode(model, ["a", "b"], init="random"))
-    ids = IDS[:1]
+    _randomise_gates(apply_mode(model, ["a", "b"], init="random", gate_context=context))
     with torch.no_grad():
-        full = model(input_ids=ids).logits
-        out = model(input_ids=ids[:, :4], use_cache=True)
+        full = model(input_ids=IDS, attention_mask=MASK).logits
+        out = model(input_ids=IDS[:, :4], attention_mask=MASK[:, :4], use_cache=True)
         steps, cache = [out.logits], out.cache
-        for t in range(4, ids.shape[1]):
-            out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+        for t in range(4, IDS.shape[1]):
+            out = model(input_ids=IDS[:, t:t + 1], attention_mask=MASK[:, :t + 1], cache=cache, use_cache=True)
             steps.append(out.logits)
             cache = out.cache
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_mean_context_sees_neither_later_tokens_nor_padding(tiny_decoder, tiny_encoder):
+    # decoder: a token's output does not depend on the tokens after it (no peeking through the gate)
+    model = _load(tiny_decoder)
+    _randomise_gates(apply_mode(model, ["a", "b"], gate_context="mean"))
+    other = IDS.clone()
+    other[:, 5:] = 2
+    torch.testing.assert_close(model(input_ids=other).logits[:, :5], model(input_ids=IDS).logits[:, :5])
+    # ... nor on left padding (positions as `generate` gives them)
+    ids, pos = IDS[1:, 2:], torch.arange(6)[None]
+    padded_pos = (MASK[1:].cumsum(-1) - 1).clamp_min(0)
+    alone = model(input_ids=ids, position_ids=pos).logits
+    padded = model(input_ids=IDS[1:], attention_mask=MASK[1:], position_ids=padded_pos).logits[:, 2:]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
+    unmasked = model(input_ids=IDS[1:], position_ids=padded_pos).logits[:, 2:]
+    assert not torch.allclose(unmasked, alone, atol=1e-3)  # the mask is what keeps the pads out
+    # encoder: every token sees the whole text, right padding excluded
+    enc = _load(tiny_encoder, kind="tiny_encoder")
+    _randomise_gates(apply_mode(enc, ["a", "b"], gate_context="mean"))
+    alone = enc(input_ids=IDS[:1, :6]).logits
+    padded = enc(input_ids=IDS[:1], attention_mask=torch.tensor([[1] * 6 + [0] * 2])).logits[:, :6]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-4)
+    other = IDS[:1, :6].clone()
+    other[:, 5] = 2  # a later token changes an earlier one's output (so does attention; the gate too)
+    assert not torch.allclose(enc(input_ids=other).logits[:, 0], alone[:, 0], atol=1e-4)
 
 
 class Capture:
@@ -294,10 +324,12 @@ def test_routing_loss_hands_each_domain_to_its_expert(tiny_decoder, lib, corpora
     routed = compose(library=str(lib), data=data, out=str(tmp_path / "routed"), freeze_experts=True, **kw)
     plain = compose(library=str(lib), data=data, out=str(tmp_path / "plain"), freeze_experts=True, routing_loss=0,
                     **kw)
-    assert routed["routing_loss"] == 1.0 and plain["routing_loss"] == 0
+    context = compose(library=str(lib), data=data, out=str(tmp_path / "context"), freeze_experts=True,
+                      gate_context="mean", **kw)
+    assert routed["routing_loss"] == 1.0 and plain["routing_loss"] == 0 and context["gate_context"] == "mean"
     for own, other in (("bio", "law"), ("law", "bio")):  # each domain's tokens go to its own expert
-        r = routed["routing"][own]
-        assert r[own] > 2 * r[other], routed["routing"]
+        for m in (routed, context):
+            assert m["routing"][own][own] > 2 * m["routing"][own][other], m["routing"]
         share = lambda m: m["routing"][own][own] / (m["routing"][own][own] + m["routing"][own][other])  # noqa: E731
         assert share(routed) > share(plain), (routed["routing"], plain["routing"])
     with pytest.raises(ValueError, match="--routing-loss must be 0 or more"):
@@ -308,17 +340,18 @@ def test_routing_loss_hands_each_domain_to_its_expert(tiny_decoder, lib, corpora
                 experts="bio", **FAST)
 
 
-def test_classifier_with_mode_round_trips_with_its_head(tiny_encoder, tmp_path):
+@pytest.mark.parametrize("context", ["token", "mean"])
+def test_classifier_with_mode_round_trips_with_its_head(tiny_encoder, tmp_path, context):
     model = _load(tiny_encoder, "classify")
-    mode = apply_mode(model, ["a", "b"])
+    mode = apply_mode(model, ["a", "b"], gate_context=context)
     _randomise_gates(mode)
     model.classifier.requires_grad_(True)  # a task head trains with the experts; it is saved with them
     with torch.no_grad():
         model.classifier.weight.mul_(3.0)
     ref = _logits(model)
-    save_mode(model, tmp_path / "m", {"base": tiny_encoder, "objective": "mlm"})
+    assert save_mode(model, tmp_path / "m", {"base": tiny_encoder, "objective": "mlm"})["gate_context"] == context
     fresh = _load(tiny_encoder, "classify")
-    load_mode(fresh, tmp_path / "m")
+    assert load_mode(fresh, tmp_path / "m").gate_context == context
     assert torch.equal(_logits(fresh), ref)
 
 

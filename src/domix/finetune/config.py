@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoints import DEFAULT_BASE
+from ..mode.layer import GATE_CONTEXT_HELP, GATE_CONTEXTS
 from ..training import TrainOptions, option
 
 METHOD_NAMES = ("domix", "lora", "dora", "full", "mode")
@@ -43,6 +44,8 @@ class ModeOptions:
 
     from_composed: str | None = option(None, "--method mode: start from a composed MoDE model")
     freeze_experts: bool = option(False, "--method mode: train gates and head only")
+    gate_context: str = option("token", "--method mode with --library (fresh gates): " + GATE_CONTEXT_HELP,
+                               choices=GATE_CONTEXTS)
 
 
 @dataclass(kw_only=True)

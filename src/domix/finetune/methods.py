@@ -210,7 +210,8 @@ class Mode(Method):
         else:
             if not cfg.library:
                 raise ValueError("--method mode needs --library (its MoDE experts) or --from-composed")
-            apply_mode(model, Library(cfg.library).select(cfg.modules, kind="mode-expert"), base_fingerprint=base_fp)
+            apply_mode(model, Library(cfg.library).select(cfg.modules, kind="mode-expert"), base_fingerprint=base_fp,
+                       gate_context=cfg.gate_context)
         return self._finish(model, cfg, head)
 
     @staticmethod
@@ -223,7 +224,7 @@ class Mode(Method):
             if n in head:
                 p.requires_grad_(True)
         return {"mode_layout": {"experts": list(mode.names), "blocks": mode.layout.blocks,
-                                "expert_layers": mode.layout.expert_layers},
+                                "expert_layers": mode.layout.expert_layers, "gate_context": mode.gate_context},
                 "modules": [{"name": n, "kind": "mode-expert"} for n in mode.names]}
 
     def restore(self, model, cfg, spec):
@@ -231,7 +232,8 @@ class Mode(Method):
 
         saved = spec["mode_layout"]
         apply_mode(model, saved["experts"], blocks=saved["blocks"], expert_layers=saved["expert_layers"],
-                   init=None)  # placeholders: the task model's tensors fill them
+                   init=None, gate_context=saved.get("gate_context", "token"))  # placeholders: the task model's
+        # tensors fill them
         self._finish(model, cfg, spec.get("head", []))
         return model
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..io import atomic_dir, write_json
-from ..models import fingerprint
 from ..library import META, Library, LibraryError, Module
+from ..models import fingerprint, is_masked_lm
 from .layer import Layout, Mode, ModeBlock, find_layers, layout_for, make_expert
 
 ATTR = "domix_mode"
@@ -41,7 +41,7 @@ def _check_expert(mod: Module, base_fp: str) -> Layout:
 
 def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int | None = None,
                expert_layers: int | None = None, init: str | None = "copy", keep_gates: bool = False,
-               freeze_base: bool = True, base_fingerprint: str | None = None) -> Mode:
+               freeze_base: bool = True, base_fingerprint: str | None = None, gate_context: str = "token") -> Mode:
     """Give `model` one expert per item of `experts`, side by side in every block, with fresh
     (N+1)-way gates: the model then computes exactly what it computed before.
 
@@ -52,7 +52,8 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
     The layout (`blocks`, `expert_layers`; default `default_layout`) comes from the library
     experts when there are any. `keep_gates` also loads a single expert's own trained gate.
     `freeze_base` freezes every parameter the model had (backbone and head); MoDE's experts and
-    gates are trainable (see `set_trainable`). Returns the `Mode` module (`model.domix_mode`)."""
+    gates are trainable (see `set_trainable`). `gate_context`: what the gates read, "token" or
+    "mean" (`ModeBlock.gate_input`). Returns the `Mode` module (`model.domix_mode`)."""
     if getattr(model, ATTR, None) is not None:
         raise ValueError("the model already has MoDE experts; call remove_mode(model) first")
     if not experts:
@@ -86,7 +87,8 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
     for b, span in enumerate(layout.spans):
         exps = [make_expert(model, layers, span, k, init if isinstance(e, str) else None,
                             first_index=layout.num_layers + (b * n + j) * k) for j, e in enumerate(experts)]
-        blocks_.append(ModeBlock(exps, layout.hidden_size))
+        blocks_.append(ModeBlock(exps, layout.hidden_size, context=gate_context,
+                                 causal=not is_masked_lm(model.config)))
     mode = Mode(layout, names, blocks_)
     for j, e in enumerate(experts):
         if isinstance(e, str):
@@ -97,7 +99,7 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
         except (RuntimeError, ValueError, KeyError) as err:
             raise LibraryError(f"expert '{names[j]}' does not fit this layout: {err}") from None
     model.add_module(ATTR, mode)
-    mode.attach(layers)
+    mode.attach(layers, model)
     return mode
 
 
@@ -140,7 +142,8 @@ def save_mode(model: nn.Module, out: Path | str, meta: dict | None = None, overw
     tensors.update({EXTRA + n: params[n].detach().cpu().contiguous() for n in extra})
     base_fp = base_fingerprint or _base_fingerprint(model)
     meta = {"kind": "mode", **(meta or {}), "base_fingerprint": base_fp, "layout": mode.layout.to_dict(),
-            "experts": mode.names, "params": mode.param_counts(), "extra_tensors": extra}
+            "experts": mode.names, "gate_context": mode.gate_context, "params": mode.param_counts(),
+            "extra_tensors": extra}
     with atomic_dir(out, overwrite=overwrite) as stage:
         save_file(tensors, str(stage / MODE_FILE), metadata={"format": "pt"})
         write_json(stage / META, meta)
@@ -200,7 +203,7 @@ def load_mode(model: nn.Module, path: Path | str, freeze_base: bool = True) -> M
     except (SafetensorError, OSError, RuntimeError) as e:
         raise LibraryError(f"MoDE model {path}: {MODE_FILE} is unreadable or truncated ({e})") from None
     mode = apply_mode(model, list(meta["experts"]), blocks=saved.blocks, expert_layers=saved.expert_layers,
-                      init=None, freeze_base=freeze_base)
+                      init=None, freeze_base=freeze_base, gate_context=meta.get("gate_context", "token"))
     mode.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EXTRA)}, strict=True)
     extra = {k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)}
     if extra:

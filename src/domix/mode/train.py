@@ -21,6 +21,7 @@ from ..models import fingerprint, load_model, load_tokenizer, select_device
 from ..distributed import barrier, main_process_first, on_main
 from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
     total_steps, trained
+from .layer import GATE_CONTEXT_HELP, GATE_CONTEXTS
 from .model import EXPERT_FILE, apply_mode, load_mode_model, read_meta, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"
@@ -69,6 +70,7 @@ class ComposeConfig(ModeTrainOptions):
                                       "the gate learns to give that expert the weight its own gate gave it alone, "
                                       "the backbone the rest and the other experts none; 0: the LM loss alone "
                                       "trains the gates")
+    gate_context: str = option("token", GATE_CONTEXT_HELP, choices=GATE_CONTEXTS)
 
 
 def _trainer_class():
@@ -287,7 +289,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
             if (blocks := pack_heldout(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)) is not None:
                 held_parts[name] = blocks
     base_fp = fingerprint(model)
-    mode = apply_mode(model, experts, base_fingerprint=base_fp)
+    mode = apply_mode(model, experts, base_fingerprint=base_fp, gate_context=cfg.gate_context)
     set_trainable(model, experts=not cfg.freeze_experts, gates=True)
     collate = lm_collator(tokenizer, objective)
     if cfg.routing_loss:  # each block carries the expert of its corpus (-1: a corpus no expert is named after)
@@ -318,6 +320,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
             "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
                             for m in experts},
             "freeze_experts": cfg.freeze_experts, "routing_loss": cfg.routing_loss, "seed": cfg.seed,
+            "gate_context": cfg.gate_context,
             "parts": [n for n, _ in parts],
             "blocks_per_part": [len(p) for p in train_parts],
             **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0,
