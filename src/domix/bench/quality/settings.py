@@ -98,11 +98,13 @@ DECISIVE = _merge(QUICK, {
     # rank and the same fine-tuning (the other presets give base-lora rank 16, about DoMIX's budget)
     "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0,
                  "eval_every": 16, "keep_best": True, "patience": 2, "base_lora_rank": 8},
-    # the composition: 64 steps (32,768 tokens of the mixture, one domain's budget) at gate lr 1e-2, with
-    # the routing loss. Measured 2026-12-01 on this preset's experts (frozen, held-out loss above each
-    # expert's own, mean of the 4 domains): 16 steps at gate lr 1e-3 / 1e-2 / 3e-2 gave 0.152 / 0.138 /
-    # 0.228 nats, 64 steps at 1e-2 0.073 (0.172 without the routing loss)
-    "mode": {"compose_steps": 64, "compose_gate_lr": 1e-2,
+    # the composition: 128 steps (65,536 tokens of the mixture, two domains' budget) at gate lr 1e-2, with
+    # the routing loss and gates that read the text so far. Measured 2026-12-01 on this preset's fp32
+    # experts (frozen; held-out loss above each expert's own, mean of the 4 domains; README): token gates,
+    # 16 steps at gate lr 1e-3 / 1e-2 / 3e-2: 0.152 / 0.138 / 0.228 nats, 64 steps at 1e-2: 0.073 (0.172
+    # without the routing loss); gates reading the mean context, 64 steps at 1e-2 / 3e-2: 0.057 / 0.198,
+    # 128 steps at 1e-2: 0.045
+    "mode": {"compose_steps": 128, "compose_gate_lr": 1e-2, "gate_context": "mean",
              "lr_grid": {"lr": [1e-4, 3e-4, 1e-3], "gate_lr": [1e-3, 1e-2]}},
 })
 PRESETS: dict[str, dict] = {
