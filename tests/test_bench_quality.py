@@ -250,9 +250,9 @@ def test_a_killed_run_resumes_to_the_same_results(bench, tiny_decoder, data_root
     assert again["history"][0]["interrupted"]
 
 
-def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_lr(bench, tiny_decoder, data_root):
+def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_settings(bench, tiny_decoder, data_root):
     out, _ = bench
-    mode = {**TINY.get("mode", {}), "gate_lr": 2e-3, "compose_gate_lr": 7e-3}
+    mode = {**TINY.get("mode", {}), "gate_lr": 2e-3, "compose_gate_lr": 7e-3, "gate_context": "mean"}
     s = resolve_settings("quick", tiny_decoder, workers=2,
                          overrides={**TINY, "mode": mode, "pretrain": {**TINY["pretrain"], "dtype": "bf16"}})
     s["base_id"] = _base_id(tiny_decoder)
@@ -262,4 +262,5 @@ def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_lr(be
     assert experts and len(composed) == 2
     assert all(j.spec["config"]["gate_lr"] == 2e-3 and j.spec["config"]["dtype"] == "bf16" for j in experts)
     assert all(j.spec["config"]["gate_lr"] == 7e-3 and j.spec["config"]["dtype"] == "bf16" for j in composed)
-    assert all(j.spec["config"]["routing_loss"] == 1.0 for j in composed)
+    assert all(j.spec["config"]["routing_loss"] == 1.0 and j.spec["config"]["gate_context"] == "mean"
+               for j in composed)

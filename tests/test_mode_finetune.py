@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 from conftest import make_corpus
 
 from domix.cli import main
 from domix.finetune import finetune, load_task_model
 from domix.mode import load_mode_model
-from domix.mode.train import pretrain_expert
+from domix.mode.train import compose, pretrain_expert
 
 DOMS = ["bio", "law", "food"]
 
@@ -48,3 +49,11 @@ def test_mode_finetune_save_load_export(tiny_decoder, corpora, tmp_path):
                                      id2label={i: l for i, l in enumerate(spec["labels"])})
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(**enc).logits, ref, rtol=1e-5, atol=1e-5)
+    # a composed model keeps its own gates: a different --gate-context for it is refused before training
+    compose(library=str(lib), out=str(tmp_path / "composed"), max_steps=1, batch_size=4, seq_len=16, progress=False,
+            device="cpu", threads=1)
+    with pytest.raises(ValueError, match="--gate-context mean is for fresh gates"):
+        finetune(method="mode", library=str(lib), from_composed=str(tmp_path / "composed"), base=tiny_decoder,
+                 train=str(tmp_path / "train.jsonl"), eval=str(tmp_path / "dev.jsonl"), out=str(tmp_path / "x"),
+                 epochs=1, batch_size=8, progress=False, device="cpu", threads=1, gate_context="mean")
+    assert not (tmp_path / "x").exists()

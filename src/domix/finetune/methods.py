@@ -206,7 +206,10 @@ class Mode(Method):
         from ..mode import apply_mode, load_mode
 
         if cfg.from_composed:
-            load_mode(model, cfg.from_composed)
+            mode = load_mode(model, cfg.from_composed)
+            if cfg.gate_context != "token" and mode.gate_context != cfg.gate_context:
+                raise ValueError(f"--gate-context {cfg.gate_context} is for fresh gates; the composed model "
+                                 f"{cfg.from_composed} has gates of context {mode.gate_context!r}")
         else:
             if not cfg.library:
                 raise ValueError("--method mode needs --library (its MoDE experts) or --from-composed")
