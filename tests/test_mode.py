@@ -353,6 +353,12 @@ def test_classifier_with_mode_round_trips_with_its_head(tiny_encoder, tmp_path, 
     fresh = _load(tiny_encoder, "classify")
     assert load_mode(fresh, tmp_path / "m").gate_context == context
     assert torch.equal(_logits(fresh), ref)
+    # tensors that do not fit what domix.json says (here: the gates' input) are refused by name
+    meta = json.loads((tmp_path / "m" / "domix.json").read_text())
+    meta["gate_context"] = "token" if context == "mean" else "mean"
+    (tmp_path / "m" / "domix.json").write_text(json.dumps(meta))
+    with pytest.raises(LibraryError, match="mode.safetensors does not match its domix.json"):
+        load_mode(_load(tiny_encoder, "classify"), tmp_path / "m")
 
 
 def test_foreign_experts_are_refused(tiny_decoder, tiny_encoder, lib, corpora, tmp_path, capsys):

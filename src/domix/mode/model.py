@@ -204,7 +204,10 @@ def load_mode(model: nn.Module, path: Path | str, freeze_base: bool = True) -> M
         raise LibraryError(f"MoDE model {path}: {MODE_FILE} is unreadable or truncated ({e})") from None
     mode = apply_mode(model, list(meta["experts"]), blocks=saved.blocks, expert_layers=saved.expert_layers,
                       init=None, freeze_base=freeze_base, gate_context=meta.get("gate_context", "token"))
-    mode.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EXTRA)}, strict=True)
+    try:
+        mode.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EXTRA)}, strict=True)
+    except RuntimeError as e:  # tensors that do not match domix.json (edited or mixed-up files)
+        raise LibraryError(f"MoDE model {path}: {MODE_FILE} does not match its {META} ({e})") from None
     extra = {k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)}
     if extra:
         missing = sorted(set(extra) - set(dict(model.named_parameters())))
