@@ -234,9 +234,9 @@ class Mode(Method):
         from ..mode import apply_mode
 
         saved = spec["mode_layout"]
+        # placeholders: the task model's tensors fill them
         apply_mode(model, saved["experts"], blocks=saved["blocks"], expert_layers=saved["expert_layers"],
-                   init=None, gate_context=saved.get("gate_context", "token"))  # placeholders: the task model's
-        # tensors fill them
+                   init=None, gate_context=saved.get("gate_context", "token"))
         self._finish(model, cfg, spec.get("head", []))
         return model
 
