@@ -110,7 +110,8 @@ def test_expert_layers_receive_masks_and_position_embeddings(kind, request):
 @pytest.mark.parametrize("context", ["token", "mean"])
 def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder, context):
     """Also for gates that read the mean of the text so far: in decoding, each block keeps its
-X
+    earlier tokens' inputs in the cache (so `generate` sees them; the cache's beam reordering acts
+    on them too)."""
     model = _load(tiny_decoder)
     _randomise_gates(apply_mode(model, ["a", "b"], init="random", gate_context=context))
     with torch.no_grad():
