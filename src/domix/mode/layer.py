@@ -343,12 +343,14 @@ class Mode(nn.Module):
             self._calls.pop(i, None)
         cache = next((calls[-1][1][key] for key in ("cache", "past_key_values", "past_key_value")
                       if calls[-1][1].get(key) is not None), None)
-        sources = self.cache_sources()
         context = self.gate_context == "mean"
+        index = None  # with a cache and context gates: the cache layer of this block's context
         if cache is not None:
+            sources = self.cache_sources()
             _reserve_cache(cache, self.layout.num_layers, sources + [None] * len(self.blocks) * context)
+            index = self.layout.num_layers + len(sources) + b
         y = self.blocks[b](x, _output(output), calls, mask=self._mask if context else None,
-                           cache=cache if context else None, cache_index=self.layout.num_layers + len(sources) + b)
+                           cache=cache if context else None, cache_index=index)
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
     def cache_sources(self) -> list[int]:

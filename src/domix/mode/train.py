@@ -320,7 +320,6 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
             "expert_meta": {m.name: {k: m.meta.get(k) for k in ("module_seed", "steps", "data", "heldout_loss")}
                             for m in experts},
             "freeze_experts": cfg.freeze_experts, "routing_loss": cfg.routing_loss, "seed": cfg.seed,
-            "gate_context": cfg.gate_context,
             "parts": [n for n, _ in parts],
             "blocks_per_part": [len(p) for p in train_parts],
             **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0,
