@@ -75,8 +75,10 @@ def test_bench_dap_fused_and_ddp_runs(tiny_decoder, corpora, tmp_path):
     res = json.loads(out.read_text())
     sc = res["scale"]
     assert sc["fused"]["domains"] == 2 and sc["separate"]["domains"] == 2 and len(sc["separate"]["runs"]) == 2
-    assert (sc["fused"]["stack"], sc["fused_stack1"]["stack"]) == (2, 1)
-    assert sc["fused"]["tokens"] == sc["fused_stack1"]["tokens"] == sc["separate"]["tokens"] == 2 * (2 + WARMUP_STEPS) * 2 * 16
+    assert (sc["fused"]["stack"], sc["fused_stack1"]["stack"], sc["fused_parallel"]["stack"]) == (2, 1, 1)
+    assert (sc["fused"]["parallel"], sc["fused_stack1"]["parallel"], sc["fused_parallel"]["parallel"]) == (1, 1, 2)
+    assert sc["fused"]["tokens"] == sc["fused_stack1"]["tokens"] == sc["fused_parallel"]["tokens"] == \
+        sc["separate"]["tokens"] == 2 * (2 + WARMUP_STEPS) * 2 * 16
     assert sc["ddp_2"]["processes"] == 2 and sc["ddp_1"]["processes"] == 1
     assert sc["ddp_2"]["tokens_per_step"] == 2 * sc["ddp_1"]["tokens_per_step"]
     r = res["ratios"]
@@ -85,7 +87,10 @@ def test_bench_dap_fused_and_ddp_runs(tiny_decoder, corpora, tmp_path):
     assert r["ddp_scaling_2_processes"] == pytest.approx(sc["ddp_2"]["tokens_per_s"] / (2 * sc["ddp_1"]["tokens_per_s"]))
     assert r["fused_stack1_tokens_per_s_over_separate"] == pytest.approx(
         (sc["fused_stack1"]["tokens"] / sc["fused_stack1"]["wall_s"]) / (sc["separate"]["tokens"] / sc["separate"]["wall_s"]))
+    assert r["fused_parallel_peak_rss_over_separate_sum"] == pytest.approx(sc["fused_parallel"]["peak_rss_mb"] /
+                                                                           sc["separate"]["peak_rss_mb_sum"])
     assert {"fused_peak_rss_over_separate_sum", "fused_tokens_per_s_over_separate", "fused_stack1_peak_rss_over_separate_sum",
-            "ddp_scaling_2_processes"} <= set(res["targets"])
+            "fused_parallel_tokens_per_s_over_separate", "ddp_scaling_2_processes"} <= set(res["targets"])
     assert "all domains per forward pass" in res["table"] and "1 domain(s) per forward pass" in res["table"]
+    assert "1 domain(s) per forward pass, 2 passes at once in threads" in res["table"]
     assert "| 2 |" in res["table"]

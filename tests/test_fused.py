@@ -81,6 +81,41 @@ def test_fused_modules_equal_separately_trained_ones(tiny_decoder, corpora, sepa
     assert {r["status"] for r in again.values()} == {"skipped"}
 
 
+def test_fused_domains_in_threads_equal_separately_trained_ones(tiny_decoder, corpora, separate, tmp_path,
+                                                                monkeypatch):
+    """--fused-stack 1 --fused-parallel 2: two domains' passes at once in threads of the one process,
+    each on one of the two intra-op threads; every module as trained alone."""
+    import threading
+
+    from domix.library import fused
+
+    seen, hook = set(), fused._Rows.hook
+
+    def spy(self, module, args, output):
+        seen.add(threading.current_thread().name)
+        return hook(self, module, args, output)
+
+    monkeypatch.setattr(fused._Rows, "hook", spy)
+    before = torch.get_num_threads()
+    lib = tmp_path / "threads"
+    try:
+        res = pretrain_fused(_cfgs(tiny_decoder, corpora, lib, ["bio", "law", "food"], threads=2), stack=1, parallel=2)
+        assert torch.get_num_threads() == 2  # --threads; shared out between the threads for the passes only
+    finally:
+        torch.set_num_threads(before)
+    assert {r["status"] for r in res.values()} == {"done"}
+    assert seen and all(n.startswith("domix-fused") for n in seen)  # the passes ran in the pool's threads
+    for d in ("bio", "law", "food"):
+        assert _max_diff(_tensors(lib, d), _tensors(separate, d)) <= TOL, d
+        _same_run(json.loads((lib / d / "domix.json").read_text()), json.loads((separate / d / "domix.json").read_text()))
+    # threads would share LoRA dropout's random stream: refused, as is a count below 1
+    with pytest.raises(ValueError, match="dropout.*bio"):
+        pretrain_fused(_cfgs(tiny_decoder, corpora, tmp_path / "x", ["bio"], dropout=0.1), parallel=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        pretrain_fused(_cfgs(tiny_decoder, corpora, tmp_path / "x", ["bio"]), parallel=0)
+    assert not (tmp_path / "x").exists()
+
+
 def test_fused_with_gradient_accumulation_matches_separate(tiny_decoder, corpora, tmp_path):
     kw = dict(grad_accum=2, max_steps=21)  # the Trainer logs every 2 steps: 10 entries, the last step unlogged
     pretrain(_cfgs(tiny_decoder, corpora, tmp_path / "alone", ["bio"], **kw)[0])

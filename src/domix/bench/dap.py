@@ -47,6 +47,8 @@ TARGETS = {  # from the issues
     "fused_tokens_per_s_over_separate": (">=", 1.0),
     "fused_stack1_peak_rss_over_separate_sum": ("<=", 0.6),
     "fused_stack1_tokens_per_s_over_separate": (">=", 1.0),
+    "fused_parallel_peak_rss_over_separate_sum": ("<=", 0.6),
+    "fused_parallel_tokens_per_s_over_separate": (">=", 1.0),
     "ddp_scaling_2_processes": (">=", 0.8),
 }
 THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
@@ -75,8 +77,9 @@ class DapOptions(EfficiencyOptions):
     gradient_checkpointing: bool = option(False, "every run recomputes activations in backward (the memory-saving "
                                                  "setting)")
     data: str | None = option(None, "corpus (default: the benchmark's bio corpus if built, else a Wikipedia sample)")
-    fused: int = option(0, "also: N modules trained fused in one process (2 threads) against N separate processes "
-                           "(2 at a time, 1 thread each), end to end; 0 skips it")
+    fused: int = option(0, "also: N modules trained fused in one process (2 threads: all N per forward pass, one "
+                           "per pass, one per pass in each of 2 threads) against N separate processes (2 at a time, "
+                           "1 thread each), end to end; 0 skips it")
     ddp: bool = option(False, "also: one module on 2 DDP processes against 1 process (1 thread each, the same "
                               "batch per process)")
     out: str | None = option("bench-out/dap.json", "where to write the JSON result")
@@ -191,16 +194,17 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
 
 def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1, stack: int = 0) -> dict:
+           gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1, stack: int = 0,
+           parallel: int = 1) -> dict:
     """One benchmark run in this process; returns its measurements. `fused`: `domains` modules on
-    copies of the corpus in one process, `stack` of them per forward pass (0: all), timed end to
-    end (loading included)."""
+    copies of the corpus in one process, `stack` of them per forward pass (0: all), `parallel`
+    passes at once in threads, timed end to end (loading included)."""
     import resource
 
     import torch
 
     if kind == "fused":
-        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains, stack)
+        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains, stack, parallel)
 
     torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -252,7 +256,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
 
 def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int, dtype: str,
-                  domains: int, stack: int = 0) -> dict:
+                  domains: int, stack: int = 0, parallel: int = 1) -> dict:
     import resource
 
     from ..library.fused import pretrain_fused
@@ -264,12 +268,12 @@ def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: in
         cfgs = [PretrainConfig(domain=f"d{i}", data=[data], library=tmp, base=base, seq_len=seq_len,
                                batch_size=batch_size, lr=LR, max_steps=total, device="cpu", threads=threads,
                                dtype=dtype, progress=False) for i in range(domains)]
-        res = pretrain_fused(cfgs, progress=False, stack=stack or None)
+        res = pretrain_fused(cfgs, progress=False, stack=stack or None, parallel=parallel)
     failed = {d: r["error"] for d, r in res.items() if r["status"] != "done"}
     if failed:
         raise RuntimeError(f"fused run: {failed}")
     wall = time.perf_counter() - t0
-    return {"run": "fused", "domains": domains, "stack": stack or domains,
+    return {"run": "fused", "domains": domains, "stack": stack or -(-domains // parallel), "parallel": parallel,
             "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
             "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
@@ -277,13 +281,13 @@ def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: in
 
 def _command(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
              result: Path, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
-             processes: int = 1, stack: int = 0) -> list[str]:
+             processes: int = 1, stack: int = 0, parallel: int = 1) -> list[str]:
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     cmd = [*launch, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
            "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
            "--threads", str(threads), "--dtype", dtype, "--domains", str(domains), "--stack", str(stack),
-           "--result", str(result)]
+           "--parallel", str(parallel), "--result", str(result)]
     return cmd + (["--gradient-checkpointing"] if gradient_checkpointing else [])
 
 
@@ -302,10 +306,10 @@ def _read(kind: str, proc, result: Path) -> dict:
 
 def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
            tmpdir: str, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
-           processes: int = 1, stack: int = 0) -> dict:
+           processes: int = 1, stack: int = 0, parallel: int = 1) -> dict:
     result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
     cmd = _command(kind, base, data, steps, seq_len, batch_size, threads, result, gradient_checkpointing, dtype,
-                   domains, processes, stack)
+                   domains, processes, stack, parallel)
     proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
     return _read(kind, proc, result)
 
@@ -332,19 +336,21 @@ def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtyp
 
 
 def scale_study(opts, base: str, data: str, tmpdir: str, log) -> dict:
-    """Fused (all domains stacked per forward pass, then one at a time) vs separate processes
-    (`opts.fused` domains, 2 threads in all), and DDP on 2 processes vs 1."""
+    """Fused (all domains stacked per forward pass; one at a time; one at a time in each of 2
+    threads) vs separate processes (`opts.fused` domains, 2 threads in all), and DDP on 2
+    processes vs 1."""
     out: dict = {"runs": {}, "ratios": {}}
     steps, seq_len, batch, dtype = opts.steps, opts.seq_len, opts.batch_size, opts.dtype
     if opts.fused:
         log(f"scale: {opts.fused} modules in {opts.fused} separate processes, 2 at a time ...")
         sep = _separate(opts.fused, 2, base, data, steps, seq_len, batch, dtype, tmpdir)
         out["runs"]["separate"] = sep
-        for key, stack in (("fused", 0), ("fused_stack1", 1)):
+        for key, stack, parallel in (("fused", 0, 1), ("fused_stack1", 1, 1), ("fused_parallel", 1, 2)):
             log(f"scale: {opts.fused} modules fused in one process (2 threads), "
-                + ("all stacked in each forward pass ..." if not stack else f"{stack} per forward pass ..."))
+                + ("all stacked in each forward pass" if not stack else f"{stack} per forward pass")
+                + (f", {parallel} passes at once" if parallel > 1 else "") + " ...")
             f = _spawn("fused", base, data, steps, seq_len, batch, 2, tmpdir, dtype=dtype, domains=opts.fused,
-                       stack=stack)
+                       stack=stack, parallel=parallel)
             out["runs"][key] = f
             out["ratios"].update({
                 f"{key}_peak_rss_over_separate_sum": f["peak_rss_mb"] / sep["peak_rss_mb_sum"],
@@ -416,9 +422,11 @@ def _table(res: dict) -> str:
                   "| run | tokens/s | wall (s) | peak RSS (MB) |", "|---|---:|---:|---:|",
                   f"| {p['domains']} separate processes, 2 at a time, 1 thread each | {p['tokens'] / p['wall_s']:.1f} | "
                   f"{p['wall_s']:.1f} | {p['peak_rss_mb_sum']:.0f} (sum) |"]
-        for f in (sc[k] for k in ("fused", "fused_stack1") if k in sc):
+        for f in (sc[k] for k in ("fused", "fused_stack1", "fused_parallel") if k in sc):
             how = "all domains per forward pass" if f.get("stack", f["domains"]) == f["domains"] else \
                 f"{f['stack']} domain(s) per forward pass"
+            if f.get("parallel", 1) > 1:
+                how += f", {f['parallel']} passes at once in threads"
             lines.append(f"| fused, one process, 2 threads, {how} | {f['tokens'] / f['wall_s']:.1f} | "
                          f"{f['wall_s']:.1f} | {f['peak_rss_mb']:.0f} |")
     if "ddp_1" in sc:
@@ -525,12 +533,13 @@ def _main(argv=None) -> int:
     ap.add_argument("--dtype", choices=PRECISIONS, required=True)
     ap.add_argument("--domains", type=int, default=1, help="fused: modules trained together")
     ap.add_argument("--stack", type=int, default=0, help="fused: modules per forward pass (0: all)")
+    ap.add_argument("--parallel", type=int, default=1, help="fused: forward passes at once, in threads")
     a = ap.parse_args(argv)
     from ..distributed import is_main
     from ..io import write_json
 
     r = worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads, a.gradient_checkpointing,
-               a.dtype, a.domains, a.stack)
+               a.dtype, a.domains, a.stack, a.parallel)
     if is_main():  # under torchrun: one result, rank 0's (its steps are every process's)
         write_json(a.result, r)
     return 0

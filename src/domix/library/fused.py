@@ -15,17 +15,25 @@ optimizer and schedule — and its adapter is initialised right after `set_seed(
 equal to the separate runs; in general equality is to float tolerance, since a matrix product
 over the stacked rows may be blocked differently than over one domain's rows (more threads, GPUs).
 
+With `parallel` P > 1 the passes of different domains run at the same time in P threads of the
+one process, each on its own share of the cores (`--threads` / P intra-op threads), still over
+the one copy of the base: on CPUs, where a single process's extra intra-op threads mostly wait
+on each other, this is what makes one job as fast as separate processes. Each domain's passes
+stay in one thread, in order, so its module is the same as with P = 1.
+
 Next-token (decoder) bases only: masked-LM masking draws from the global random stream inside
-the collator, which interleaved domains would share.
+the collator, which interleaved domains would share (as LoRA dropout would, which threads refuse).
 """
 from __future__ import annotations
 
 import re
 import shutil
 import tempfile
+import threading
 import time
 import traceback
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -55,10 +63,19 @@ def check_fusable(configs: list) -> None:
 
 
 class _Rows:
-    """Which rows of the stacked batch belong to which domain, read by the LoRA hooks."""
+    """Which rows of the stacked batch belong to which domain, read by the LoRA hooks; per thread,
+    since with `parallel` threads each runs passes of its own domains."""
 
     def __init__(self):
-        self.spans: list[tuple[str, int, int]] = []
+        self._local = threading.local()
+
+    @property
+    def spans(self) -> list[tuple[str, int, int]]:
+        return getattr(self._local, "spans", [])
+
+    @spans.setter
+    def spans(self, value: list[tuple[str, int, int]]) -> None:
+        self._local.spans = value
 
     def hook(self, module, args, output):
         x = args[0]
@@ -94,6 +111,18 @@ def _routed(peft_model, rows: _Rows):
             h.remove()
 
 
+@contextmanager
+def _threads_each(parallel: int):
+    """Within: the intra-op threads shared out between `parallel` threads running passes at once,
+    not multiplied (each thread's operators take their own team of that many)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // parallel))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _batches(trainer, loader, device):
     """The separate run's optimizer steps of one domain: its Trainer's `loader`, epoch after epoch
     (`set_epoch` as `Trainer.train` sets it), in `get_batch_samples` groups with their token count."""
@@ -118,14 +147,17 @@ def _history(losses: list[float], every: int) -> list[dict]:
             for k in range(every, len(losses) + 1, every)]
 
 
-def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int | None = None) -> dict:
+def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int | None = None,
+                   parallel: int = 1) -> dict:
     """Train the LoRA modules of `configs` (PretrainConfig, one base) in one process and write
     each library entry as `pretrain` writes it. Returns {domain: {"domain", "status", "meta" |
     "error"}}: a domain that fails (its data, or mid-run) is reported and the others finish.
 
-    `stack`: how many domains' batches share one forward and backward pass (default: all). The
-    activations held at once grow with it; with 1 the domains take turns through the one base,
-    whose weights are still held once. The modules are the same either way (to float tolerance).
+    `stack`: how many domains' batches share one forward and backward pass (default: all, shared
+    out between the `parallel` threads). The activations held at once grow with it; with 1 the
+    domains take turns through the one base, whose weights are still held once. `parallel`: how
+    many of those passes run at the same time, in threads that share the cores. The modules are
+    the same either way (to float tolerance).
     `fail(domain, step)` (tests) may raise to simulate a failure inside a domain's step."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -140,6 +172,11 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
     check_fusable(configs)
     if stack is not None and stack < 1:
         raise ValueError(f"--fused-stack must be at least 1, not {stack}")
+    if parallel < 1:
+        raise ValueError(f"--fused-parallel must be at least 1, not {parallel}")
+    if parallel > 1 and (dropped := [c.domain for c in configs if c.dropout]):
+        raise ValueError(f"--fused-parallel runs domains in threads that would share the random stream of LoRA "
+                         f"dropout ({', '.join(dropped)}): train them with dropout 0 or without --fused-parallel")
     from .pretrain_all import _module_complete
 
     results, todo = {}, []
@@ -226,63 +263,76 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
         rows = _Rows()
         peft.to(device).train()
         autocast = runs[0]["trainer"].accelerator.autocast
-        active = list(runs)
-        bar = tqdm(total=max(r["steps"] for r in runs), desc="fused steps", disable=not progress)
-        step = 0
-        while active:
-            group = []
-            for r in list(active):
-                try:
-                    if fail:
-                        fail(r["cfg"].domain, step)
-                    samples, n_items = next(r["batches"])
-                    group.append((r, samples, n_items))
-                except Exception as e:  # noqa: BLE001 — this domain stops, the others go on
-                    failed(r["cfg"], e)
-                    active.remove(r)
-            micro = max((len(s) for _, s, _ in group), default=0)
-            step_loss = {id(r): 0.0 for r, _, _ in group}
-            per = stack or len(group)  # domains per forward pass
-            for k, i in [(k, i) for k in range(micro) for i in range(0, len(group), per)]:
-                parts = [(r, s[k], n) for r, s, n in group[i:i + per] if k < len(s)]
+
+        def passes(chunk: list, micro: int, step_loss: dict) -> None:
+            """Forward and backward passes of one chunk of domains, micro-batch after micro-batch."""
+            for k in range(micro):
+                parts = [(r, s[k], n) for r, s, n in chunk if k < len(s)]
                 if not parts:
                     continue
                 ids = torch.cat([b["input_ids"] for _, b, _ in parts]).to(device)
                 labels = torch.cat([b["labels"] for _, b, _ in parts]).to(device)
                 mask = torch.cat([b["attention_mask"] for _, b, _ in parts]).to(device)
-                rows.spans, start = [], 0
+                spans, start = [], 0
                 for r, b, _ in parts:
-                    rows.spans.append((r["cfg"].domain, start, start + len(b["input_ids"])))
+                    spans.append((r["cfg"].domain, start, start + len(b["input_ids"])))
                     start += len(b["input_ids"])
-                with _routed(peft, rows), autocast():
+                rows.spans = spans
+                with autocast():
                     hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                     total = 0.0
-                    for (r, _, n), (_, s, e) in zip(parts, rows.spans):  # each domain's loss, as `pretrain`'s
+                    for (r, _, n), (_, s, e) in zip(parts, spans):  # each domain's loss, as `pretrain`'s
                         loss = next_token_loss(*next_token_pairs(hidden[s:e], labels[s:e]), head.weight, n)
                         step_loss[id(r)] += loss.item()  # the step's loss, as the Trainer sums it
                         total = total + loss
                 total.backward()
-            for r, _, _ in group:
-                if r not in active:
-                    continue
-                t, name = r["trainer"], r["cfg"].domain
-                try:
-                    if t.args.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params[name], t.args.max_grad_norm)
-                    t.optimizer.step()
-                    t.lr_scheduler.step()
-                    for p in params[name]:
-                        p.grad = None
-                except Exception as e:  # noqa: BLE001
-                    failed(r["cfg"], e)
-                    active.remove(r)
-                    continue
-                r["losses"].append(step_loss[id(r)])
-                r["done"] = r.get("done", 0) + 1
-                if r["done"] >= r["steps"]:
-                    active.remove(r)
-            step += 1
-            bar.update()
+
+        active = list(runs)
+        bar = tqdm(total=max(r["steps"] for r in runs), desc="fused steps", disable=not progress)
+        step = 0
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="domix-fused") if parallel > 1 else None
+        with _routed(peft, rows), pool or nullcontext(), _threads_each(parallel):
+            while active:
+                group = []
+                for r in list(active):
+                    try:
+                        if fail:
+                            fail(r["cfg"].domain, step)
+                        samples, n_items = next(r["batches"])
+                        group.append((r, samples, n_items))
+                    except Exception as e:  # noqa: BLE001 — this domain stops, the others go on
+                        failed(r["cfg"], e)
+                        active.remove(r)
+                micro = max((len(s) for _, s, _ in group), default=0)
+                step_loss = {id(r): 0.0 for r, _, _ in group}
+                per = stack or max(1, -(-len(group) // parallel))  # domains per forward pass (default: all, shared out)
+                chunks = [group[i:i + per] for i in range(0, len(group), per)]
+                if pool is None:
+                    for chunk in chunks:
+                        passes(chunk, micro, step_loss)
+                else:
+                    list(pool.map(passes, chunks, [micro] * len(chunks), [step_loss] * len(chunks)))
+                for r, _, _ in group:
+                    if r not in active:
+                        continue
+                    t, name = r["trainer"], r["cfg"].domain
+                    try:
+                        if t.args.max_grad_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(params[name], t.args.max_grad_norm)
+                        t.optimizer.step()
+                        t.lr_scheduler.step()
+                        for p in params[name]:
+                            p.grad = None
+                    except Exception as e:  # noqa: BLE001
+                        failed(r["cfg"], e)
+                        active.remove(r)
+                        continue
+                    r["losses"].append(step_loss[id(r)])
+                    r["done"] = r.get("done", 0) + 1
+                    if r["done"] >= r["steps"]:
+                        active.remove(r)
+                step += 1
+                bar.update()
         bar.close()
         train_time = time.time() - t0
 
