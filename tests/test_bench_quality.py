@@ -252,7 +252,8 @@ def test_a_killed_run_resumes_to_the_same_results(bench, tiny_decoder, data_root
 
 def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_settings(bench, tiny_decoder, data_root):
     out, _ = bench
-    mode = {**TINY.get("mode", {}), "gate_lr": 2e-3, "compose_gate_lr": 7e-3, "gate_context": "mean"}
+    mode = {**TINY.get("mode", {}), "gate_lr": 2e-3, "compose_gate_lr": 7e-3, "gate_context": "mean",
+            "gate_form": "routed"}
     s = resolve_settings("quick", tiny_decoder, workers=2,
                          overrides={**TINY, "mode": mode, "pretrain": {**TINY["pretrain"], "dtype": "bf16"}})
     s["base_id"] = _base_id(tiny_decoder)
@@ -263,4 +264,5 @@ def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_setti
     assert all(j.spec["config"]["gate_lr"] == 2e-3 and j.spec["config"]["dtype"] == "bf16" for j in experts)
     assert all(j.spec["config"]["gate_lr"] == 7e-3 and j.spec["config"]["dtype"] == "bf16" for j in composed)
     assert all(j.spec["config"]["routing_loss"] == 1.0 and j.spec["config"]["gate_context"] == "mean"
+               and j.spec["config"]["gate_form"] == "routed"
                for j in composed)

@@ -39,6 +39,9 @@ def _randomise_gates(mode, seed=0):
     for blk in mode.blocks:
         blk.gate.weight.copy_(torch.randn(blk.gate.weight.shape, generator=g))
         blk.gate.bias.copy_(torch.randn(blk.gate.bias.shape, generator=g))
+        if blk.form == "routed":  # the experts' own gates
+            blk.own.weight.copy_(torch.randn(blk.own.weight.shape, generator=g))
+            blk.own.bias.copy_(torch.randn(blk.own.bias.shape, generator=g))
         for w in blk.out:  # W_j = I: the paper's mixture
             w.weight.copy_(torch.eye(w.weight.shape[0]))
 
@@ -52,16 +55,19 @@ def lib(tiny_decoder, corpora, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("context", ["token", "mean"])
+GATES = [("token", "softmax"), ("mean", "softmax"), ("mean", "routed")]  # (context, form)
+
+
+@pytest.mark.parametrize("context,form", GATES)
 @pytest.mark.parametrize("kind", ["tiny_decoder", "tiny_encoder"])
 @pytest.mark.parametrize("head", ["lm", "classify"])
-def test_fresh_gates_give_the_base_model(kind, head, context, request):
+def test_fresh_gates_give_the_base_model(kind, head, context, form, request):
     base = request.getfixturevalue(kind)
     model = _load(base, head, kind)
     ref = _logits(model)
     n_hidden = len(model(input_ids=IDS, output_hidden_states=True).hidden_states)
     for init in ("copy", "random"):
-        mode = apply_mode(model, ["a", "b"], init=init, gate_context=context)
+        mode = apply_mode(model, ["a", "b"], init=init, gate_context=context, gate_form=form)
         assert torch.equal(_logits(model), ref), init  # exactly: the output maps W_j start at 0
         # the experts are real and trainable, the base is frozen
         assert all(p.requires_grad for p in mode.parameters())
@@ -107,13 +113,13 @@ def test_expert_layers_receive_masks_and_position_embeddings(kind, request):
     torch.testing.assert_close(_logits(model), ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("context", ["token", "mean"])
-def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder, context):
+@pytest.mark.parametrize("context,form", GATES)
+def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder, context, form):
     """Also for gates that read the mean of the text so far: in decoding, each block keeps its
     earlier tokens' inputs in the cache (so `generate` sees them; the cache's beam reordering acts
     on them too)."""
     model = _load(tiny_decoder)
-    _randomise_gates(apply_mode(model, ["a", "b"], init="random", gate_context=context))
+    _randomise_gates(apply_mode(model, ["a", "b"], init="random", gate_context=context, gate_form=form))
     with torch.no_grad():
         full = model(input_ids=IDS, attention_mask=MASK).logits
         out = model(input_ids=IDS[:, :4], attention_mask=MASK[:, :4], use_cache=True)
@@ -317,6 +323,64 @@ def test_routing_loss_teaches_each_expert_its_own_gate_weight(tiny_decoder, lib)
     fresh = apply_mode(_load(tiny_decoder), ["a", "b"])
     with pytest.raises(ValueError, match="own gate"):
         fresh.blocks[0].routing_loss(torch.randn(2, 8, 32), torch.tensor([0, 1]))
+
+
+@torch.no_grad()
+def test_a_routed_gate_sure_of_a_domain_is_that_expert_alone(tiny_decoder, lib):
+    """Gate form "routed": each expert keeps its own gate, so a router sure of expert j gives
+    exactly the model of expert j alone (its own trained gate); an unsure one mixes them."""
+    alone = {name: load_mode_model(lib / name)[0] for name in ("bio", "law")}
+    model = _load(tiny_decoder)
+    mode = apply_mode(model, Library(lib).select("bio,law", kind="mode-expert"), gate_context="mean",
+                      gate_form="routed")
+    assert mode.gate_form == "routed" and mode.blocks[0].gate.out_features == 2  # a router over the experts
+    for j, name in enumerate(mode.names):
+        for blk in mode.blocks:
+            blk.gate.weight.zero_()
+            blk.gate.bias.copy_(torch.tensor([40.0, -40.0] if j == 0 else [-40.0, 40.0]))
+        torch.testing.assert_close(_logits(model), _logits(alone[name]), rtol=1e-5, atol=1e-5)
+    for blk in mode.blocks:
+        blk.reset_gate()
+    mixed = _logits(model)
+    assert all(not torch.allclose(mixed, _logits(m), atol=1e-3) for m in alone.values())
+
+
+def test_routed_gates_learn_which_text_is_whose_and_round_trip(tiny_decoder, lib, corpora, tmp_path):
+    """The routing loss of a routed gate is the router's cross-entropy on each row's expert; it
+    trains the router alone. A composition with it hands each domain to its expert and saves and
+    loads with its form."""
+    model = _load(tiny_decoder)
+    mode = apply_mode(model, Library(lib).select("bio,law", kind="mode-expert"), gate_form="routed")
+    _randomise_gates(mode)
+    inputs = []
+    for blk in mode.blocks:
+        blk.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    with mode.routing_targets(torch.tensor([1, -1])) as routed:
+        model(input_ids=IDS, attention_mask=MASK)
+        loss = routed()
+    want = [-torch.log_softmax(blk.gate(x[0] / x[0].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()), -1)[:, 1].mean()
+            for blk, x in zip(mode.blocks, inputs)]
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mode.gate_parameters())
+    assert all(p.grad is None for p in mode.expert_parameters())  # the experts' own gates among them
+    data = [f"bio={corpora['bio']}", f"law={corpora['law']}"]
+    cap = Capture()
+    meta = compose(library=str(lib), data=data, out=str(tmp_path / "routed"), freeze_experts=True,
+                   gate_context="mean", gate_form="routed", callbacks=[cap.cb], **{**FAST, "max_steps": 12})
+    assert meta["gate_form"] == "routed"
+    for own, other in (("bio", "law"), ("law", "bio")):
+        assert meta["routing"][own][own] > 2 * meta["routing"][own][other], meta["routing"]
+    saved = load_file(str(tmp_path / "routed" / "mode.safetensors"))
+    for b in range(2):  # frozen experts keep the own gates they were trained with
+        law = load_file(str(lib / "law" / "expert.safetensors"))
+        assert torch.equal(saved[f"blocks.{b}.own.weight"][1], law[f"blocks.{b}.gate.weight"][1] -
+                           law[f"blocks.{b}.gate.weight"][0])
+    loaded, _, _ = load_mode_model(tmp_path / "routed")
+    cap.model.eval()
+    assert loaded.domix_mode.gate_form == "routed" and torch.equal(_logits(loaded), _logits(cap.model))
+    with pytest.raises(ValueError, match="unknown gate form 'soft'"):
+        apply_mode(_load(tiny_decoder), ["a"], gate_form="soft")
 
 
 def test_routing_loss_hands_each_domain_to_its_expert(tiny_decoder, lib, corpora, tmp_path):

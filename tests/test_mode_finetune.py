@@ -28,10 +28,11 @@ def test_mode_finetune_save_load_export(tiny_decoder, corpora, tmp_path):
     out = tmp_path / "task"
     m = finetune(method="mode", library=str(lib), base=tiny_decoder, train=str(tmp_path / "train.jsonl"),
                  eval=str(tmp_path / "dev.jsonl"), out=str(out), epochs=4, batch_size=8, lr=5e-3, progress=False,
-                 device="cpu", threads=1, freeze_experts=True, gate_context="mean")
+                 device="cpu", threads=1, freeze_experts=True, gate_context="mean", gate_form="routed")
     assert m["method"] == "mode" and m["trainable_params"] < m["total_params"]
     model, tok, spec = load_task_model(out, device="cpu")
     assert spec["mode_layout"]["experts"] == ["bio", "law"] and spec["mode_layout"]["gate_context"] == "mean"
+    assert spec["mode_layout"]["gate_form"] == "routed" and model.domix_mode.gate_form == "routed"
     enc = tok(["court judge appeal", "bake dough salt"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = model(**enc).logits
@@ -56,4 +57,8 @@ def test_mode_finetune_save_load_export(tiny_decoder, corpora, tmp_path):
         finetune(method="mode", library=str(lib), from_composed=str(tmp_path / "composed"), base=tiny_decoder,
                  train=str(tmp_path / "train.jsonl"), eval=str(tmp_path / "dev.jsonl"), out=str(tmp_path / "x"),
                  epochs=1, batch_size=8, progress=False, device="cpu", threads=1, gate_context="mean")
+    with pytest.raises(ValueError, match="--gate-form routed is for fresh gates.*'softmax'"):
+        finetune(method="mode", library=str(lib), from_composed=str(tmp_path / "composed"), base=tiny_decoder,
+                 train=str(tmp_path / "train.jsonl"), eval=str(tmp_path / "dev.jsonl"), out=str(tmp_path / "x"),
+                 epochs=1, batch_size=8, progress=False, device="cpu", threads=1, gate_form="routed")
     assert not (tmp_path / "x").exists()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoints import DEFAULT_BASE
-from ..mode.layer import GATE_CONTEXT_HELP, GATE_CONTEXTS
+from ..mode.layer import GATE_CONTEXT_HELP, GATE_CONTEXTS, GATE_FORM_HELP, GATE_FORMS
 from ..training import TrainOptions, option
 
 METHOD_NAMES = ("domix", "lora", "dora", "full", "mode")
@@ -46,6 +46,8 @@ class ModeOptions:
     freeze_experts: bool = option(False, "--method mode: train gates and head only")
     gate_context: str = option("token", "--method mode with --library (fresh gates): " + GATE_CONTEXT_HELP,
                                choices=GATE_CONTEXTS)
+    gate_form: str = option("softmax", "--method mode with --library (fresh gates): " + GATE_FORM_HELP,
+                            choices=GATE_FORMS)
 
 
 @dataclass(kw_only=True)

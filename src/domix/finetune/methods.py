@@ -207,14 +207,16 @@ class Mode(Method):
 
         if cfg.from_composed:
             mode = load_mode(model, cfg.from_composed)
-            if cfg.gate_context != "token" and mode.gate_context != cfg.gate_context:
-                raise ValueError(f"--gate-context {cfg.gate_context} is for fresh gates; the composed model "
-                                 f"{cfg.from_composed} has gates of context {mode.gate_context!r}")
+            for opt, value, default, theirs in (("context", cfg.gate_context, "token", mode.gate_context),
+                                                ("form", cfg.gate_form, "softmax", mode.gate_form)):
+                if value != default and value != theirs:
+                    raise ValueError(f"--gate-{opt} {value} is for fresh gates; the composed model "
+                                     f"{cfg.from_composed} has gates of {opt} {theirs!r}")
         else:
             if not cfg.library:
                 raise ValueError("--method mode needs --library (its MoDE experts) or --from-composed")
             apply_mode(model, Library(cfg.library).select(cfg.modules, kind="mode-expert"), base_fingerprint=base_fp,
-                       gate_context=cfg.gate_context)
+                       gate_context=cfg.gate_context, gate_form=cfg.gate_form)
         return self._finish(model, cfg, head)
 
     @staticmethod
@@ -227,7 +229,8 @@ class Mode(Method):
             if n in head:
                 p.requires_grad_(True)
         return {"mode_layout": {"experts": list(mode.names), "blocks": mode.layout.blocks,
-                                "expert_layers": mode.layout.expert_layers, "gate_context": mode.gate_context},
+                                "expert_layers": mode.layout.expert_layers, "gate_context": mode.gate_context,
+                                "gate_form": mode.gate_form},
                 "modules": [{"name": n, "kind": "mode-expert"} for n in mode.names]}
 
     def restore(self, model, cfg, spec):
@@ -236,7 +239,8 @@ class Mode(Method):
         saved = spec["mode_layout"]
         # placeholders: the task model's tensors fill them
         apply_mode(model, saved["experts"], blocks=saved["blocks"], expert_layers=saved["expert_layers"],
-                   init=None, gate_context=saved.get("gate_context", "token"))
+                   init=None, gate_context=saved.get("gate_context", "token"),
+                   gate_form=saved.get("gate_form", "softmax"))
         self._finish(model, cfg, spec.get("head", []))
         return model
 

@@ -31,6 +31,14 @@ With gate context "mean" (`ModeBlock.gate_input`) the gate reads [x̂, m] where 
 x̂ over the tokens this token sees; the model's 2-D attention mask (remembered by a forward
 pre-hook on the model) keeps padding out of m, and in decoding each block keeps its earlier
 tokens' x̂ in one more cache layer after the experts'.
+
+With gate form "routed" (`ModeBlock.weights`) the weights factor into a router and each
+expert's own gate: a_j = p_j · q_j with p = softmax(V [x̂, m] + c) over the N experts (what the
+text is) and q_j = sigmoid(u_j · x̂ + e_j) the per-token weight expert j's own 2-way gate gave it
+alone (loaded with the expert; it trains with the expert), and a_bb = 1 − Σ_j a_j. A router
+sure of domain j gives its tokens exactly expert j's own block outputs, so a composition only
+has to learn which text is whose — a classification — instead of re-learning every expert's
+per-token weights in one softmax.
 """
 from __future__ import annotations
 
@@ -166,6 +174,11 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
 
 
+GATE_FORMS = ("softmax", "routed")
+GATE_FORM_HELP = ("how the gates weigh the paths: softmax (one (N+1)-way softmax over the backbone and the experts: "
+                  "the paper's) or routed (a router picks the expert from the text, p_j, and each expert keeps the "
+                  "per-token gate it learned alone, q_j: expert j gets p_j·q_j, the backbone the rest; a router sure of "
+                  "a text's domain gives it exactly that expert's own outputs)")
 GATE_CONTEXTS = ("token", "mean")
 GATE_CONTEXT_HELP = ("what the gates read: token (each token's block input: the paper's token-level gate) or mean "
                      "(also the mean block input of the text the token sees: the text so far in a decoder, the whole "
@@ -181,17 +194,25 @@ class ModeBlock(nn.Module):
     domain its text is from (a linear probe at SmolLM2's block inputs: 45-75 % of held-out tokens
     of four domains), the text so far mostly can."""
 
-    def __init__(self, experts: list[nn.ModuleList], hidden_size: int, context: str = "token", causal: bool = True):
+    def __init__(self, experts: list[nn.ModuleList], hidden_size: int, context: str = "token", causal: bool = True,
+                 form: str = "softmax"):
         super().__init__()
         if context not in GATE_CONTEXTS:
             raise ValueError(f"unknown gate context {context!r} ({' or '.join(GATE_CONTEXTS)})")
-        self.context, self.causal = context, causal
+        if form not in GATE_FORMS:
+            raise ValueError(f"unknown gate form {form!r} ({' or '.join(GATE_FORMS)})")
+        self.context, self.causal, self.form = context, causal, form
         self.experts = nn.ModuleList(experts)
         p = next(self.experts.parameters())
         self.out = nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=False, device=p.device, dtype=p.dtype)
                                  for _ in experts)
         width = hidden_size * (2 if context == "mean" else 1)
-        self.gate = nn.Linear(width, len(experts) + 1, device=p.device, dtype=p.dtype)
+        self.gate = nn.Linear(width, len(experts) + (form == "softmax"), device=p.device, dtype=p.dtype)
+        if form == "routed":  # row j: expert j's own gate as log-odds over the backbone (`load_expert_state`)
+            self.own = nn.Linear(hidden_size, len(experts), device=p.device, dtype=p.dtype)
+            with torch.no_grad():
+                self.own.weight.zero_()
+                self.own.bias.zero_()
         with torch.no_grad():
             for w in self.out:
                 w.weight.zero_()  # W_j = 0: the block computes the backbone exactly
@@ -206,7 +227,7 @@ class ModeBlock(nn.Module):
 
     @torch.no_grad()
     def reset_gate(self) -> None:
-        """Fresh gate: uniform softmax over the backbone and the experts."""
+        """Fresh gate: uniform softmax over the backbone and the experts (form "routed": over the experts)."""
         self.gate.weight.zero_()
         self.gate.bias.zero_()
 
@@ -230,14 +251,30 @@ class ModeBlock(nn.Module):
             mean = (v.sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)).expand(-1, t, -1)
         return torch.cat([xh, mean.to(xh.dtype)], -1)
 
+    def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache=None,
+                cache_index: int | None = None) -> torch.Tensor:
+        """The weights [a_bb, a_1, ..., a_N] of each token of the block input `x` (see the module
+        docstring; `mask`, `cache`, `cache_index`: see `gate_input`)."""
+        xh = _rms(x)
+        logits = self.gate(self.gate_input(xh, mask, cache, cache_index))
+        if self.form == "softmax":
+            return torch.softmax(logits, dim=-1)
+        a = torch.softmax(logits.float(), dim=-1) * torch.sigmoid(self.own(xh).float())
+        return torch.cat([1 - a.sum(-1, keepdim=True), a], -1).to(x.dtype)
+
     def routing_loss(self, x: torch.Tensor, route: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of the gate on rows of an expert's corpus (`route[i]` >= 0) against what that
-        expert's own gate gave alone: per token, weight q = sigmoid(own log-odds) for the expert,
-        1 - q for the backbone, 0 for every other expert. At its optimum a token of expert j's
-        corpus gets exactly the block output of expert j alone, `f_bb + q W_j (f_j - f_bb)`. The
-        caller detaches x, so that the loss trains the gate alone (not the earlier blocks' experts)."""
+        """Cross-entropy of the gate on rows of an expert's corpus (`route[i]` >= 0). Form "routed":
+        of the router against that expert. Form "softmax": against what that expert's own gate gave
+        alone: per token, weight q = sigmoid(own log-odds) for the expert, 1 - q for the backbone,
+        0 for every other expert. At either optimum a token of expert j's corpus gets exactly the
+        block output of expert j alone, `f_bb + q W_j (f_j - f_bb)`. The caller detaches x, so
+        that the loss trains the gate alone (not the earlier blocks' experts)."""
         rows = route >= 0
         r = route[rows]
+        if self.form == "routed":
+            xh = _rms(x[rows])
+            logp = torch.log_softmax(self.gate(self.gate_input(xh, None if mask is None else mask[rows])).float(), -1)
+            return -logp.gather(-1, r[:, None, None].expand(-1, logp.shape[1], 1)).mean()
         own = self.own_gate[r].float()
         if torch.isnan(own).any():
             raise ValueError("the routing loss needs each expert's own gate, which library experts carry; these "
@@ -256,7 +293,7 @@ class ModeBlock(nn.Module):
         with, its hidden states excluded: masks, position embeddings, cache — per layer, since
         models such as Gemma-3 give sliding and full attention layers different masks and
         rotary embeddings. `mask`, `cache`, `cache_index`: see `gate_input`."""
-        a = torch.softmax(self.gate(self.gate_input(_rms(x), mask, cache, cache_index)), dim=-1)
+        a = self.weights(x, mask, cache, cache_index)
         if self.route is not None and bool((self.route >= 0).any()):
             self.route_losses.append(self.routing_loss(x.detach(), self.route.to(x.device), mask))
         if self.routing is not None:  # `Mode.recording_routing`: the gate's mean weights over these tokens
@@ -297,6 +334,10 @@ class Mode(nn.Module):
     @property
     def gate_context(self) -> str:
         return self.blocks[0].context
+
+    @property
+    def gate_form(self) -> str:
+        return self.blocks[0].form
 
     def attach(self, layers: nn.ModuleList, model: nn.Module | None = None) -> None:
         """Hook the blocks into `layers`; a gate context "mean" also needs the `model` they belong
@@ -399,8 +440,9 @@ class Mode(nn.Module):
 
     # ---- state ---------------------------------------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:
-        """The experts' layers and their output maps W_j."""
-        return [p for blk in self.blocks for part in (blk.experts, blk.out) for p in part.parameters()]
+        """The experts' layers and their output maps W_j (and their own gates, form "routed")."""
+        return [p for blk in self.blocks for part in (blk.experts, blk.out, getattr(blk, "own", None)) if part is not None
+                for p in part.parameters()]
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gates' linear layers (V, c)."""
@@ -409,6 +451,7 @@ class Mode(nn.Module):
     def param_counts(self) -> dict:
         per_expert = sum(p.numel() for blk in self.blocks for part in (blk.experts[0], blk.out[0])
                          for p in part.parameters())
+        per_expert += sum(blk.own.in_features + 1 for blk in self.blocks if blk.form == "routed")  # its own gate
         gates = sum(p.numel() for p in self.gate_parameters())
         return {"per_expert": per_expert, "experts": per_expert * self.n_experts, "gates": gates,
                 "total": per_expert * self.n_experts + gates}
@@ -447,6 +490,9 @@ class Mode(nn.Module):
                 if w is not None and c is not None and w.shape[0] == 2:
                     blk.own_gate[j, :-1] = w[1] - w[0]
                     blk.own_gate[j, -1] = c[1] - c[0]
+                    if blk.form == "routed":
+                        blk.own.weight[j] = w[1] - w[0]
+                        blk.own.bias[j] = c[1] - c[0]
         if gate:
             if self.n_experts != 1:
                 raise ValueError("an expert's own gate fits only a model of that one expert")

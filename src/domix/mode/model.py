@@ -41,7 +41,8 @@ def _check_expert(mod: Module, base_fp: str) -> Layout:
 
 def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int | None = None,
                expert_layers: int | None = None, init: str | None = "copy", keep_gates: bool = False,
-               freeze_base: bool = True, base_fingerprint: str | None = None, gate_context: str = "token") -> Mode:
+               freeze_base: bool = True, base_fingerprint: str | None = None, gate_context: str = "token",
+               gate_form: str = "softmax") -> Mode:
     """Give `model` one expert per item of `experts`, side by side in every block, with fresh
     (N+1)-way gates: the model then computes exactly what it computed before.
 
@@ -53,7 +54,8 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
     experts when there are any. `keep_gates` also loads a single expert's own trained gate.
     `freeze_base` freezes every parameter the model had (backbone and head); MoDE's experts and
     gates are trainable (see `set_trainable`). `gate_context`: what the gates read, "token" or
-    "mean" (`ModeBlock.gate_input`). Returns the `Mode` module (`model.domix_mode`)."""
+    "mean" (`ModeBlock.gate_input`); `gate_form`: how they weigh the paths, "softmax" or "routed"
+    (`ModeBlock.weights`). Returns the `Mode` module (`model.domix_mode`)."""
     if getattr(model, ATTR, None) is not None:
         raise ValueError("the model already has MoDE experts; call remove_mode(model) first")
     if not experts:
@@ -76,8 +78,8 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
                     f"{'the other experts' if ref else 'this model'} ({want.describe()})")
             ref = lay
         layout = ref
-    if keep_gates and len(experts) != 1:
-        raise ValueError("keep_gates loads an expert's own gate: only for a single expert")
+    if keep_gates and (len(experts) != 1 or gate_form != "softmax"):
+        raise ValueError("keep_gates loads an expert's own gate: only for a single expert under softmax gates")
 
     if freeze_base:
         model.requires_grad_(False)
@@ -88,7 +90,7 @@ def apply_mode(model: nn.Module, experts: Sequence[ExpertSpec], *, blocks: int |
         exps = [make_expert(model, layers, span, k, init if isinstance(e, str) else None,
                             first_index=layout.num_layers + (b * n + j) * k) for j, e in enumerate(experts)]
         blocks_.append(ModeBlock(exps, layout.hidden_size, context=gate_context,
-                                 causal=not is_masked_lm(model.config)))
+                                 causal=not is_masked_lm(model.config), form=gate_form))
     mode = Mode(layout, names, blocks_)
     for j, e in enumerate(experts):
         if isinstance(e, str):
@@ -142,7 +144,8 @@ def save_mode(model: nn.Module, out: Path | str, meta: dict | None = None, overw
     tensors.update({EXTRA + n: params[n].detach().cpu().contiguous() for n in extra})
     base_fp = base_fingerprint or _base_fingerprint(model)
     meta = {"kind": "mode", **(meta or {}), "base_fingerprint": base_fp, "layout": mode.layout.to_dict(),
-            "experts": mode.names, "gate_context": mode.gate_context, "params": mode.param_counts(),
+            "experts": mode.names, "gate_context": mode.gate_context, "gate_form": mode.gate_form,
+            "params": mode.param_counts(),
             "extra_tensors": extra}
     with atomic_dir(out, overwrite=overwrite) as stage:
         save_file(tensors, str(stage / MODE_FILE), metadata={"format": "pt"})
@@ -203,7 +206,8 @@ def load_mode(model: nn.Module, path: Path | str, freeze_base: bool = True) -> M
     except (SafetensorError, OSError, RuntimeError) as e:
         raise LibraryError(f"MoDE model {path}: {MODE_FILE} is unreadable or truncated ({e})") from None
     mode = apply_mode(model, list(meta["experts"]), blocks=saved.blocks, expert_layers=saved.expert_layers,
-                      init=None, freeze_base=freeze_base, gate_context=meta.get("gate_context", "token"))
+                      init=None, freeze_base=freeze_base, gate_context=meta.get("gate_context", "token"),
+                      gate_form=meta.get("gate_form", "softmax"))
     try:
         mode.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(EXTRA)}, strict=True)
     except RuntimeError as e:  # tensors that do not match domix.json (edited or mixed-up files)

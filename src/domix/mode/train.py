@@ -21,7 +21,7 @@ from ..models import fingerprint, load_model, load_tokenizer, select_device
 from ..distributed import barrier, main_process_first, on_main
 from ..training import LMTrainOptions, build_trainer, finished, keep_logs, option, resume_point, run_record, run_seed, setup, \
     total_steps, trained
-from .layer import GATE_CONTEXT_HELP, GATE_CONTEXTS
+from .layer import GATE_CONTEXT_HELP, GATE_CONTEXTS, GATE_FORM_HELP, GATE_FORMS
 from .model import EXPERT_FILE, apply_mode, load_mode_model, read_meta, save_mode, set_trainable
 
 CHECKPOINT_FILE = "model.safetensors"
@@ -68,9 +68,10 @@ class ComposeConfig(ModeTrainOptions):
     freeze_experts: bool = option(False, "train the gates only")
     routing_loss: float = option(1.0, "weight of the routing loss: on the text of a corpus named as an expert, "
                                       "the gate learns to give that expert the weight its own gate gave it alone, "
-                                      "the backbone the rest and the other experts none; 0: the LM loss alone "
-                                      "trains the gates")
+                                      "the backbone the rest and the other experts none (with --gate-form routed: "
+                                      "the router learns to pick that expert); 0: the LM loss alone trains the gates")
     gate_context: str = option("token", GATE_CONTEXT_HELP, choices=GATE_CONTEXTS)
+    gate_form: str = option("softmax", GATE_FORM_HELP, choices=GATE_FORMS)
 
 
 def _trainer_class():
@@ -289,7 +290,8 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
             if (blocks := pack_heldout(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)) is not None:
                 held_parts[name] = blocks
     base_fp = fingerprint(model)
-    mode = apply_mode(model, experts, base_fingerprint=base_fp, gate_context=cfg.gate_context)
+    mode = apply_mode(model, experts, base_fingerprint=base_fp, gate_context=cfg.gate_context,
+                      gate_form=cfg.gate_form)
     set_trainable(model, experts=not cfg.freeze_experts, gates=True)
     collate = lm_collator(tokenizer, objective)
     if cfg.routing_loss:  # each block carries the expert of its corpus (-1: a corpus no expert is named after)

@@ -178,7 +178,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                             data=[f"{d}={data['corpora'][d]['path']}" for d in domains], base=settings["base"],
                             max_steps=settings["mode"]["compose_steps"], **COMPOSE[variant],
                             gate_lr=compose_gate_lr(settings["mode"]),  # fresh gates: their own rate
-                            gate_context=settings["mode"].get("gate_context", "token"))
+                            gate_context=settings["mode"].get("gate_context", "token"),
+                            gate_form=settings["mode"].get("gate_form", "softmax"))
             cdir = work / f"{variant}-compose-{_key({**common, 'config': cfg})}"
             cfg["out"] = str(cdir / "model")
             composed[variant] = (f"{variant}/compose", cdir / "model")
