@@ -572,7 +572,8 @@ def write_report(results: dict, out: Path) -> str:
              "equal parts (DoMIX has no such stage: MoDE's pre-training budget is that much larger) at gate lr "
              f"{compose_gate_lr(s['mode']):g}, with `mode compose`'s routing loss, the gates reading "
              f"{'each token and the mean of the text so far' if s['mode'].get('gate_context') == 'mean' else 'each token'}"
-             ". "
+             + (" (routed: a router picks the expert, each expert keeps its own gate)"
+                if s['mode'].get('gate_form') == 'routed' else "") + ". "
              "mode trains experts and gates in composition and fine-tuning; mode-frozen-experts trains the gates "
              f"(and the head) only in both. MoDE fine-tunes at lr {ft.get('mode_lr')} (experts are full "
              "transformer layers; gates at the bridge lr), not tuned."]

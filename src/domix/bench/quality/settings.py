@@ -98,13 +98,16 @@ DECISIVE = _merge(QUICK, {
     # rank and the same fine-tuning (the other presets give base-lora rank 16, about DoMIX's budget)
     "finetune": {"train": 256, "dev": 200, "test": 300, "epochs": 2.0,
                  "eval_every": 16, "keep_best": True, "patience": 2, "base_lora_rank": 8},
-    # the composition: 128 steps (65,536 tokens of the mixture, two domains' budget) at gate lr 1e-2, with
-    # the routing loss and gates that read the text so far. Measured 2026-12-01 on this preset's fp32
+    # the composition: 256 steps (131,072 tokens of the mixture, four domains' budget) at gate lr 3e-2, with
+    # the routing loss, gates that read the text so far and routed gates. Measured 2026-12-01 on this preset's fp32
     # experts (frozen; held-out loss above each expert's own, mean of the 4 domains; README): token gates,
     # 16 steps at gate lr 1e-3 / 1e-2 / 3e-2: 0.152 / 0.138 / 0.228 nats, 64 steps at 1e-2: 0.073 (0.172
     # without the routing loss); gates reading the mean context, 64 steps at 1e-2 / 3e-2: 0.057 / 0.198,
-    # 128 steps at 1e-2: 0.045
-    "mode": {"compose_steps": 128, "compose_gate_lr": 1e-2, "gate_context": "mean",
+    # 128 steps at 1e-2: 0.045. Measured 2026-12-01 on a fresh set of this preset's fp32 experts, context gates:
+    # softmax gates 128 steps at 1e-2: 0.087 (health +0.198), 256 steps: 0.076; routed gates (a router times each
+    # expert's own gate) 128 steps at 1e-2 / 3e-2 / 1e-1: 0.068 / 0.049 / 0.042, 256 steps at 1e-2 / 3e-2:
+    # 0.035 / 0.032 (worst domain +0.050)
+    "mode": {"compose_steps": 256, "compose_gate_lr": 3e-2, "gate_context": "mean", "gate_form": "routed",
              "lr_grid": {"lr": [1e-4, 3e-4, 1e-3], "gate_lr": [1e-3, 1e-2]}},
 })
 PRESETS: dict[str, dict] = {
