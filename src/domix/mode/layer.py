@@ -271,18 +271,17 @@ class ModeBlock(nn.Module):
         that the loss trains the gate alone (not the earlier blocks' experts)."""
         rows = route >= 0
         r = route[rows]
+        xh = _rms(x[rows])
+        logp = torch.log_softmax(self.gate(self.gate_input(xh, None if mask is None else mask[rows])).float(), dim=-1)
+        column = r + (self.form == "softmax")  # the expert's output of the gate (softmax: after the backbone's)
+        own_logp = logp.gather(-1, column[:, None, None].expand(-1, logp.shape[1], 1)).squeeze(-1)
         if self.form == "routed":
-            xh = _rms(x[rows])
-            logp = torch.log_softmax(self.gate(self.gate_input(xh, None if mask is None else mask[rows])).float(), -1)
-            return -logp.gather(-1, r[:, None, None].expand(-1, logp.shape[1], 1)).mean()
+            return -own_logp.mean()
         own = self.own_gate[r].float()
         if torch.isnan(own).any():
             raise ValueError("the routing loss needs each expert's own gate, which library experts carry; these "
                              "experts have none (pass --routing-loss 0)")
-        xh = _rms(x[rows])
-        logp = torch.log_softmax(self.gate(self.gate_input(xh, None if mask is None else mask[rows])).float(), dim=-1)
         q = torch.sigmoid(torch.einsum("btd,bd->bt", xh.float(), own[:, :-1]) + own[:, -1:])
-        own_logp = logp.gather(-1, (r + 1)[:, None, None].expand(-1, logp.shape[1], 1)).squeeze(-1)
         return -((1 - q) * logp[..., 0] + q * own_logp).mean()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, calls: list[tuple[tuple, dict]],
