@@ -28,6 +28,8 @@ class QualityOptions(PoolOptions):
     base: str | None = option(None, f"'{DEFAULT_BASE}' (the offline default) or a Hugging Face model id / local path")
     data: str | None = option(None, "benchmark data root (default: $DOMIX_CACHE/data)")
     out: str | None = option(None, "output directory (default: bench-out/quality-<preset>/)")
+    set: list[str] | None = option(None, "KEY=VALUE ...: change the preset's settings (dotted keys, JSON values), "
+                                         "e.g. pretrain.steps=64 mode.lr_grid=null; null turns a study off")
 
 
 def benchmarks() -> dict:

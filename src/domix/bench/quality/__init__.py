@@ -42,7 +42,8 @@ from .data import prepare_data
 from .execute import execute, job_executor
 from .grid import choose_mode_lr, collect_mode_grid, plan_mode_grid
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
-from .settings import COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, resolve_settings, selection
+from .settings import (COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, parse_overrides,
+                       resolve_settings, selection)
 
 __all__ = ["BenchmarkError", "ConfigError", "METHODS", "read_config", "plan", "prepare_data", "resolve_settings",
            "run_quality", "run", "_base_id", "_finetune_fields"]
@@ -54,13 +55,15 @@ class BenchmarkError(RuntimeError):
 
 def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, workers=None, base: str | None = None,
                 data_root=None, progress: bool = True, threads: int | None = None, overrides: dict | None = None,
-                executor: str = "local", ray_address: str | None = None, config=None) -> dict:
+                executor: str = "local", ray_address: str | None = None, config=None,
+                set_items: list[str] | None = None) -> dict:
     """Run the quality benchmark (DESIGN.md §6) into `out` and return its results (also
     `out/results.json`; `out/REPORT.md` and `out/plots/` hold the report). The jobs run in a
     local process pool (`executor="local"`) or as Ray tasks (`"ray"`, on the cluster at
     `ray_address`, default a local Ray instance; `out` must be on a file system every node sees).
     `config`: a benchmark of the user's own corpora and tasks (YAML, see `config.py`) instead of
-    the built-in four domains; `preset`, `base` and `overrides` given here win over its own."""
+    the built-in four domains; `preset`, `base` and `overrides` given here win over its own.
+    `set_items`: `--set KEY=VALUE` strings (`parse_overrides`), applied over `overrides`."""
     from .report import write_report
 
     t0 = time.time()
@@ -72,6 +75,8 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
         base = base or user["base"]
         overrides = _merge(user["settings"], {"domains": list(user["source"]["corpora"]), **(overrides or {})})
     preset, base = preset or "quick", base or DEFAULT_BASE
+    if set_items:
+        overrides = _merge(overrides or {}, parse_overrides(set_items, preset))
     out = Path(out or f"bench-out/quality-{preset}")
     out.mkdir(parents=True, exist_ok=True)
     settings = resolve_settings(preset, base, seeds, workers, threads, overrides,
@@ -136,7 +141,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
     every = {**curve_res, **grid_res, **res}  # every job of the run, the curve's and the grid's included
     # a job can appear under two names (a study's and the run's): count its cost once
     once = {r.get("job", n): r for n, r in every.items()}.values()
-    results = {"preset": preset, "seeds": seeds, "methods": methods,
+    results = {"preset": preset, "seeds": seeds, "methods": methods, "set": list(set_items or []),
                "settings": {k: v for k, v in settings.items()}, "data": data,
                "wall_time_s": round(wall, 1),
                "compute_time_s": round(sum(r.get("wall_s", 0) for r in once), 1),
@@ -175,11 +180,12 @@ def _study(what: str, chooses: str, jobs: dict, pool, settings: dict, log) -> di
 
 def run(args) -> dict:
     """`domix bench quality` (args: preset, config, out, methods, seeds, workers, threads, base, data,
-    executor, ray_address, json)."""
+    executor, ray_address, set, json)."""
     res = run_quality(preset=getattr(args, "preset", None), out=getattr(args, "out", None),
                       methods=getattr(args, "methods", None), config=getattr(args, "config", None),
                       seeds=getattr(args, "seeds", None), workers=getattr(args, "workers", None),
                       base=getattr(args, "base", None), data_root=getattr(args, "data", None),
                       threads=getattr(args, "threads", None), progress=True,
-                      executor=getattr(args, "executor", None) or "local", ray_address=getattr(args, "ray_address", None))
+                      executor=getattr(args, "executor", None) or "local", ray_address=getattr(args, "ray_address", None),
+                      set_items=getattr(args, "set", None))
     return res

@@ -437,7 +437,8 @@ def write_report(results: dict, out: Path) -> str:
             f"(this run alone keeps it near {s['workers']})." if results.get("load_avg_1m") else ""), "",
          "Command: `domix bench quality --preset " + results["preset"]
          + (f" --methods {','.join(results['methods'])}" if results["methods"] != s.get("methods", results["methods"])
-            else "") + "`", ""]
+            else "") + "".join(f" --set {x}" if i == 0 else f" {x}" for i, x in enumerate(results.get("set", [])))
+         + "`", ""]
     if results["failures"]:
         L += ["## Failures", "", *[f"- `{n}`: {e}" for n, e in results["failures"].items()], ""]
     L += [f"## End tasks: test macro-F1 (mean ± std over {n_seeds} seed(s); best per task in bold)", "", table, "",

@@ -173,6 +173,40 @@ def _parse_list(value, cast=str):
     return [cast(v) for v in value]
 
 
+def parse_overrides(items, preset: str) -> dict:
+    """`--set KEY=VALUE ...` as a nested overrides dict: KEY a dotted path to one of the preset's
+    settings (`pretrain.steps`, `mode.lr_grid`), VALUE JSON (`64`, `1e-3`, `null`, `[8192]`) or a bare
+    string. `null` turns a study off (`dap_curve=null`, `mode.lr_grid=null`): the run then keeps the
+    preset's values, or those given beside it. Raises ValueError naming the setting that does not exist."""
+    import json
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    out: dict = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        path = [k for k in key.strip().split(".") if k]
+        if not eq or not path:
+            raise ValueError(f"--set takes KEY=VALUE (a dotted setting, say pretrain.steps=64), not {item!r}")
+        known = PRESETS[preset]
+        for i, k in enumerate(path):
+            if not isinstance(known, dict) or k not in known:
+                where = ".".join(path[:i]) or "the top level"
+                have = sorted(known) if isinstance(known, dict) else []
+                raise ValueError(f"--set {key}: preset {preset} has no setting {'.'.join(path[:i + 1])!r}"
+                                 + (f" (settings at {where}: {', '.join(have)})" if have else ""))
+            known = known[k]
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
 def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=None, overrides=None,
                      task_domains: dict | None = None) -> dict:
     """A run's settings: the preset, its overrides, the machine. `task_domains` ({task: domain}, a
