@@ -266,3 +266,28 @@ def test_mode_jobs_take_the_pretraining_dtype_and_the_composition_its_gate_setti
     assert all(j.spec["config"]["routing_loss"] == 1.0 and j.spec["config"]["gate_context"] == "mean"
                and j.spec["config"]["gate_form"] == "routed"
                for j in composed)
+
+
+def test_set_changes_the_presets_settings_and_the_report_shows_it(tiny_decoder, data_root, tmp_path):
+    """`--set KEY=VALUE` (dotted keys, JSON values) reaches the run's settings and the jobs, and the
+    report's command line names it; an unknown setting is refused by name before anything runs."""
+    from domix.bench.quality.settings import parse_overrides
+    from domix.cli import main
+
+    assert parse_overrides(["dap_curve=null", "pretrain.steps=64", "mode.lr=1e-3", "mode.gate_form=routed"],
+                           "decisive") == {"dap_curve": None, "pretrain": {"steps": 64},
+                                           "mode": {"lr": 1e-3, "gate_form": "routed"}}
+    res = run_quality("quick", out=tmp_path / "q", base=tiny_decoder, data_root=data_root, workers=2, progress=False,
+                      seeds=[0], methods=["base-lora"], overrides=TINY,
+                      set_items=["lm_eval.blocks=2", "finetune.epochs=2"])
+    assert not res["failures"] and res["set"] == ["lm_eval.blocks=2", "finetune.epochs=2"]
+    assert res["settings"]["lm_eval"]["blocks"] == 2 and res["settings"]["finetune"]["epochs"] == 2
+    assert res["settings"]["finetune"]["train"] == TINY["finetune"]["train"]  # the overrides beside it are kept
+    runs = [json.loads((d / "result.json").read_text()) for d in (tmp_path / "q" / "work").glob("ft-*")]
+    assert len(runs) == len(DOMS) and all(r["steps"] == 2 * TINY["finetune"]["train"] // 8 for r in runs)  # 2 epochs
+    assert "--set lm_eval.blocks=2 finetune.epochs=2`" in (tmp_path / "q" / "REPORT.md").read_text()
+    for bad, said in [("mode.nope=1", "no setting 'mode.nope'"), ("pretrain.steps", "KEY=VALUE")]:
+        with pytest.raises(ValueError, match=said):
+            parse_overrides([bad], "decisive")
+    assert main(["bench", "quality", "--out", str(tmp_path / "never"), "--set", "nope=1"]) == 2
+    assert not (tmp_path / "never").exists()
