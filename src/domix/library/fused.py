@@ -147,6 +147,12 @@ def _history(losses: list[float], every: int) -> list[dict]:
             for k in range(every, len(losses) + 1, every)]
 
 
+def domains_per_pass(domains: int, stack: int | None, parallel: int = 1) -> int:
+    """How many of `domains` share one forward pass: `stack`, or by default all of them shared out
+    between the `parallel` threads."""
+    return stack or max(1, -(-domains // parallel))
+
+
 def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int | None = None,
                    parallel: int = 1) -> dict:
     """Train the LoRA modules of `configs` (PretrainConfig, one base) in one process and write
@@ -305,7 +311,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
                         active.remove(r)
                 micro = max((len(s) for _, s, _ in group), default=0)
                 step_loss = {id(r): 0.0 for r, _, _ in group}
-                per = stack or max(1, -(-len(group) // parallel))  # domains per forward pass (default: all, shared out)
+                per = domains_per_pass(len(group), stack, parallel)
                 chunks = [group[i:i + per] for i in range(0, len(group), per)]
                 if pool is None:
                     for chunk in chunks:

@@ -208,19 +208,22 @@ class ModeBlock(nn.Module):
                                  for _ in experts)
         width = hidden_size * (2 if context == "mean" else 1)
         self.gate = nn.Linear(width, len(experts) + (form == "softmax"), device=p.device, dtype=p.dtype)
-        if form == "routed":  # row j: expert j's own gate as log-odds over the backbone (`load_expert_state`)
+        # row j: expert j's own gate (trained alone, 2-way) as log-odds of the expert over the backbone,
+        # weight w_1 - w_0 and bias c_1 - c_0 (`load_expert_state`). Form "routed": a layer of the model,
+        # trained with the expert. Form "softmax": only the routing loss reads it, as a buffer that is not
+        # saved, [weight, bias] per row, NaN where unknown
+        if form == "routed":
             self.own = nn.Linear(hidden_size, len(experts), device=p.device, dtype=p.dtype)
             with torch.no_grad():
                 self.own.weight.zero_()
                 self.own.bias.zero_()
+        else:
+            self.register_buffer("own_gate", torch.full((len(experts), hidden_size + 1), float("nan"),
+                                                        device=p.device, dtype=p.dtype), persistent=False)
         with torch.no_grad():
             for w in self.out:
                 w.weight.zero_()  # W_j = 0: the block computes the backbone exactly
         self.reset_gate()
-        # row j: expert j's own gate (trained alone, 2-way) as log-odds of the expert over the backbone,
-        # [w_1 - w_0, c_1 - c_0]; NaN where unknown. Only the routing loss reads it; it is not saved
-        self.register_buffer("own_gate", torch.full((len(experts), hidden_size + 1), float("nan"), device=p.device,
-                                                    dtype=p.dtype), persistent=False)
         self.routing: list | None = None  # `Mode.recording_routing`
         self.route: torch.Tensor | None = None  # `Mode.routing_targets`: each row's own expert (-1: none)
         self.route_losses: list[torch.Tensor] = []
@@ -487,11 +490,12 @@ class Mode(nn.Module):
             for b, blk in enumerate(self.blocks):
                 w, c = tensors.get(f"blocks.{b}.gate.weight"), tensors.get(f"blocks.{b}.gate.bias")
                 if w is not None and c is not None and w.shape[0] == 2:
-                    blk.own_gate[j, :-1] = w[1] - w[0]
-                    blk.own_gate[j, -1] = c[1] - c[0]
                     if blk.form == "routed":
                         blk.own.weight[j] = w[1] - w[0]
                         blk.own.bias[j] = c[1] - c[0]
+                    else:
+                        blk.own_gate[j, :-1] = w[1] - w[0]
+                        blk.own_gate[j, -1] = c[1] - c[0]
         if gate:
             if self.n_experts != 1:
                 raise ValueError("an expert's own gate fits only a model of that one expert")
