@@ -444,7 +444,8 @@ def write_report(results: dict, out: Path) -> str:
     L += [f"## End tasks: test macro-F1 (mean ± std over {n_seeds} seed(s); best per task in bold)", "", table, "",
           "## End tasks: test accuracy", "", metric_table(results, "accuracy"), "",
           ("Nothing was chosen on the test sets: each run kept the step of its best dev macro-F1 (see below), "
-           "the DAP budget was chosen on dev, the learning rates are standard values."
+           + ("the DAP budget was chosen on dev" if s.get("dap_budget") else "the DAP budget was set in the run's "
+              "settings") + ", the learning rates are standard values."
            if ft.get("keep_best") else
            "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
            "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`)."), "",
@@ -566,7 +567,7 @@ def write_report(results: dict, out: Path) -> str:
             if any(m in MERGES for m in results["methods"]) else []),
           *([f"- MoDE (DESIGN.md §4; {_mode_layout(results)}): each domain's expert sees the modules' "
              f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']:g}, gate lr "
-             f"{s['mode'].get('gate_lr', 1e-3):g}{', from the grid above' if s.get('mode_lr_choice') else ''}); "
+             f"{s['mode'].get('gate_lr', 1e-3):g}{', from the grid above' if s.get('mode_lr_choice') else ', set in the settings of the run'}); "
              "the composition adds "
              f"{s['mode']['compose_steps']} steps × {pre['batch_size']} × {pre['seq_len']} = "
              f"{s['mode']['compose_steps'] * pre['batch_size'] * pre['seq_len']:,} tokens of the four corpora in "
