@@ -286,7 +286,9 @@ def test_set_changes_the_presets_settings_and_the_report_shows_it(tiny_decoder, 
     runs = [json.loads((d / "result.json").read_text()) for d in (tmp_path / "q" / "work").glob("ft-*")]
     assert len(runs) == len(DOMS) and all(r["steps"] == 2 * TINY["finetune"]["train"] // 8 for r in runs)  # 2 epochs
     assert "--set lm_eval.blocks=2 finetune.epochs=2`" in (tmp_path / "q" / "REPORT.md").read_text()
-    for bad, said in [("mode.nope=1", "no setting 'mode.nope'"), ("pretrain.steps", "KEY=VALUE")]:
+    for bad, said in [("mode.nope=1", "no setting 'mode.nope'"), ("pretrain.steps", "KEY=VALUE"),
+                      ("pretrain.steps=many", "expected a number"), ("pretrain.steps=null", "expected a number"),
+                      ("dap_curve.tokens=8192", "expected a JSON list")]:
         with pytest.raises(ValueError, match=said):
             parse_overrides([bad], "decisive")
     assert main(["bench", "quality", "--out", str(tmp_path / "never"), "--set", "nope=1"]) == 2

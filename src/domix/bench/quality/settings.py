@@ -200,11 +200,37 @@ def parse_overrides(items, preset: str) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        if not _fits(known, value):
+            raise ValueError(f"--set {key}={raw}: expected {_kind_of(known)} (the preset has {json.dumps(known)})")
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
         node[path[-1]] = value
     return out
+
+
+def _kind_of(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "a JSON object, or null to turn it off"
+    return {list: "a JSON list", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _fits(old, new) -> bool:
+    """Whether `new` may replace the preset's `old`: the same kind of value (any number for a number);
+    null only where the preset has a group of settings (a study it turns off)."""
+    if old is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, (int, float)):
+        return isinstance(new, (int, float))
+    if isinstance(old, dict):
+        return new is None or isinstance(new, dict)
+    return isinstance(new, type(old))
 
 
 def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=None, overrides=None,
