@@ -134,6 +134,10 @@ def test_results_schema(bench):
     assert "## End tasks" in report and "Measured wall time" in report and res["table"] in report
     assert "Next-token accuracy" in report and "mode (composed)" in report
     assert "## MoDE against LoRA and full training" in report
+    for variant in ("mode", "mode-frozen-experts"):  # the hand-over: each composition against each domain's expert
+        gaps = [saved["lm_loss"][d][variant] - saved["lm_loss"][d]["mode-expert"] for d in DOMS]
+        assert (f"Hand-over, {variant} (composed) minus each domain's own expert: {DOMS[0]} {gaps[0]:+.3f}, "
+                f"{DOMS[1]} {gaps[1]:+.3f} — within 0.05 nats on {sum(g <= 0.05 for g in gaps)} of 2") in report
     for plot in ("tasks.png", "lm_loss.png", "bridge.png"):
         assert (out / "plots" / plot).stat().st_size > 0
 
