@@ -96,3 +96,45 @@ def test_lm_loss_in_chunks_equals_the_whole_batch(objective, tiny_decoder, tiny_
             count += int(keep.sum())
     assert got["tokens"] == count and got["accuracy"] == pytest.approx(correct / count)
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_bayesian_mixture_is_the_average_of_the_models_block_likelihoods(tiny_decoder):
+    """`mixture_lm_loss` predicts each token by the models' posterior on the block so far, so by the
+    chain rule a block's total loss is -log(mean_j p_j(block)); a mixture of one model and its copy
+    is that model; the mixture is never worse than its best model by more than log(M) per block."""
+    import math
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from domix.lm import lm_collator, lm_loss, mixture_lm_loss
+    from domix.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_decoder)
+    a = AutoModelForCausalLM.from_pretrained(tiny_decoder).eval()
+    b = AutoModelForCausalLM.from_pretrained(tiny_decoder).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # another model of the same vocabulary
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(5, a.config.vocab_size, (5, 24), generator=g)
+    blocks = Dataset.from_dict({"input_ids": ids.tolist()})
+
+    def block_nll(model):  # each block's summed next-token loss, as lm_loss scores it
+        batch = lm_collator(tok, "clm")([{"input_ids": x} for x in ids.tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:],
+                                                 reduction="none").sum(-1)
+
+    got = mixture_lm_loss([a, b], blocks, batch_size=2)
+    nll = torch.stack([block_nll(a), block_nll(b)])  # [models, blocks]
+    expect = -(torch.logsumexp(-nll, 0) - math.log(2)).sum().item() / (ids.shape[0] * (ids.shape[1] - 1))
+    assert got["tokens"] == ids.shape[0] * (ids.shape[1] - 1)
+    assert got["loss"] == pytest.approx(expect, abs=1e-4)
+    bound = (nll.min(0).values + math.log(2)).sum().item() / got["tokens"]  # the best model per block, + log M
+    assert got["loss"] <= bound + 1e-5
+    same = mixture_lm_loss([a, a], blocks, batch_size=3)
+    alone = lm_loss(a, blocks, tok, "clm", batch_size=3)
+    assert same["loss"] == pytest.approx(alone["loss"], abs=1e-5) and same["accuracy"] == alone["accuracy"]

@@ -200,6 +200,35 @@ def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed:
             "tokens": count}
 
 
+def mixture_lm_loss(models: list, blocks, batch_size: int = 8) -> dict:
+    """Next-token loss and accuracy of a Bayesian mixture of causal LMs on packed `blocks`: token t
+    is predicted by `sum_j w_j(t) p_j(. | x_<t)`, where `w(t)` is the posterior over the models
+    given the block's tokens before t under a uniform prior — the ensemble of domain experts of
+    Branch-Train-Merge (Li et al. 2022, arXiv 2208.03306) with its posterior from the text so far.
+    Each model runs the whole text, so it costs one forward pass per model; `bench quality` scores
+    it beside a MoDE composition as what mixing the experts' predictions, not their hidden states,
+    reaches without being told the domain."""
+    ids_all = torch.tensor(blocks["input_ids"])
+    for m in models:
+        m.eval()
+    total, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids_all), batch_size):
+            ids = ids_all[i:i + batch_size].to(next(models[0].parameters()).device)
+            target = ids[:, 1:]
+            logp = torch.stack([torch.log_softmax(m(input_ids=ids).logits[:, :-1].float(), -1) for m in models])
+            own = logp.gather(-1, target[None, ..., None].expand(len(models), -1, -1, 1)).squeeze(-1)
+            prior = torch.log_softmax(own.cumsum(-1) - own, 0)  # log w_j(t): the block so far, uniform prior
+            mix = torch.logsumexp(prior[..., None] + logp, 0)  # [batch, tokens, vocab]
+            total -= mix.gather(-1, target[..., None]).sum().item()
+            correct += (mix.argmax(-1) == target).sum().item()
+            count += target.numel()
+    if count == 0:
+        raise ValueError("no tokens to score")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / count, "tokens": count}
+
+
 def load_with_module(base: str, library: str, module: str, objective: str = "auto", dtype: str = "fp32",
                      trust_remote_code: bool = False):
     """The base LM with one library module: a LoRA module attached, or a `full` entry's own weights

@@ -69,6 +69,8 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
                 row["mode-expert"] = lm[f"lm/mode-expert/{d}"][d]
             if f"lm/full/{d}" in lm:
                 row["full"] = lm[f"lm/full/{d}"][d]
+            if d in lm.get("lm/mode-mixture", {}):
+                row["mode-mixture"] = lm["lm/mode-mixture"][d]
             for variant in COMPOSE:
                 if f"lm/{variant}" in lm:
                     row[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][d]

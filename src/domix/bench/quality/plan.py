@@ -210,6 +210,9 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
         models.append((f"lm/{job}", {"ncl": str(d)}, [job]))
     if mode_lib:
         models += [(f"lm/mode-expert/{d}", {"mode": str(mode_lib / d)}, [f"mode/expert/{d}"]) for d in domains]
+        # the experts' predictions mixed by their posterior on the text so far: the hand-over's reference
+        models.append(("lm/mode-mixture", {"mixture": [str(mode_lib / d) for d in domains]},
+                       [f"mode/expert/{d}" for d in domains]))
     if full_lib:
         models += [(f"lm/full/{d}", {"base": str(full_lib / d)}, [f"full/{d}"]) for d in domains]
     for variant, (job, d) in composed.items():

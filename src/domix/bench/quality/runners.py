@@ -110,6 +110,26 @@ def _run_merge(spec: dict, out: str) -> dict:
             "rank": meta["rank"], "merge_time_s": meta["merge_time_s"]}
 
 
+def _run_mixture_eval(spec: dict) -> dict:
+    """`mixture_lm_loss` of the MoDE experts `spec["model"]["mixture"]` on every held-out text; for a
+    masked-LM base, nothing (a posterior from the text so far needs next-token predictions)."""
+    from ...data.corpus import load_documents, pack
+    from ...lm import mixture_lm_loss
+    from ...mode.model import load_mode_model
+    from ...models import load_tokenizer
+
+    loaded = [load_mode_model(d, head="lm") for d in spec["model"]["mixture"]]
+    if any(objective != "clm" for _, objective, _ in loaded):
+        return {"loss": {}, "accuracy": {}, "tokens": {}, "skipped": "a masked-LM base: no next-token mixture"}
+    tok = load_tokenizer(loaded[0][2]["base"])
+    loss, accuracy, tokens = {}, {}, {}
+    for name, path in spec["heldout"].items():
+        blocks = pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"])
+        r = mixture_lm_loss([model for model, _, _ in loaded], blocks, spec["batch_size"])
+        loss[name], accuracy[name], tokens[name] = round(r["loss"], 5), round(r["accuracy"], 5), r["tokens"]
+    return {"loss": loss, "accuracy": accuracy, "tokens": tokens}
+
+
 def _run_lm_eval(spec: dict, out: str) -> dict:
     """Held-out LM loss and next-token (masked-token) accuracy of one model on every held-out text."""
     from ...data.corpus import load_documents, pack
@@ -117,6 +137,8 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
     from ...models import load_model, load_tokenizer
 
     m = spec["model"]
+    if "mixture" in m:
+        return _run_mixture_eval(spec)
     if "mode" in m:
         from ...mode.model import load_mode_model
 
