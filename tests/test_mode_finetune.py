@@ -31,6 +31,13 @@ def test_mode_finetune_save_load_export(tiny_decoder, corpora, tmp_path):
                  device="cpu", threads=1, freeze_experts=True, gate_context="mean", gate_form="routed")
     assert m["method"] == "mode" and m["trainable_params"] < m["total_params"]
     model, tok, spec = load_task_model(out, device="cpu")
+    # under routed gates each expert's own gate is a gate: with trained experts it takes the gate rate
+    from domix.finetune.methods import Mode
+
+    names = [n for n, _ in model.named_parameters() if n.startswith("domix_mode.")]
+    own = [n for n in names if ".own." in n]
+    assert own and all(Mode().mixing(n) for n in own)
+    assert not any(Mode().mixing(n) for n in names if ".experts." in n or ".out." in n)
     assert spec["mode_layout"]["experts"] == ["bio", "law"] and spec["mode_layout"]["gate_context"] == "mean"
     assert spec["mode_layout"]["gate_form"] == "routed" and model.domix_mode.gate_form == "routed"
     enc = tok(["court judge appeal", "bake dough salt"], padding=True, return_tensors="pt")

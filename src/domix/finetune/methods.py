@@ -245,7 +245,9 @@ class Mode(Method):
         return model
 
     def mixing(self, name):
-        return name.startswith("domix_mode.") and ".gate." in name
+        # the gates, and under routed gates each expert's own gate (a gate too, though it came with the
+        # expert): at the gate rate, the expert lr would leave the experts' share of each token as it was
+        return name.startswith("domix_mode.") and (".gate." in name or ".own." in name)
 
     def saved(self, model):
         return super().saved(model) | {n for n, _ in model.named_parameters() if n.startswith("domix_mode.")}

@@ -17,6 +17,9 @@ from .settings import COMPOSE, MERGES, METHODS, NEEDS, NO_SAVE, compose_gate_lr,
 # next-token target when pad == eos; trained tensors fp32 over a base held in --dtype; MoDE experts
 # through zero-initialised output maps (2026-11-30).
 RESULTS_VERSION = 2
+# The same for one bench method's fine-tuning runs only (their specs gain the field; the other jobs keep
+# their keys). mode 2: under routed gates the experts' own gates train at the gate rate (2026-12-01).
+METHOD_VERSIONS = {"mode": 2}
 
 
 def _key(obj) -> str:
@@ -275,7 +278,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                               patience=ft.get("patience"), dtype=ft.get("dtype", "fp32"))
                     cfg = _finetune_fields({**defaults, **kw})
                     spec = {"config": cfg, "test": t["test"]["path"], **common,
-                            "drop_weights": m["method"] == "full" and not settings["keep_full_weights"]}
+                            "drop_weights": m["method"] == "full" and not settings["keep_full_weights"],
+                            **({"method_version": METHOD_VERSIONS[method]} if method in METHOD_VERSIONS else {})}
                     if m.get("init") == "ncl":
                         spec["ncl_base_id"] = str(nd)
                     key = _key(spec)
