@@ -146,7 +146,13 @@ def claim_verdicts(results: dict) -> list[str]:
         notes = "; ".join(n for n in notes if n)
         L.append(f"- **{name}** {c['claim']}: **{c['verdict']}**{f' ({notes})' if notes else ''} — {diffs}.")
     if not claims:
-        L.append("- No runs kept their test predictions (jobs reused from older runs): no claim can be judged.")
+        from .verdicts import CLAIMS
+
+        needed = {m for _, pairs in CLAIMS.values() for p in pairs for m in p}
+        L.append("- No runs kept their test predictions (jobs reused from older runs): no claim can be judged."
+                 if needed & set(results["methods"]) else
+                 "- The claims compare DoMIX and the LoRA and full baselines, none of which this run trained: "
+                 "no claim can be judged.")
     L += ["", f"Each interval is a paired bootstrap ({N_BOOT:,} draws): a draw resamples every task's test "
           "examples (the same for both methods) and the seeds (with replacement), and takes the mean over tasks "
           "of the mean over the drawn seeds of macro-F1(A) − macro-F1(B); the interval is its 2.5–97.5 "
