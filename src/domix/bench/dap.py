@@ -273,7 +273,8 @@ def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: in
     if failed:
         raise RuntimeError(f"fused run: {failed}")
     wall = time.perf_counter() - t0
-    return {"run": "fused", "domains": domains, "stack": domains_per_pass(domains, stack or None, parallel), "parallel": parallel,
+    return {"run": "fused", "domains": domains, "stack": domains_per_pass(domains, stack or None, parallel),
+            "parallel": parallel,
             "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
             "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}

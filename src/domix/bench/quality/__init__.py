@@ -186,6 +186,7 @@ def run(args) -> dict:
                       seeds=getattr(args, "seeds", None), workers=getattr(args, "workers", None),
                       base=getattr(args, "base", None), data_root=getattr(args, "data", None),
                       threads=getattr(args, "threads", None), progress=True,
-                      executor=getattr(args, "executor", None) or "local", ray_address=getattr(args, "ray_address", None),
+                      executor=getattr(args, "executor", None) or "local",
+                      ray_address=getattr(args, "ray_address", None),
                       set_items=getattr(args, "set", None))
     return res

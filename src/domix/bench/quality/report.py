@@ -590,7 +590,8 @@ def write_report(results: dict, out: Path) -> str:
             if any(m in MERGES for m in results["methods"]) else []),
           *([f"- MoDE (DESIGN.md §4; {_mode_layout(results)}): each domain's expert sees the modules' "
              f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']:g}, gate lr "
-             f"{s['mode'].get('gate_lr', 1e-3):g}{', from the grid above' if s.get('mode_lr_choice') else ', set in the settings of the run'}); "
+             f"{s['mode'].get('gate_lr', 1e-3):g}"
+             f"{', from the grid above' if s.get('mode_lr_choice') else ', set in the settings of the run'}); "
              "the composition adds "
              f"{s['mode']['compose_steps']} steps × {pre['batch_size']} × {pre['seq_len']} = "
              f"{s['mode']['compose_steps'] * pre['batch_size'] * pre['seq_len']:,} tokens of the four corpora in "
