@@ -208,13 +208,13 @@ def mixture_lm_loss(models: list, blocks, batch_size: int = 8) -> dict:
     Each model runs the whole text, so it costs one forward pass per model; `bench quality` scores
     it beside a MoDE composition as what mixing the experts' predictions, not their hidden states,
     reaches without being told the domain."""
-    ids_all = torch.tensor(blocks["input_ids"])
+    ids_all = torch.tensor(blocks["input_ids"]).to(next(models[0].parameters()).device)
     for m in models:
         m.eval()
     total, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(ids_all), batch_size):
-            ids = ids_all[i:i + batch_size].to(next(models[0].parameters()).device)
+            ids = ids_all[i:i + batch_size]
             target = ids[:, 1:]
             logp = torch.stack([torch.log_softmax(m(input_ids=ids).logits[:, :-1].float(), -1) for m in models])
             own = logp.gather(-1, target[None, ..., None].expand(len(models), -1, -1, 1)).squeeze(-1)

@@ -110,38 +110,24 @@ def _run_merge(spec: dict, out: str) -> dict:
             "rank": meta["rank"], "merge_time_s": meta["merge_time_s"]}
 
 
-def _run_mixture_eval(spec: dict) -> dict:
-    """`mixture_lm_loss` of the MoDE experts `spec["model"]["mixture"]` on every held-out text; for a
-    masked-LM base, nothing (a posterior from the text so far needs next-token predictions)."""
-    from ...data.corpus import load_documents, pack
-    from ...lm import mixture_lm_loss
-    from ...mode.model import load_mode_model
-    from ...models import load_tokenizer
-
-    loaded = [load_mode_model(d, head="lm") for d in spec["model"]["mixture"]]
-    if any(objective != "clm" for _, objective, _ in loaded):
-        return {"loss": {}, "accuracy": {}, "tokens": {}, "skipped": "a masked-LM base: no next-token mixture"}
-    tok = load_tokenizer(loaded[0][2]["base"])
-    loss, accuracy, tokens = {}, {}, {}
-    for name, path in spec["heldout"].items():
-        blocks = pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"])
-        r = mixture_lm_loss([model for model, _, _ in loaded], blocks, spec["batch_size"])
-        loss[name], accuracy[name], tokens[name] = round(r["loss"], 5), round(r["accuracy"], 5), r["tokens"]
-    return {"loss": loss, "accuracy": accuracy, "tokens": tokens}
-
-
 def _run_lm_eval(spec: dict, out: str) -> dict:
-    """Held-out LM loss and next-token (masked-token) accuracy of one model on every held-out text."""
+    """Held-out LM loss and next-token (masked-token) accuracy of one model on every held-out text;
+    of `{"mixture": [expert dirs]}`, the MoDE experts' Bayesian mixture (`mixture_lm_loss`), which a
+    masked-LM base skips (a posterior from the text so far needs next-token predictions)."""
     from ...data.corpus import load_documents, pack
-    from ...lm import lm_loss, load_with_module
+    from ...lm import lm_loss, load_with_module, mixture_lm_loss
+    from ...mode.model import load_mode_model
     from ...models import load_model, load_tokenizer
 
     m = spec["model"]
+    score = None  # blocks -> lm_loss's record
     if "mixture" in m:
-        return _run_mixture_eval(spec)
-    if "mode" in m:
-        from ...mode.model import load_mode_model
-
+        loaded = [load_mode_model(d, head="lm") for d in m["mixture"]]
+        if any(objective != "clm" for _, objective, _ in loaded):
+            return {"loss": {}, "accuracy": {}, "tokens": {}, "skipped": "a masked-LM base: no next-token mixture"}
+        base = loaded[0][2]["base"]
+        score = lambda blocks: mixture_lm_loss([x[0] for x in loaded], blocks, spec["batch_size"])  # noqa: E731
+    elif "mode" in m:
         model, objective, meta = load_mode_model(m["mode"], head="lm")
         base = meta["base"]
     elif "ncl" in m:
@@ -158,10 +144,10 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
         base = m["base"]
         model, objective = load_model(base, head="lm")
     tok = load_tokenizer(base)
+    score = score or (lambda blocks: lm_loss(model, blocks, tok, objective, spec["batch_size"], seed=0))  # noqa: E731
     loss, accuracy, tokens = {}, {}, {}
     for name, path in spec["heldout"].items():
-        blocks = pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"])
-        r = lm_loss(model, blocks, tok, objective, spec["batch_size"], seed=0)
+        r = score(pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"]))
         loss[name], accuracy[name], tokens[name] = round(r["loss"], 5), round(r["accuracy"], 5), r["tokens"]
     return {"loss": loss, "accuracy": accuracy, "tokens": tokens}
 
