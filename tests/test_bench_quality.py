@@ -140,6 +140,17 @@ def test_results_schema(bench):
         kind = "reference" if variant == "mode-mixture" else "composed"
         assert (f"Hand-over, {variant} ({kind}) minus each domain's own expert: {DOMS[0]} {gaps[0]:+.3f}, "
                 f"{DOMS[1]} {gaps[1]:+.3f} — within 0.05 nats on {sum(g <= 0.05 for g in gaps)} of 2") in report
+    # ... and by position in the held-out block: the loss at each index, the report's spans of the gap
+    seq_len = saved["settings"]["pretrain"]["seq_len"]
+    for d in DOMS:
+        row = saved["lm_position_loss"][d]
+        assert set(row) == {"mode-expert", "mode", "mode-frozen-experts", "mode-mixture"}
+        assert all(len(v) == seq_len and v[0] is None and None not in v[1:] for v in row.values())
+    row = saved["lm_position_loss"][DOMS[0]]
+    gap = [a - b for a, b in zip(row["mode"][1:], row["mode-expert"][1:])]  # index 1 onwards
+    spans = [sum(g) / len(g) for g in (gap[:8], gap[8:32], gap[32:]) if g]
+    assert "Hand-over by position in the held-out block" in report
+    assert f"| mode | {DOMS[0]} | " + " | ".join(f"{c:+.3f}" for c in spans) in report
     for plot in ("tasks.png", "lm_loss.png", "bridge.png"):
         assert (out / "plots" / plot).stat().st_size > 0
 

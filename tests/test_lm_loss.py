@@ -96,6 +96,23 @@ def test_lm_loss_in_chunks_equals_the_whole_batch(objective, tiny_decoder, tiny_
             count += int(keep.sum())
     assert got["tokens"] == count and got["accuracy"] == pytest.approx(correct / count)
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert "position_loss" not in got  # only when asked
+    # by position: each index's mean over the blocks; the indices' means weighted by their tokens are the loss
+    pos = lm_loss(model, blocks, tok, objective, batch_size=3, seed=0, by_position=True)
+    assert pos["loss"] == got["loss"] and len(pos["position_loss"]) == 200
+    if objective == "clm":  # a block's first token is never predicted; each later index once per block
+        assert pos["position_loss"][0] is None
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(ids)).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.tensor(ids)[:, 1:], reduction="none")
+        assert pos["position_loss"][1:] == pytest.approx(nll.mean(0).tolist(), abs=1e-4)
+    else:  # masked positions: some indices are never masked
+        counts = torch.zeros(200)
+        for b in (batch, batch2):
+            counts += (b["labels"] != -100).sum(0)
+        assert [v is None for v in pos["position_loss"]] == (counts == 0).tolist()
+        mean = sum(v * c for v, c in zip(pos["position_loss"], counts.tolist()) if v is not None) / counts.sum()
+        assert mean.item() == pytest.approx(got["loss"], rel=1e-4)
 
 
 def test_the_bayesian_mixture_is_the_average_of_the_models_block_likelihoods(tiny_decoder):
@@ -138,3 +155,8 @@ def test_the_bayesian_mixture_is_the_average_of_the_models_block_likelihoods(tin
     same = mixture_lm_loss([a, a], blocks, batch_size=3)
     alone = lm_loss(a, blocks, tok, "clm", batch_size=3)
     assert same["loss"] == pytest.approx(alone["loss"], abs=1e-5) and same["accuracy"] == alone["accuracy"]
+    # by position: a mixture of a model with itself is that model at every index of the block
+    same = mixture_lm_loss([a, a], blocks, batch_size=3, by_position=True)["position_loss"]
+    alone = lm_loss(a, blocks, tok, "clm", batch_size=3, by_position=True)["position_loss"]
+    assert same[0] is None and alone[0] is None and len(same) == len(alone) == ids.shape[1]
+    assert same[1:] == pytest.approx(alone[1:], abs=1e-4)

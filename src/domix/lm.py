@@ -109,24 +109,49 @@ def next_token_loss(hidden, labels, weight, num_items_in_batch=None, chunk: int 
 
 
 def _scored_logits(model, ids, labels, objective: str, chunk: int = 256):
-    """fp32 logits and targets of the scored tokens, a chunk at a time: the whole batch's logits
-    over a large vocabulary (and its fp32 copies) would be the largest thing in memory."""
+    """fp32 logits, targets and the targets' positions in their block (index in the block: for a
+    causal LM, how many of the block's tokens precede it) of the scored tokens, a chunk at a time:
+    the whole batch's logits over a large vocabulary (and its fp32 copies) would be the largest
+    thing in memory."""
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     plain = _plain_head(model) if objective == "clm" else None
     if plain is not None:
         causal, head = plain
         hidden, labels = _next_token_hidden(causal, ids, labels)
         keep = labels != -100
-        hidden, labels = hidden[keep], labels[keep]
+        hidden, labels, positions = hidden[keep], labels[keep], positions[:, 1:].reshape(-1)[keep]
         weight = head.weight.to(hidden.dtype)
         for s in range(0, len(labels), chunk):
-            yield (hidden[s:s + chunk] @ weight.T).float(), labels[s:s + chunk]
+            yield (hidden[s:s + chunk] @ weight.T).float(), labels[s:s + chunk], positions[s:s + chunk]
         return
     logits = model(input_ids=ids).logits
     if objective == "clm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    for row, y in zip(logits, labels):
+        logits, labels, positions = logits[:, :-1], labels[:, 1:], positions[:, 1:]
+    for row, y, pos in zip(logits, labels, positions):
         keep = y != -100
-        yield row[keep].float(), y[keep]
+        yield row[keep].float(), y[keep], pos[keep]
+
+
+class _ByPosition:
+    """Mean token loss per position in the block (`position_loss`: index i, the tokens at index i;
+    None where none was scored) — where in a block a model loses, e.g. a MoDE composition in the
+    first tokens, before the text has told its domain."""
+
+    def __init__(self):
+        self.total, self.count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+
+    def add(self, positions: torch.Tensor, losses: torch.Tensor) -> None:
+        pos = positions.reshape(-1).cpu()
+        total = torch.bincount(pos, weights=losses.reshape(-1).detach().double().cpu())
+        count = torch.bincount(pos).double()
+        size = max(len(self.total), len(total))
+        self.total = torch.nn.functional.pad(self.total, (0, size - len(self.total))) + \
+            torch.nn.functional.pad(total, (0, size - len(total)))
+        self.count = torch.nn.functional.pad(self.count, (0, size - len(self.count))) + \
+            torch.nn.functional.pad(count, (0, size - len(count)))
+
+    def means(self) -> list[float | None]:
+        return [round(t / c, 5) if c else None for t, c in zip(self.total.tolist(), self.count.tolist())]
 
 
 def chunked_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_batch=None, chunk: int = 256):
@@ -172,8 +197,9 @@ class ChunkedLMLossMixin:
 
 @torch.no_grad()
 def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed: int = 0,
-            progress: bool = False) -> dict:
-    """Mean token loss, perplexity and prediction accuracy over packed `blocks`.
+            progress: bool = False, by_position: bool = False) -> dict:
+    """Mean token loss, perplexity and prediction accuracy over packed `blocks` (and with
+    `by_position`, `position_loss`: the mean loss at each index of a block, `_ByPosition`).
 
     MLM masks with a fixed seed, so two models are scored on the same masked positions."""
     from tqdm.auto import tqdm
@@ -182,14 +208,16 @@ def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, correct, count = 0.0, 0, 0
-    with torch.random.fork_rng(devices=[]):
+    total, correct, count, positions = 0.0, 0, 0, _ByPosition()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for i in tqdm(range(0, len(blocks), batch_size), desc="eval-lm", disable=not progress):
             batch = collate([{"input_ids": x} for x in blocks[i:i + batch_size]["input_ids"]])
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            for sel, tgt in _scored_logits(model, ids, labels, objective):
-                total += torch.nn.functional.cross_entropy(sel, tgt, reduction="sum").item()
+            for sel, tgt, pos in _scored_logits(model, ids, labels, objective):
+                nll = torch.nn.functional.cross_entropy(sel, tgt, reduction="none")
+                total += nll.sum().item()
+                positions.add(pos, nll)
                 correct += (sel.argmax(-1) == tgt).sum().item()
                 count += len(tgt)
     model.train(was_training)
@@ -197,21 +225,21 @@ def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed:
         raise ValueError("no tokens to score")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / count,
-            "tokens": count}
+            "tokens": count, **({"position_loss": positions.means()} if by_position else {})}
 
 
-def mixture_lm_loss(models: list, blocks, batch_size: int = 8) -> dict:
+def mixture_lm_loss(models: list, blocks, batch_size: int = 8, by_position: bool = False) -> dict:
     """Next-token loss and accuracy of a Bayesian mixture of causal LMs on packed `blocks`: token t
     is predicted by `sum_j w_j(t) p_j(. | x_<t)`, where `w(t)` is the posterior over the models
     given the block's tokens before t under a uniform prior — the ensemble of domain experts of
     Branch-Train-Merge (Li et al. 2022, arXiv 2208.03306) with its posterior from the text so far.
     Each model runs the whole text, so it costs one forward pass per model; `bench quality` scores
     it beside a MoDE composition as what mixing the experts' predictions, not their hidden states,
-    reaches without being told the domain."""
+    reaches without being told the domain. `by_position`: as in `lm_loss`."""
     ids_all = torch.tensor(blocks["input_ids"]).to(next(models[0].parameters()).device)
     for m in models:
         m.eval()
-    total, correct, count = 0.0, 0, 0
+    total, correct, count, positions = 0.0, 0, 0, _ByPosition()
     with torch.no_grad():
         for i in range(0, len(ids_all), batch_size):
             ids = ids_all[i:i + batch_size]
@@ -220,13 +248,16 @@ def mixture_lm_loss(models: list, blocks, batch_size: int = 8) -> dict:
             own = logp.gather(-1, target[None, ..., None].expand(len(models), -1, -1, 1)).squeeze(-1)
             prior = torch.log_softmax(own.cumsum(-1) - own, 0)  # log w_j(t): the block so far, uniform prior
             mix = torch.logsumexp(prior[..., None] + logp, 0)  # [batch, tokens, vocab]
-            total -= mix.gather(-1, target[..., None]).sum().item()
+            nll = -mix.gather(-1, target[..., None]).squeeze(-1)
+            total += nll.sum().item()
+            positions.add(torch.arange(1, ids.shape[1], device=ids.device).expand_as(target), nll)
             correct += (mix.argmax(-1) == target).sum().item()
             count += target.numel()
     if count == 0:
         raise ValueError("no tokens to score")
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / count, "tokens": count}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / count, "tokens": count,
+            **({"position_loss": positions.means()} if by_position else {})}
 
 
 def load_with_module(base: str, library: str, module: str, objective: str = "auto", dtype: str = "fp32",

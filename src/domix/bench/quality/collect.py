@@ -79,6 +79,9 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
 
     lm = lm_metric("loss")
     lm_loss, lm_accuracy = per_domain(lm), per_domain(lm_metric("accuracy"))
+    # the loss at each index of a held-out block (MoDE's models only): where a composition loses to the experts
+    by_position = {d: {k: v for k, v in row.items() if v and k != "ncl"}
+                   for d, row in per_domain(lm_metric("position_loss")).items()}
     retention, detail = {}, {"own-lora": {}, "ncl": {}, "cross": {}}
     for d in domains:
         if f"lm/module/{d}" in lm:
@@ -208,7 +211,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     if c4:
         claims = dict(sorted({**claims, "C4": c4}.items()))
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
-            "lm_loss_detail": detail,
+            "lm_loss_detail": detail, **({"lm_position_loss": by_position} if any(by_position.values()) else {}),
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
             "shared_runs": shared, "runs": run_list, "verdicts": claims, "mode_comparison": paper}
 

@@ -222,6 +222,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
         models.append((f"lm/{variant}", {"mode": str(d)}, [job]))
     for name, model, deps in models:
         spec = {"model": model, "heldout": heldout, "seq_len": pre["seq_len"], **lm, **common, "version": 2}
+        if "mode" in model or "mixture" in model:  # MoDE's hand-over, by position in the block (the report's)
+            spec["by_position"] = True
         d = work / f"{name.replace('/', '-')}-{_key(spec)}"
         add(Job(name, "lm-eval", spec, str(d), str(d / "result.json"), deps))
 

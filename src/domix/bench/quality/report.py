@@ -209,6 +209,7 @@ def mode_comparison_section(results: dict) -> list[str]:
                          "minus each domain's own expert: "
                          + ", ".join(f"{d} {g:+.3f}" for d, g in gaps.items())
                          + f" — within {HANDOVER_NATS} nats on {within} of {len(gaps)} domains.")
+    lines += handover_by_position(results.get("lm_position_loss") or {})
     if any(r.get("mode-mixture") is not None for r in loss.values()):
         lines.append("The reference mixes the experts' next-token predictions, each weighted by its posterior given "
                      "the block so far (uniform prior; Branch-Train-Merge's ensemble, arXiv 2208.03306): like a "
@@ -216,6 +217,44 @@ def mode_comparison_section(results: dict) -> list[str]:
     return L + ["", *lines, "The MoDE paper (arXiv 2410.10181, its own figures, GPUs and a larger model) reports MoDE "
                 "about equal to full training on the target domains, 1.65 % better retention and up to 38 % faster "
                 "training than distributed full training; the rows above are ours, on one CPU process each.", ""]
+
+
+POSITION_SPANS = ((1, 8), (9, 32), (33, None))  # a held-out token's index in its block: the tokens before it
+
+
+def handover_by_position(by_position: dict) -> list[str]:
+    """The hand-over gaps (composition minus the domain's own expert) over the spans of a held-out
+    block, `POSITION_SPANS`: a composition must first tell the domain from the text, so its gap
+    shrinks along the block. Each position counts equally within a span."""
+    variants = [v for v in ("mode", "mode-frozen-experts", "mode-mixture")
+                if any(v in r and "mode-expert" in r for r in by_position.values())]
+    if not variants:
+        return []
+
+    def span(values: list, lo: int, hi: int | None) -> float | None:
+        picked = [v for v in values[lo:None if hi is None else hi + 1] if v is not None]
+        return sum(picked) / len(picked) if picked else None
+
+    names = [f"tokens {lo}–{hi}" if hi else f"tokens {lo}+" for lo, hi in POSITION_SPANS]
+    L = ["", "Hand-over by position in the held-out block (a token's index: the block's tokens before it), "
+         "composition minus the domain's own expert:", "",
+         "| model | domain | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    late = {}
+    for v in variants:
+        for d, r in by_position.items():
+            if v not in r or "mode-expert" not in r:
+                continue
+            gaps = [None if a is None or b is None else a - b for a, b in zip(r[v], r["mode-expert"])]
+            cells = [span(gaps, lo, hi) for lo, hi in POSITION_SPANS]
+            late.setdefault(v, {})[d] = cells[-1]
+            L.append(f"| {v} | {d} | " + " | ".join("–" if c is None else f"{c:+.3f}" for c in cells) + " |")
+    L.append("")
+    for v, gaps in late.items():
+        known = [g for g in gaps.values() if g is not None]
+        if known:
+            L.append(f"From token {POSITION_SPANS[-1][0]} on, {v} is within {HANDOVER_NATS} nats of the own expert on "
+                     f"{sum(g <= HANDOVER_NATS for g in known)} of {len(known)} domains.")
+    return L
 
 
 def dap_curve_section(results: dict) -> list[str]:

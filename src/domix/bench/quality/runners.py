@@ -119,14 +119,15 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
     from ...mode.model import load_mode_model
     from ...models import load_model, load_tokenizer
 
-    m = spec["model"]
+    m, by_position = spec["model"], spec.get("by_position", False)
     score = None  # blocks -> lm_loss's record
     if "mixture" in m:
         loaded = [load_mode_model(d, head="lm") for d in m["mixture"]]
         if any(objective != "clm" for _, objective, _ in loaded):
             return {"loss": {}, "accuracy": {}, "tokens": {}, "skipped": "a masked-LM base: no next-token mixture"}
         base = loaded[0][2]["base"]
-        score = lambda blocks: mixture_lm_loss([x[0] for x in loaded], blocks, spec["batch_size"])  # noqa: E731
+        score = lambda blocks: mixture_lm_loss([x[0] for x in loaded], blocks, spec["batch_size"],  # noqa: E731
+                                               by_position=by_position)
     elif "mode" in m:
         model, objective, meta = load_mode_model(m["mode"], head="lm")
         base = meta["base"]
@@ -144,12 +145,15 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
         base = m["base"]
         model, objective = load_model(base, head="lm")
     tok = load_tokenizer(base)
-    score = score or (lambda blocks: lm_loss(model, blocks, tok, objective, spec["batch_size"], seed=0))  # noqa: E731
-    loss, accuracy, tokens = {}, {}, {}
+    score = score or (lambda blocks: lm_loss(model, blocks, tok, objective, spec["batch_size"], seed=0,  # noqa: E731
+                                             by_position=by_position))
+    loss, accuracy, tokens, positions = {}, {}, {}, {}
     for name, path in spec["heldout"].items():
         r = score(pack(load_documents([path]), tok, spec["seq_len"], max_blocks=spec["blocks"]))
         loss[name], accuracy[name], tokens[name] = round(r["loss"], 5), round(r["accuracy"], 5), r["tokens"]
-    return {"loss": loss, "accuracy": accuracy, "tokens": tokens}
+        if "position_loss" in r:
+            positions[name] = r["position_loss"]
+    return {"loss": loss, "accuracy": accuracy, "tokens": tokens, **({"position_loss": positions} if positions else {})}
 
 
 def _run_finetune(spec: dict, out: str) -> dict:
