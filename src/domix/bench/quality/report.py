@@ -249,11 +249,11 @@ def handover_by_position(by_position: dict) -> list[str]:
             late.setdefault(v, {})[d] = cells[-1]
             L.append(f"| {v} | {d} | " + " | ".join("–" if c is None else f"{c:+.3f}" for c in cells) + " |")
     L.append("")
-    for v, gaps in late.items():
-        known = [g for g in gaps.values() if g is not None]
-        if known:
-            L.append(f"From token {POSITION_SPANS[-1][0]} on, {v} is within {HANDOVER_NATS} nats of the own expert on "
-                     f"{sum(g <= HANDOVER_NATS for g in known)} of {len(known)} domains.")
+    counts = [f"{v} on {sum(g <= HANDOVER_NATS for g in known)} of {len(known)}" for v, gaps in late.items()
+              if (known := [g for g in gaps.values() if g is not None])]
+    if counts:
+        L.append(f"From token {POSITION_SPANS[-1][0]} on, within {HANDOVER_NATS} nats of the own expert: "
+                 + ", ".join(counts) + " domains.")
     return L
 
 
