@@ -142,13 +142,11 @@ class _ByPosition:
 
     def add(self, positions: torch.Tensor, losses: torch.Tensor) -> None:
         pos = positions.reshape(-1).cpu()
-        total = torch.bincount(pos, weights=losses.reshape(-1).detach().double().cpu())
-        count = torch.bincount(pos).double()
-        size = max(len(self.total), len(total))
-        self.total = torch.nn.functional.pad(self.total, (0, size - len(self.total))) + \
-            torch.nn.functional.pad(total, (0, size - len(total)))
-        self.count = torch.nn.functional.pad(self.count, (0, size - len(self.count))) + \
-            torch.nn.functional.pad(count, (0, size - len(count)))
+        if not len(pos):
+            return
+        grow = lambda t: torch.nn.functional.pad(t, (0, max(0, int(pos.max()) + 1 - len(t))))  # noqa: E731
+        self.total = grow(self.total).index_add_(0, pos, losses.reshape(-1).detach().double().cpu())
+        self.count = grow(self.count).index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))
 
     def means(self) -> list[float | None]:
         return [round(t / c, 5) if c else None for t, c in zip(self.total.tolist(), self.count.tolist())]
@@ -209,7 +207,7 @@ def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed:
     was_training = model.training
     model.eval()
     total, correct, count, positions = 0.0, 0, 0, _ByPosition()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in tqdm(range(0, len(blocks), batch_size), desc="eval-lm", disable=not progress):
             batch = collate([{"input_ids": x} for x in blocks[i:i + batch_size]["input_ids"]])
