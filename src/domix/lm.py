@@ -215,7 +215,8 @@ def lm_loss(model, blocks, tokenizer, objective: str, batch_size: int = 8, seed:
             for sel, tgt, pos in _scored_logits(model, ids, labels, objective):
                 nll = torch.nn.functional.cross_entropy(sel, tgt, reduction="none")
                 total += nll.sum().item()
-                positions.add(pos, nll)
+                if by_position:
+                    positions.add(pos, nll)
                 correct += (sel.argmax(-1) == tgt).sum().item()
                 count += len(tgt)
     model.train(was_training)
@@ -248,7 +249,8 @@ def mixture_lm_loss(models: list, blocks, batch_size: int = 8, by_position: bool
             mix = torch.logsumexp(prior[..., None] + logp, 0)  # [batch, tokens, vocab]
             nll = -mix.gather(-1, target[..., None]).squeeze(-1)
             total += nll.sum().item()
-            positions.add(torch.arange(1, ids.shape[1], device=ids.device).expand_as(target), nll)
+            if by_position:
+                positions.add(torch.arange(1, ids.shape[1], device=ids.device).expand_as(target), nll)
             correct += (mix.argmax(-1) == target).sum().item()
             count += target.numel()
     if count == 0:

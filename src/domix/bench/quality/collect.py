@@ -80,7 +80,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     lm = lm_metric("loss")
     lm_loss, lm_accuracy = per_domain(lm), per_domain(lm_metric("accuracy"))
     # the loss at each index of a held-out block (MoDE's models only): where a composition loses to the experts
-    by_position = {d: {k: v for k, v in row.items() if v and k != "ncl"}
+    by_position = {d: {k: v for k, v in row.items() if v}  # ncl's {} and the models without it drop out
                    for d, row in per_domain(lm_metric("position_loss")).items()}
     retention, detail = {}, {"own-lora": {}, "ncl": {}, "cross": {}}
     for d in domains:
