@@ -157,6 +157,10 @@ def test_a_mean_context_sees_neither_later_tokens_nor_padding(tiny_decoder, tiny
     other[:, 5] = 2  # a later token changes an earlier one's output (so does attention; the gate too)
     assert not torch.allclose(enc(input_ids=other).logits[:, 0], alone[:, 0], atol=1e-4)
 
+    # a caller of the decoder alone (`lm.lm_loss`) gets its own call's mask, not one left from the head's last call
+    model(input_ids=IDS, attention_mask=MASK)
+    hidden = model.get_decoder()(input_ids=IDS[1:]).last_hidden_state
+    torch.testing.assert_close(model.lm_head(hidden), model(input_ids=IDS[1:]).logits)
 
 class Capture:
     def __init__(self):

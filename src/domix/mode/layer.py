@@ -349,7 +349,9 @@ class Mode(nn.Module):
         if self.gate_context == "mean":
             if model is None:
                 raise ValueError("gates with context 'mean' need the model (its attention mask): attach(layers, model)")
-            self._handles.append(model.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+            # on the transformer body, which gets the mask both from the head's forward and from callers of
+            # the body alone (`lm.lm_loss`): a mask remembered at the head would outlive its call there
+            self._handles.append(backbone(model).register_forward_pre_hook(self._remember_mask, with_kwargs=True))
         k = self.layout.expert_layers
         for b, (start, end) in enumerate(self.layout.spans):
             for i in sorted({start, *expert_sources((start, end), k)}):
