@@ -59,9 +59,9 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 # Sized from measurements on 2 CPU cores, one thread per job (real model). quick (with MoDE)
-# measured 68 CPU-min in fp32 (27.8 to 35.1 min on 2 cores with 2 workers, by machine); bf16
-# autocast (1.3x per fine-tuning step, 1.5x per pre-training token, measured) brings it under
-# its 60 CPU-min budget. A full run with 256 training
+# measured 68 CPU-min in fp32 (27.8 to 35.1 min on 2 cores with 2 workers, by machine); in bf16
+# autocast (1.3x per fine-tuning step, 1.5x per pre-training token) 42.2 CPU-min, 21.8 min, with
+# 18 methods (2026-12-01): under its 60 CPU-min budget. A full run with 256 training
 # examples per task (32 steps) measured per fine-tune job ~105 CPU-s (a step ~2.1 CPU-s, plus
 # ~38 s of loading, scoring 282 dev/test examples and saving), projecting ~2.75 h in all: over
 # the 2.5 h budget. 160 examples (20 steps) project ~2.2 h. A fine-tune learns little before
