@@ -162,6 +162,7 @@ def test_a_mean_context_sees_neither_later_tokens_nor_padding(tiny_decoder, tiny
     hidden = model.get_decoder()(input_ids=IDS[1:]).last_hidden_state
     torch.testing.assert_close(model.lm_head(hidden), model(input_ids=IDS[1:]).logits)
 
+
 class Capture:
     def __init__(self):
         from transformers import TrainerCallback

@@ -162,6 +162,7 @@ def claim_verdicts(results: dict) -> list[str]:
 
 
 HANDOVER_NATS = 0.05  # a composition hands over when each domain's held-out loss is this close to its own expert's
+HANDOVER_MODELS = ("mode", "mode-frozen-experts", "mode-mixture")  # compared with each domain's expert
 
 
 def mode_comparison_section(results: dict) -> list[str]:
@@ -200,7 +201,7 @@ def mode_comparison_section(results: dict) -> list[str]:
                          f"the CPU time per token of full training, at {cost['mode-expert']['peak_rss_mb'] / cost['full']['peak_rss_mb']:.2f}× its peak memory.")
     except statistics.StatisticsError:
         lines = []
-    for variant in ("mode", "mode-frozen-experts", "mode-mixture"):
+    for variant in HANDOVER_MODELS:
         gaps = {d: r[variant] - r["mode-expert"] for d, r in loss.items()
                 if r.get(variant) is not None and r.get("mode-expert") is not None}
         if gaps:
@@ -226,7 +227,7 @@ def handover_by_position(by_position: dict) -> list[str]:
     """The hand-over gaps (composition minus the domain's own expert) over the spans of a held-out
     block, `POSITION_SPANS`: a composition must first tell the domain from the text, so its gap
     shrinks along the block. Each position counts equally within a span."""
-    variants = [v for v in ("mode", "mode-frozen-experts", "mode-mixture")
+    variants = [v for v in HANDOVER_MODELS
                 if any(v in r and "mode-expert" in r for r in by_position.values())]
     if not variants:
         return []
