@@ -42,6 +42,7 @@ from .data import prepare_data
 from .execute import execute, job_executor
 from .grid import choose_mode_lr, collect_mode_grid, plan_mode_grid
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
+from .rates import choose_rates, collect_rate_grid, plan_rate_grid
 from .settings import (COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, parse_overrides,
                        resolve_settings, selection)
 
@@ -86,6 +87,10 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     settings["base_id"] = _base_id(base)
+    if any("rank" in METHODS[m] for m in methods):  # capacity-matched baselines: their ranks, from the base
+        from .capacity import matched_ranks, target_shapes
+
+        settings["capacity"] = matched_ranks(target_shapes(base), len(settings["domains"]), settings["pretrain"]["rank"])
     pool = job_executor(executor, settings["workers"], ray_address)  # starts nothing before its first job
     seeds = settings["seeds"]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
@@ -101,7 +106,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
         f"{settings['threads']} thread(s), out {out}")
     data = prepare_data(data_root if user else Path(data_root), out, settings, progress)
     work = out / "work"
-    res, curve, curve_res, mode_grid, grid_res = {}, None, {}, None, {}
+    res, curve, curve_res, mode_grid, grid_res, rate_grid, rate_res = {}, None, {}, None, {}, None, {}
     with pool:
         if settings.get("dap_curve"):
             # the curve first (with every job that does not pre-train, so both workers stay busy),
@@ -128,8 +133,19 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
             settings["mode"].update({k: settings["mode_lr_choice"][k] for k in ("lr", "gate_lr")})
             log(f"quality: MoDE expert lr {settings['mode']['lr']:g}, gate lr {settings['mode']['gate_lr']:g} "
                 f"({settings['mode_lr_choice']['how']})")
+        if settings.get("lr_grid"):
+            # every method's rates, by one rule: the grid's factors on the first seed, chosen on dev
+            r_jobs, r_points = plan_rate_grid(settings, data, work, methods)
+            log(f"quality: learning-rate grid, factors {settings['lr_grid']} x {len(methods)} methods "
+                f"(seed {seeds[0]}, chosen on dev)")
+            rate_res = _study("the learning-rate grid", "learning rate", r_jobs, pool, settings, log)
+            rate_grid = collect_rate_grid(r_points, rate_res, methods, list(settings["task_domains"]))
+            settings["lr_scale"] = choose_rates(rate_grid)
+            log("quality: learning-rate factors chosen on dev: "
+                + ", ".join(f"{m} {f:g}" for m, f in settings["lr_scale"].items()))
         jobs, runs = plan(settings, data, work, methods, seeds)
-        res = {k: v for k, v in curve_res.items() if k in jobs}  # the curve's other budgets: in dap_curve
+        # the studies' jobs the plan shares (the curve's other budgets are in dap_curve)
+        res = {k: v for k, v in {**curve_res, **rate_res}.items() if k in jobs}
         if "domix" in methods and not settings["order_check_finetune"]:
             # train everything but order B's domix fine-tunes, then reuse order A's if the modules are equal
             order_b = {n for m, t, s, o, n in runs if m == "domix" and o != order_name(settings["orders"][0])}
@@ -138,7 +154,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
             jobs, runs = _reuse_order_b(jobs, runs, settings, settings["domains"])
         res.update(execute({k: v for k, v in jobs.items() if k not in res}, pool, settings["workers"], log))
     wall = time.time() - t0
-    every = {**curve_res, **grid_res, **res}  # every job of the run, the curve's and the grid's included
+    every = {**curve_res, **grid_res, **rate_res, **res}  # every job of the run, the curve's and the grid's included
     # a job can appear under two names (a study's and the run's): count its cost once
     once = {r.get("job", n): r for n, r in every.items()}.values()
     results = {"preset": preset, "seeds": seeds, "methods": methods, "set": list(set_items or []),
@@ -153,7 +169,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
                **collect(settings, jobs, runs, res, methods, seeds),
                **({"dap_curve": curve} if curve is not None else {}),
                **({"mode_lr_grid": mode_grid} if mode_grid is not None else {}),
-               "selection": selection(settings, methods),
+               "selection": selection(settings, methods, rate_grid),
                "jobs": {n: {k: r.get(k) for k in ("label", "kind", "status", "wall_s", "cpu_s", "peak_rss_mb", "load_1m",
                                                   "reused", "error")}
                         for n, r in every.items()},

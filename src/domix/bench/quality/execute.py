@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ...executors import WorkerDied, make_executor
 from ...io import write_json
+from .records import write_record
 from .runners import _work
 
 
@@ -40,6 +41,8 @@ def execute(jobs: dict, pool, workers: int, log) -> dict:
     for name, job in jobs.items():
         if job.done():
             results[name] = {**json.loads(Path(job.result).read_text()), "reused": True}
+            if job.record and not Path(job.record).is_file():
+                write_record(job.record, results[name])
     pending = [j for n, j in jobs.items() if n not in results]
     total, started = len(pending), 0
     if not pending:
@@ -73,6 +76,8 @@ def execute(jobs: dict, pool, workers: int, log) -> dict:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # others' work slows ours
             r = {**r, "job": job.name, "label": label, "kind": job.kind, "load_1m": load}
             write_json(job.result, r)
+            if job.record:
+                write_record(job.record, r)
             results[job.name] = {**r, "reused": False}
             log(f"[{i:3d}/{total}] {label:<48} {r['wall_s']:7.1f} s (cpu {r['cpu_s']:.0f} s)  "
                 f"peak RSS {r['peak_rss_mb']:.0f} MB  {time.strftime('%H:%M:%S')}")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...io import sha256_text
+from .records import record_path, restore
 from .settings import COMPOSE, MERGES, METHODS, NEEDS, NO_SAVE, compose_gate_lr, order_name
 
 
@@ -48,9 +49,10 @@ class Job:
     deps: list = field(default_factory=list)
     threads: int = 1
     label: str = ""
+    record: str = ""   # a fine-tune's committable record (`records.py`): its result, test predictions included
 
     def done(self) -> bool:
-        if not Path(self.result).is_file():
+        if not Path(self.result).is_file() and not (self.record and restore(self.record, self.result)):
             return False
         if self.kind in ("pretrain", "mode-pretrain", "mode-compose", "merge"):
             return (Path(self.out) / "domix.json").is_file()
@@ -132,6 +134,16 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                 add(Job(f"module/{i + 1}/{d}", "pretrain", {"config": cfg, **common}, str(lib / d),
                         str(lib / ".results" / f"{d}.json")))
     lib_a = libs.get(order_name(orders[0]))
+    # -- the control's library: order A's modules as initialised (one step at learning rate 0: the same
+    # A's as the trained modules start from, B = 0), so that only the pre-training differs
+    lib_u = None
+    if "untrained" in needs:
+        shared = _pretrain_cfg(settings, "", [], Path("."), 1, lr=0.0)
+        lib_u = work / f"lib-untrained-{_library_key(common, shared)}"
+        for d in orders[0]:
+            cfg = _pretrain_cfg(settings, d, [data["corpora"][d]["path"]], lib_u, 1, lr=0.0)
+            add(Job(f"untrained/{d}", "pretrain", {"config": cfg, **common}, str(lib_u / d),
+                    str(lib_u / ".results" / f"{d}.json")))
     # -- the merge baselines: order A's modules merged into one by PEFT, one entry per combination
     from ...library.merge import DEFAULT_DENSITY
 
@@ -243,15 +255,19 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                 for seed in seeds:
                     if method == "domix" and order != order_name(orders[0]) and seed != seeds[0]:
                         continue  # the order check runs the first seed
-                    kw = {k: v for k, v in m.items() if k != "init"}
+                    kw = {k: v for k, v in m.items() if k not in ("init", "rank")}
                     kw.update(train=t["train"]["path"], eval=t["dev"]["path"], base=settings["base"], seed=seed,
                               epochs=ft["epochs"], batch_size=ft["batch_size"], max_seq_len=ft["max_seq_len"],
                               threads=settings["threads"],
                               lr=ft["full_lr"] if m["method"] == "full" else ft["lr"])
                     deps = []
                     if m["method"] in ("lora", "dora") and "init" not in m:
-                        kw.update(lora_rank=ft["base_lora_rank"], lora_alpha=2.0 * ft["base_lora_rank"])
-                    if m["method"] == "domix":
+                        rank = settings["capacity"][m["rank"]] if "rank" in m else ft["base_lora_rank"]
+                        kw.update(lora_rank=rank, lora_alpha=2.0 * rank)
+                    if m["method"] == "domix" and m.get("init") == "untrained":
+                        kw.update(library=str(lib_u), modules="all")
+                        deps = [f"untrained/{x}" for x in orders[0]]
+                    elif m["method"] == "domix":
                         lib = upstream if method == "domix" else lib_a
                         kw.update(library=str(lib), modules=m.get("modules", "all"))
                         deps = [f"module/{orders.index(order.split(',')) + 1 if order else 1}/{x}" for x in domains]
@@ -273,6 +289,11 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                         job, cdir = composed[NEEDS[method]]
                         kw.update(library=str(mode_lib), from_composed=str(cdir), lr=ft["mode_lr"])
                         deps = [job]
+                    scale = settings.get("lr_scale", {}).get(method, 1.0)
+                    if scale != 1.0:  # the rate grid (lr.py): the method's rates together, by one factor
+                        kw["lr"] *= scale
+                        if m["method"] in ("domix", "mode") and not m.get("freeze_bridge"):
+                            kw["bridge_lr"] = m.get("bridge_lr", defaults["bridge_lr"]) * scale
                     steps = max(1, math.ceil(ft["epochs"] * t["train"]["examples"] / ft["batch_size"]))
                     # eval_every: dev scored every so many steps (keep_best keeps the best, patience stops);
                     # without it, the dev set is scored once, at the end
@@ -288,7 +309,8 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                     d_job = work / f"ft-{task}-s{seed}-{key}"
                     name = f"finetune/{key}"
                     if name not in jobs:
-                        add(Job(name, "finetune", spec, str(d_job / "model"), str(d_job / "result.json"), deps))
+                        add(Job(name, "finetune", spec, str(d_job / "model"), str(d_job / "result.json"), deps,
+                                record=str(record_path(work, d_job.name))))
                         jobs[name].label = f"{method}/{task}/s{seed}" + (f" [{order}]" if order else "")
                     runs.append((method, task, seed, order, name))
     for job in jobs.values():

@@ -16,6 +16,11 @@ METHODS: dict[str, dict] = {
     "base-full": {"method": "full"},
     "base-lora": {"method": "lora"},
     "base-dora": {"method": "dora"},
+    # capacity-matched baselines: "params" is the rank whose LoRA trains as many parameters as DoMIX
+    # over the run's N modules of rank r (`capacity.matched_ranks`), "rank" the rank N·r of DoMIX's update
+    "base-lora-params": {"method": "lora", "rank": "params"},
+    "base-lora-rank": {"method": "lora", "rank": "rank"},
+    "base-dora-params": {"method": "dora", "rank": "params"},
     "own-lora": {"method": "lora", "init": "own"},
     "joint-lora": {"method": "lora", "init": "joint"},
     "ncl": {"method": "full", "init": "ncl"},
@@ -25,6 +30,9 @@ METHODS: dict[str, dict] = {
     "domix-uniform": {"method": "domix", "bridge_init": "uniform"},
     "domix-identity": {"method": "domix", "bridge_init": "identity"},
     "domix-frozen-bridge": {"method": "domix", "freeze_bridge": True},
+    # the control: DoMIX over modules that never saw their domain (A as initialised, B = 0), which
+    # separates what domain pre-training brings from what the bridge's structure, rank and rate bring
+    "domix-untrained": {"method": "domix", "init": "untrained"},
     # the bridge over the 2 modules `library rank` puts first on the task's training text
     "domix-auto-2": {"method": "domix", "modules": "auto:2"},
     # MoDE (DESIGN.md §4): experts trained alone, composed on the mixed corpora, then fine-tuned
@@ -37,10 +45,11 @@ METHODS: dict[str, dict] = {
     "dare-ties-merge": {"method": "lora", "init": "merged"},
 }
 DOMIX_LIKE = ("cat-merge", "domix", "domix-rank", "domix-uniform", "domix-identity", "domix-frozen-bridge",
-              "domix-auto-2")
+              "domix-auto-2")  # over the run's trained modules (domix-untrained has its own library)
 MERGES = {"linear-merge": "linear", "ties-merge": "ties", "dare-ties-merge": "dare_ties"}  # method -> PEFT's combination
 NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE},
-         "mode": "mode", "mode-frozen-experts": "mode-frozen", **{m: "modules" for m in MERGES}}
+         "mode": "mode", "mode-frozen-experts": "mode-frozen", **{m: "modules" for m in MERGES},
+         "domix-untrained": "untrained"}
 # a composition per MoDE method: experts and gates trained, or the gates only
 COMPOSE = {"mode": {"freeze_experts": False}, "mode-frozen": {"freeze_experts": True}}
 COMPOSED_FOR = {v: m for m, v in NEEDS.items() if v in COMPOSE}  # composition -> the method fine-tuning it
@@ -110,6 +119,21 @@ DECISIVE = _merge(QUICK, {
     "mode": {"compose_steps": 256, "compose_gate_lr": 3e-2, "gate_context": "mean", "gate_form": "routed",
              "lr_grid": {"lr": [1e-4, 3e-4, 1e-3], "gate_lr": [1e-3, 1e-2]}},
 })
+# matched: the decisive protocol made one a reviewer accepts. Baselines of DoMIX's capacity (LoRA and DoRA
+# with as many trainable parameters, LoRA of the same update rank) beside the decisive ones and a control
+# (DoMIX over untrained modules); every method's rates from the same dev grid (`lr_grid`: multiples of its
+# standard rates, chosen on the first seed's mean dev macro-F1, lr.py); a cap of 6 epochs (192 steps) with
+# patience 3, so that runs stop on dev rather than at the cap (the decisive run kept its last allowed step
+# in 42-75 % of the runs of every method at 2 epochs). The DAP budget is the one the decisive run's curve chose
+# on dev (32,768 tokens per domain: 64 steps of 8 x 64), so the curve is not run again.
+MATCHED = _merge(DECISIVE, {
+    "methods": ["base-lora", "base-lora-params", "base-lora-rank", "base-dora-params", "base-full", "own-lora",
+                "joint-lora", "cat-merge", "domix", "domix-frozen-bridge", "domix-untrained"],
+    "dap_curve": None,
+    "pretrain": {"steps": 64},
+    "finetune": {"epochs": 6.0, "patience": 3},
+    "lr_grid": [1.0, 2.0, 4.0],
+})
 PRESETS: dict[str, dict] = {
     "quick": QUICK,
     "full": _merge(QUICK, {  # what differs from quick
@@ -121,6 +145,7 @@ PRESETS: dict[str, dict] = {
         "order_check_finetune": True,  # domix order B: fine-tune on the order-B library for real
     }),
     "decisive": DECISIVE,
+    "matched": MATCHED,
 }
 # ---------------------------------------------------------------------------- learning rates
 # One rule for every method: its field's standard value, with the source written down (a dev grid
@@ -133,27 +158,34 @@ STANDARD_LR = {
 }
 
 
-def selection(settings: dict, methods: list[str]) -> dict:
+def selection(settings: dict, methods: list[str], rate_grid: dict | None = None) -> dict:
     """results.json's `selection`: every method's learning rate (and DoMIX's bridge or MoDE's gate
-    rate) and how it was chosen."""
+    rate) and how it was chosen; with a rate grid (`rates.py`) also its candidates (`grid`: the rates of
+    each factor), their mean dev macro-F1 (`dev`) and the `chosen` rates."""
     ft, bridge_lr = settings["finetune"], settings["domix_defaults"]["bridge_lr"]
     out = {}
     for name in methods:
         m = METHODS[name]
         field = {"full": "full_lr", "mode": "mode_lr"}.get(m["method"], "lr")
         trains_bridge = m["method"] in ("domix", "mode") and not m.get("freeze_bridge")
-        rates = {"lr": (field, ft[field]),
-                 "bridge_lr": ("bridge_lr", m.get("bridge_lr", bridge_lr)) if trains_bridge else None}
+        base = {"lr": ft[field], "bridge_lr": m.get("bridge_lr", bridge_lr) if trains_bridge else None}
+        at = lambda f: {k: (v * f if v is not None else None) for k, v in base.items()}  # noqa: E731
+        factor = settings.get("lr_scale", {}).get(name, 1.0)
         hows = []
-        for key, pick in rates.items():
-            if pick is not None:
-                std, source = STANDARD_LR[pick[0]]
-                hows.append(f"{key} {pick[1]:g}: " + (f"standard value, {source}" if pick[1] == std
-                                                      else "set in the run's settings"))
+        for key, value in base.items():
+            if value is not None:
+                std, source = STANDARD_LR[field if key == "lr" else "bridge_lr"]
+                where = f"standard value, {source}" if value == std else "set in the run's settings"
+                hows.append(f"{key} {value * factor:g}: " + (f"{factor:g} x its {where}" if rate_grid else where))
         if m.get("freeze_bridge"):
             hows.append("bridge frozen")
-        out[name] = {"lr": ft[field], "bridge_lr": rates["bridge_lr"][1] if rates["bridge_lr"] else None,
-                     "how": "; ".join(hows)}
+        out[name] = {**at(factor), "how": "; ".join(hows)}
+        if rate_grid and name in rate_grid:
+            g = rate_grid[name]
+            out[name].update(grid=[at(f) for f in g["grid"]], factors=g["grid"], dev=g["dev"],
+                             dev_by_task=g["dev_by_task"], chosen=at(factor), chosen_factor=factor)
+            out[name]["how"] += (f"; chosen on dev among factors {', '.join(f'{f:g}' for f in g['grid'])} "
+                                 f"(best mean dev macro-F1 over the tasks, first seed; ties to the smaller)")
     return out
 
 
