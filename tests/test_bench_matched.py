@@ -122,3 +122,35 @@ def test_records_restore_a_run_on_another_machine(matched, tiny_decoder, data_ro
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.move(kept, out)
+
+
+def test_bench_verdicts_recomputes_the_report_from_committed_files(matched, tmp_path, capsys):
+    from domix.bench.verdicts import recompute
+    from domix.cli import main
+
+    out = matched["_out"]
+    got = recompute(out)
+    assert got["matches"] and got["verdicts"] == json.loads((out / "results.json").read_text())["verdicts"]
+    assert got["verdicts_unselected_seeds"] == matched["verdicts_unselected_seeds"]
+    # every comparison was made from the seed(s) that chose nothing only
+    assert all(c["seeds"] == [1] for v in got["verdicts_unselected_seeds"].values() for c in v["comparisons"])
+    assert main(["bench", "verdicts", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["verdicts"] == got["verdicts"] and printed["matches"] is True
+    # a copy whose predictions were changed no longer matches; a truncated record is refused by name
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("work"))
+    import gzip
+
+    job = next(r["job"] for r in matched["runs"] if r["method"] == "domix" and r.get("order") != "reviews,bio")
+    first = sorted((copy / "predictions").glob(f"*-{job.split('/')[1]}.json.gz"))
+    first += sorted(set((copy / "predictions").glob("*.json.gz")) - set(first))
+    rec = json.loads(gzip.decompress(first[0].read_bytes()))
+    rec["test_predictions"]["y_pred"] = [1 - p if p in (0, 1) else p for p in rec["test_predictions"]["y_pred"]]
+    first[0].write_bytes(gzip.compress(json.dumps(rec).encode()))
+    assert recompute(copy)["matches"] is False
+    first[1].write_bytes(first[1].read_bytes()[:20])
+    with pytest.raises(ValueError, match=first[1].name):
+        recompute(copy)
+    with pytest.raises(ValueError, match="no results.json"):
+        recompute(tmp_path)

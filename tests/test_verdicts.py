@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from domix.bench.quality.verdicts import CLAIMS, macro_f1, paired_bootstrap, verdict, verdicts
+from domix.bench.quality.verdicts import CLAIMS, holm_levels, macro_f1, paired_bootstrap, seed_interval, verdict, verdicts
 
 
 def test_macro_f1_of_many_resamples_equals_sklearn():
@@ -31,13 +31,13 @@ def test_identical_predictions_differ_by_exactly_zero():
     y = rng.integers(0, 3, 80)
     a = {s: rng.integers(0, 3, 80) for s in (0, 1, 2)}
     r = paired_bootstrap(_runs(y, a), _runs(y, a), n_boot=300)
-    assert r == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    assert r == {"diff": 0.0, "ci95": [0.0, 0.0], "p": 1.0, "per_seed": [0.0, 0.0, 0.0]}
 
 
 def test_always_right_against_always_wrong_differs_by_one():
     y = np.arange(100) % 4
     r = paired_bootstrap(_runs(y, {0: y, 1: y}), _runs(y, {0: (y + 1) % 4, 1: (y + 2) % 4}), n_boot=300)
-    assert r == {"diff": 1.0, "ci95": [1.0, 1.0]}
+    assert r == {"diff": 1.0, "ci95": [1.0, 1.0], "p": round(1 / 300, 6), "per_seed": [1.0, 1.0]}  # p: one draw's worth
 
 
 def test_the_interval_holds_the_true_difference_and_excludes_zero():
@@ -82,46 +82,83 @@ def test_verdict_rules():
     assert verdict([[0.01, 0.2], [-0.3, -0.1]]) == "not supported"
     assert verdict([[0.01, 0.2], [-0.1, 0.1]]) == "inconclusive"
     assert verdict([[0.0, 0.0]]) == "inconclusive"  # identical runs: no difference either way
-    assert verdict([[0.01, 0.2]], complete=False) == "inconclusive"  # a comparison missing
+    assert verdict([[0.01, 0.2], None]) == "inconclusive"  # a per-seed interval of one seed cannot support
+    assert verdict([[0.01, 0.2]], complete=False) == "incomplete"  # a comparator did not run
     assert verdict([[-0.2, -0.01]], complete=False) == "not supported"
+
+
+def test_holm_against_a_hand_computed_case():
+    # p = 0.01, 0.04, 0.03, 0.005 (m = 4): sorted 0.005, 0.01, 0.03, 0.04 are read at 0.05/4, 0.05/3,
+    # 0.05/2, 0.05/1; adjusted 4 x 0.005 = 0.02, 3 x 0.01 = 0.03, max(0.03, 2 x 0.03) = 0.06, max(0.06, 0.04)
+    levels, adjusted = holm_levels([0.01, 0.04, 0.03, 0.005])
+    assert levels == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_levels([]) == ([], [])
+
+
+def test_the_per_seed_interval_is_students_t():
+    # mean 0.02, sd 0.01, 3 seeds: half-width t(0.975, 2) x 0.01 / sqrt(3) = 4.3027 x 0.005774 = 0.02484
+    assert seed_interval([0.01, 0.02, 0.03]) == pytest.approx([0.02 - 0.02484, 0.02 + 0.02484], abs=1e-4)
+    assert seed_interval([0.5]) is None
+
+
+def test_one_collapsed_seed_cannot_carry_a_claim():
+    """A beats B by a wide margin on one seed and ties on two: the bootstrap over examples sees a
+    difference, the per-seed interval does not, and the claim is not supported."""
+    y = np.arange(300) % 3
+    wrong = (y + 1) % 3
+    runs = {"domix": {"t": {0: (y, y), 1: (y, y), 2: (y, y)}},
+            "domix-untrained": {"t": {0: (y, wrong), 1: (y, y), 2: (y, y)}}}
+    c = verdicts(runs, n_boot=500)["C6"]
+    (x,) = c["comparisons"]
+    assert x["per_seed"] == [1.0, 0.0, 0.0] and x["ci95_seeds"][0] < 0 < x["ci95_seeds"][1]
+    assert c["verdict"] == "inconclusive"
 
 
 def test_verdicts_of_the_claims_and_of_methods_not_run():
     y = np.arange(120) % 3
     good, bad = {s: (y, y) for s in (0, 1)}, {s: (y, (y + 1) % 3) for s in (0, 1)}
     runs = {m: {"t1": good, "t2": good} for m in ("domix", "ncl", "own-lora")}
-    runs.update({m: {"t1": bad, "t2": bad} for m in ("base-lora", "base-dora", "base-full", "cat-merge")})
+    runs.update({m: {"t1": bad, "t2": bad} for m in ("base-lora", "base-lora-params", "base-lora-rank",
+                                                      "base-dora-params", "base-full", "cat-merge")})
     v = verdicts(runs, n_boot=200)
     assert set(v) == {"C1", "C2", "C3", "C5"} and set(v) <= set(CLAIMS)
-    assert v["C1"]["verdict"] == "supported" and "missing" not in v["C1"]
+    assert v["C1"]["verdict"] == "supported" and "incomplete" not in v["C1"]
     assert [(c["a"], c["b"], c["diff"], c["ci95"]) for c in v["C1"]["comparisons"]] == [
         ("own-lora", "base-lora", 1.0, [1.0, 1.0]), ("ncl", "base-full", 1.0, [1.0, 1.0])]
-    assert v["C5"]["verdict"] == "supported" and len(v["C5"]["comparisons"]) == 3
-    # domix ties own-lora; joint-lora was not run: C2 is inconclusive, and says what is missing
-    assert v["C2"]["verdict"] == "inconclusive" and v["C2"]["missing"] == ["joint-lora"]
+    assert v["C5"]["verdict"] == "supported" and len(v["C5"]["comparisons"]) == 4
+    # every comparison made is one Holm family: C1 2, C2 1 and C3 1 (a comparator each not run), C5 4
+    m = sum(len(c["comparisons"]) for c in v.values())
+    assert m == 8 and sorted(c["level_holm"] for x in v.values() for c in x["comparisons"])[0] == pytest.approx(0.05 / m)
+    # domix ties own-lora; joint-lora was not run: C2 is incomplete, and says what is missing
+    assert v["C2"]["verdict"] == "incomplete" and v["C2"]["incomplete"] == ["joint-lora"]
     assert v["C2"]["comparisons"][0]["ci95"] == [0.0, 0.0]
-    assert v["C3"]["missing"] == ["domix-frozen-bridge"] and v["C3"]["verdict"] == "inconclusive"
+    assert v["C3"]["incomplete"] == ["domix-frozen-bridge"] and v["C3"]["verdict"] == "incomplete"
     # a method on fewer seeds: compared on the seeds both ran; no common seed at all: left out
     runs["cat-merge"] = {"t1": {1: bad[1]}, "t2": {1: bad[1]}}
     assert verdicts(runs, n_boot=50)["C3"]["comparisons"][0]["seeds"] == [1]
     assert "C1" not in verdicts({"own-lora": runs["own-lora"]}, n_boot=50)
 
 
-def test_c5_compares_with_the_baseline_best_on_dev_and_methods_not_run_are_named():
+def test_c5_compares_with_the_capacity_matched_baseline_best_on_dev_and_a_missing_one_is_incomplete():
     y = np.arange(90) % 3
     good, bad = {s: (y, y) for s in (0, 1)}, {s: (y, (y + 1) % 3) for s in (0, 1)}
-    runs = {"domix": {"t": good}, "own-lora": {"t": good}, "base-lora": {"t": bad}, "base-full": {"t": good}}
+    runs = {"domix": {"t": good}, "own-lora": {"t": good}, "base-lora": {"t": good}, "base-full": {"t": good},
+            "base-lora-params": {"t": bad}, "base-lora-rank": {"t": bad}}
     methods = list(runs)
-    v = verdicts(runs, n_boot=100, methods=methods, dev={"base-lora": 0.2, "base-full": 0.9, "domix": 0.5})
-    assert [(c["a"], c["b"]) for c in v["C5"]["comparisons"]] == [("domix", "base-full")]
+    dev = {"base-lora-params": 0.2, "base-lora-rank": 0.3, "base-full": 0.9, "domix": 0.5}
+    v = verdicts(runs, n_boot=100, methods=methods, dev=dev)
+    # the strongest on dev, then the parameter- and rank-matched LoRAs shown beside it; DoRA did not run
+    assert [(c["a"], c["b"]) for c in v["C5"]["comparisons"]] == [
+        ("domix", "base-lora-params"), ("domix", "base-lora-rank"), ("domix", "base-full")]
     assert v["C5"]["strongest_on_dev"] == {"method": "base-full", "dev_macro_f1": 0.9}
-    assert v["C5"]["not_run"] == ["base-dora"] and v["C5"]["verdict"] == "inconclusive"  # a tie
-    # a comparison with a method the run left out is named, and does not hold the claim back
-    assert v["C1"]["not_run"] == ["ncl"] and v["C1"]["verdict"] == "supported"
-    assert "C1" in v and [c["b"] for c in v["C1"]["comparisons"]] == ["base-lora"]
-    v = verdicts({**runs, "base-lora": {"t": {s: (y, (y + 1) % 3) for s in (0, 1)}}}, n_boot=100, methods=methods,
-                 dev={"base-lora": 0.95, "base-full": 0.9})
-    assert v["C5"]["comparisons"][0]["b"] == "base-lora" and v["C5"]["verdict"] == "supported"
+    assert v["C5"]["incomplete"] == ["base-dora-params"] and v["C5"]["verdict"] == "incomplete"
+    # a claim whose comparator was not run is never "supported": C1 without ncl
+    assert v["C1"]["incomplete"] == ["ncl"] and v["C1"]["verdict"] != "supported"
+    # the strongest on dev decides: base-full's tie with DoMIX makes C5 inconclusive once DoRA ran
+    runs["base-dora-params"] = {"t": bad}
+    v = verdicts(runs, n_boot=100, methods=list(runs), dev={**dev, "base-dora-params": 0.1})
+    assert v["C5"]["verdict"] == "inconclusive" and "incomplete" not in v["C5"]
 
 
 def test_order_verdict():

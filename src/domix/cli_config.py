@@ -62,6 +62,9 @@ def add_options(parser: argparse.ArgumentParser, cls, *, exclude=(), optional=()
         tp, many = _kind(hints[f.name])
         kw = {"dest": f.name, "help": _help(meta.get("help", ""), default)}
         flag = "--" + f.name.replace("_", "-")
+        if meta.get("positional"):  # `domix bench verdicts DIR`: the one thing the command is about
+            parser.add_argument(f.name, type=tp, help=kw["help"], metavar=f.name.upper())
+            continue
         if tp is bool:  # a flag that turns it on, or --no-... when it is on by default
             flag, kw["action"] = ("--no-" + flag[2:], "store_false") if default is True else (flag, "store_true")
         else:

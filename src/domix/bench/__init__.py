@@ -40,6 +40,7 @@ def benchmarks() -> dict:
     from .dap import DapOptions
     from .finetune import FinetuneBenchOptions
     from .ranks import RanksOptions
+    from .verdicts import VerdictsOptions
 
     return {
         "dap": (DapOptions, "stage-1 module training vs plain PEFT and full training"),
@@ -48,6 +49,8 @@ def benchmarks() -> dict:
                                 "(macro-F1, loss, adapter size): how small it can be"),
         "quality": (QualityOptions, "DoMIX against every baseline on the four-domain benchmark or on your own "
                                     "corpora and tasks (--config): REPORT.md, results.json, plots"),
+        "verdicts": (VerdictsOptions, "recompute every verdict of a quality run from its committed results.json "
+                                      "and test predictions"),
     }
 
 

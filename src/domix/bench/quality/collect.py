@@ -10,7 +10,7 @@ from pathlib import Path
 from ...data.benchmark import GENERAL
 from .plan import _key, _module_tensors_equal
 from .settings import COMPOSE, COMPOSED_FOR, MERGES, NEEDS, STAMP, order_name
-from .verdicts import order_verdict, verdicts
+from .verdicts import run_verdicts
 
 
 def _mean(xs: list) -> float | None:
@@ -192,28 +192,18 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
             job_sets.setdefault(method, set()).add(name)
     shared = {m: o for i, m in enumerate(methods) for o in methods[:i] if m in job_sets and job_sets[m] == job_sets.get(o)}
     # -- verdicts on the claims: paired bootstrap of the test predictions (ncl and domix: the first
-    # order's runs); jobs from runs that predate kept predictions leave their claims out
-    preds, n_classes, by_order = {}, {}, {}
-    for method, task, seed, order, name in runs:
-        if ok(name) and "test_predictions" in res[name]:
-            p = res[name]["test_predictions"]
-            n_classes[task] = len(res[name]["test"]["labels"])
-            if order in (None, orders[0]):
-                preds.setdefault(method, {}).setdefault(task, {})[seed] = (p["y_true"], p["y_pred"])
-            if order in orders[:2]:
-                by_order.setdefault(method, [{}, {}])[orders.index(order)].setdefault(task, {})[seed] = \
-                    (p["y_true"], p["y_pred"])
-    dev = {m: statistics.mean(r["dev_macro_f1"]["mean"] for r in [by[m] for by in out_tasks.values() if m in by])
-           for m in methods if any(m in by for by in out_tasks.values())}
-    claims = verdicts(preds, n_classes=n_classes, methods=methods, dev=dev)
+    # order's runs); with a rate grid, also from the seeds that chose nothing
     eq = checks.get("domix", {}).get("modules_bitwise_equal")
-    c4 = order_verdict(by_order, all(eq.values()) if eq else None, n_classes=n_classes)
-    if c4:
-        claims = dict(sorted({**claims, "C4": c4}.items()))
+    results_by_job = {n: res[n] for n in res if ok(n)}
+    claims = run_verdicts(run_list, results_by_job, methods, orders, eq)
+    unselected = None
+    if settings.get("lr_grid") and len(seeds) > 1:
+        unselected = run_verdicts([r for r in run_list if r["seed"] != seeds[0]], results_by_job, methods, orders, eq)
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail, **({"lm_position_loss": by_position} if any(by_position.values()) else {}),
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
-            "shared_runs": shared, "runs": run_list, "verdicts": claims, "mode_comparison": paper}
+            "shared_runs": shared, "runs": run_list, "verdicts": claims,
+            **({"verdicts_unselected_seeds": unselected} if unselected is not None else {}), "mode_comparison": paper}
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

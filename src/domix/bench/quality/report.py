@@ -121,30 +121,50 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
-def claim_verdicts(results: dict) -> list[str]:
-    """The "Verdicts" section: per claim, each paired difference A − B of test macro-F1 with its 95 %
-    interval, and the verdict (see `verdicts.py`)."""
+def _iv(iv) -> str:
+    return "—" if iv is None else f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+
+
+def unselected_verdicts(results: dict) -> list[str]:
+    """The verdicts again from the seeds that chose nothing (the rate grid chose on the first seed)."""
+    if not results.get("verdicts_unselected_seeds"):
+        return []
+    L = claim_verdicts(results, "verdicts_unselected_seeds", explain=False)
+    seeds = [s for s in results["seeds"] if s != results["seeds"][0]]
+    L[0] = f"### The same from the seeds that chose nothing (seeds {seeds}; the rate grid chose on seed {results['seeds'][0]})"
+    return L + [""]
+
+
+def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True) -> list[str]:
+    """The "Verdicts" section: per claim its verdict and each paired difference A − B of test macro-F1
+    with its plain, Holm-corrected and per-seed intervals (see `verdicts.py`)."""
     from .verdicts import N_BOOT
 
-    claims = results.get("verdicts")
+    claims = results.get(key)
     if claims is None:
         return []
-    L = ["## Verdicts: paired differences of test macro-F1 with 95 % intervals", ""]
+    L = ["| claim | verdict | A − B | diff | 95 % | Holm-corrected (level) | per seed (t, 95 %) |",
+         "|---|---|---|---:|---|---|---|"]
+    notes = []
     for name, c in claims.items():
-        diffs = "; ".join(f"{x['a']} − {x['b']} {x['diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
-                          for x in c["comparisons"])
-        notes = [f"no predictions of {', '.join(c['missing'])}" if c.get("missing") else "",
-                 f"not run in this preset: {', '.join(c['not_run'])}" if c.get("not_run") else "",
+        for i, x in enumerate(c["comparisons"]):
+            holm = f"{_iv(x['ci95_holm'])} ({x['level_holm']:.4f})" if "ci95_holm" in x else "—"
+            seeds = f"{_iv(x.get('ci95_seeds'))} ({len(x['seeds'])} seeds)" if "per_seed" in x else "—"
+            what = f"{x['a']} − {x['b']}"
+            if name == "C4":
+                what += f", predictions {'identical' if x['identical_predictions'] else 'differ'}"
+            L.append(f"| {name if i == 0 else ''} | {'**' + c['verdict'] + '**' if i == 0 else ''} | {what} | "
+                     f"{x['diff']:+.3f} | {_iv(x['ci95'])} | {holm} | {seeds} |")
+        extra = [f"comparator(s) not run or without predictions: {', '.join(c['incomplete'])}"
+                 if c.get("incomplete") else "",
                  f"strongest on dev: {c['strongest_on_dev']['method']} ({c['strongest_on_dev']['dev_macro_f1']:.3f} "
-                 "mean dev macro-F1)" if c.get("strongest_on_dev") else ""]
-        if name == "C4":
-            diffs = "; ".join(f"{x['a']} − {x['b']} {x['diff']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}], "
-                              f"predictions {'identical' if x['identical_predictions'] else 'differ'} "
-                              f"(seeds {x['seeds']})" for x in c["comparisons"])
-            if c.get("modules_bitwise_equal") is not None:
-                notes.append(f"modules of the two orders bitwise equal: {'yes' if c['modules_bitwise_equal'] else 'no'}")
-        notes = "; ".join(n for n in notes if n)
-        L.append(f"- **{name}** {c['claim']}: **{c['verdict']}**{f' ({notes})' if notes else ''} — {diffs}.")
+                 "mean dev macro-F1)" if c.get("strongest_on_dev") else "",
+                 f"modules of the two orders bitwise equal: {'yes' if c['modules_bitwise_equal'] else 'no'}"
+                 if name == "C4" and c.get("modules_bitwise_equal") is not None else ""]
+        extra = "; ".join(e for e in extra if e)
+        notes.append(f"- **{name}** {c['claim']}" + (f" ({extra})" if extra else "") + ".")
+    L = ["## Verdicts: paired differences of test macro-F1", "", *notes, "", *L] if claims else \
+        ["## Verdicts: paired differences of test macro-F1", ""]
     if not claims:
         from .verdicts import CLAIMS
 
@@ -153,11 +173,16 @@ def claim_verdicts(results: dict) -> list[str]:
                  if needed & set(results["methods"]) else
                  "- The claims compare DoMIX and the LoRA and full baselines, none of which this run trained: "
                  "no claim can be judged.")
-    L += ["", f"Each interval is a paired bootstrap ({N_BOOT:,} draws): a draw resamples every task's test "
-          "examples (the same for both methods) and the seeds (with replacement), and takes the mean over tasks "
-          "of the mean over the drawn seeds of macro-F1(A) − macro-F1(B); the interval is its 2.5–97.5 "
-          "percentile. Supported: every interval of the claim above 0; not supported: one below 0; else "
-          "inconclusive. ncl and domix use their first order's runs.", ""]
+    if explain:
+        L += ["", f"Each interval is a paired bootstrap ({N_BOOT:,} draws): a draw resamples every task's test "
+              "examples (the same for both methods) and the seeds (with replacement), and takes the mean over tasks "
+              "of the mean over the drawn seeds of macro-F1(A) − macro-F1(B). Every comparison of the table is one "
+              "test of a family: Holm-corrected, the comparison with the i-th smallest bootstrap p-value of m is "
+              "read at level 0.05 / (m − i + 1). The per-seed interval is Student's t over the seeds' mean-over-task "
+              "differences (none with one seed), so that one collapsed run cannot carry a verdict. Supported: "
+              "every Holm-corrected and per-seed interval of the claim above 0; not supported: one below 0; "
+              "incomplete: a comparator did not run; else inconclusive. ncl and domix use their first order's "
+              "runs. `domix bench verdicts DIR` recomputes this table from the run's committed predictions.", ""]
     return L
 
 
@@ -320,9 +345,46 @@ def selection_section(results: dict) -> list[str]:
     sel = results.get("selection")
     if not sel:
         return []
+    grid = next((v["factors"] for v in sel.values() if "factors" in v), None)
+    if grid:  # one dev grid for every method: its scores, the choice in bold
+        L = ["## Learning rates: one dev grid for every method (nothing chosen on test)", "",
+             "| method | lr × 1 (bridge / gate lr) | " + " | ".join(f"dev at ×{f:g}" for f in grid) + " | chosen |",
+             "|---|---|" + "---:|" * len(grid) + "---|"]
+        for m, v in sel.items():
+            g0 = v["grid"][0]
+            devs = [("**" + _num(d) + "**" if f == v["chosen_factor"] else _num(d)) for f, d in zip(v["factors"], v["dev"])]
+            L.append(f"| {m} | {g0['lr']:g}" + (f" ({g0['bridge_lr']:g})" if g0["bridge_lr"] else "") + " | "
+                     + " | ".join(devs) + f" | ×{v['chosen_factor']:g}: lr {v['lr']:g}"
+                     + (f", bridge / gate lr {v['bridge_lr']:g}" if v["bridge_lr"] else "") + " |")
+        return L + ["", f"Each method's standard rates (column 2: {', '.join(sorted({v['how'].split(':')[0] for v in sel.values()}))} "
+                    f"from `settings.STANDARD_LR`) times each factor, DoMIX's LoRA and bridge rates (MoDE's expert and "
+                    "gate rates) together; every method on every task at every factor with the first seed; each keeps "
+                    "the factor of its best mean dev macro-F1 over the tasks (ties to the smaller). The other seeds run "
+                    "at that factor only.", ""]
     L = ["## Learning rates (one rule for every method; nothing chosen on test)", "",
          "| method | lr | bridge / gate lr | how |", "|---|---|---|---|"]
     L += [f"| {m} | {v['lr']:g} | {_num(v['bridge_lr'], 4)} | {v['how']} |" for m, v in sel.items()]
+    return L + [""]
+
+
+def capacity_section(results: dict) -> list[str]:
+    """The capacity-matched baselines' ranks and every method's trainable parameters."""
+    cap = results["settings"].get("capacity")
+    if not cap:
+        return []
+    eff = results.get("efficiency", {})
+    L = ["## Capacity: trainable parameters and update rank", "",
+         f"DoMIX over {cap['modules']} modules of rank {cap['module_rank']} trains {cap['domix_params']:,} parameters in "
+         f"the bridged layers (the B's and P) with an update of rank {cap['rank']}. A LoRA of rank R trains "
+         f"R × {cap['lora_params_per_rank']:,} there: the parameter-matched rank is **{cap['params']}** "
+         f"({cap['params_lora']:,}), the rank-matched one **{cap['rank']}**. Computed from the base model's target "
+         "layers (`capacity.py`), the task head left out (it is the same for every method).", "",
+         "| method | trainable parameters (head included) | × DoMIX's |", "|---|---:|---:|"]
+    ref = eff.get("domix", {}).get("trainable_params")
+    for m in results["methods"]:
+        if m in eff:
+            n = eff[m]["trainable_params"]
+            L.append(f"| {m} | {n:,} | {n / ref:.2f} |" if ref else f"| {m} | {n:,} | |")
     return L + [""]
 
 
@@ -336,13 +398,15 @@ def kept_steps_section(results: dict) -> list[str]:
 
     L = [f"## Training to the best dev step (dev every {ft['eval_every']} steps, patience {ft.get('patience')}, "
          f"at most {ft['epochs']:g} epochs)", "",
-         "| method | kept step (mean, min–max) | steps allowed | dev macro-F1 at the kept step |", "|---|---|---|---|"]
+         "| method | kept step (mean, min–max) | steps allowed | kept the last allowed step | dev macro-F1 at the kept step |",
+         "|---|---|---|---|---|"]
     for m in results["methods"]:
         rs = [r for r in runs if r["method"] == m and r.get("order") in (None, ",".join(results["settings"]["orders"][0]))]
         if rs:
             ks = [r["kept_step"] for r in rs]
+            last = sum(r["kept_step"] >= r["max_steps"] for r in rs)
             L.append(f"| {m} | {statistics.mean(ks):.1f} ({min(ks)}–{max(ks)}) | {max(r['max_steps'] for r in rs)} | "
-                     f"{statistics.mean(r['dev_macro_f1'] for r in rs):.3f} |")
+                     f"{last} of {len(rs)} ({100 * last / len(rs):.0f} %) | {statistics.mean(r['dev_macro_f1'] for r in rs):.3f} |")
     return L + ["", "Every run is scored on test once, with the parameters of its best dev evaluation "
                 "(`plots/dev_curves.png`: the first seed's dev curves).", ""]
 
@@ -508,12 +572,13 @@ def write_report(results: dict, out: Path) -> str:
           "## End tasks: test accuracy", "", metric_table(results, "accuracy"), "",
           ("Nothing was chosen on the test sets: each run kept the step of its best dev macro-F1 (see below), "
            + ("the DAP budget was chosen on dev" if s.get("dap_budget") else "the DAP budget was set in the run's "
-              "settings") + ", the learning rates are standard values."
+              "settings") + (", every method's learning rates were chosen on dev by one grid (below)."
+                             if s.get("lr_grid") else ", the learning rates are standard values.")
            if ft.get("keep_best") else
            "Nothing was chosen on the test sets: there is no model selection at all (the last step is scored); "
            "the dev split is scored once at the end and reported in results.json (`dev_macro_f1`)."), "",
-          *claim_verdicts(results), *dap_curve_section(results), *mode_grid_section(results),
-          *selection_section(results),
+          *claim_verdicts(results), *unselected_verdicts(results), *capacity_section(results),
+          *dap_curve_section(results), *mode_grid_section(results), *selection_section(results),
           *kept_steps_section(results), *mode_comparison_section(results),
           "## DoMIX against each other method (test macro-F1)", "", *verdicts(results), ""]
     lm = results["lm_loss"]
