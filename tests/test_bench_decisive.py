@@ -174,6 +174,7 @@ def test_a_user_benchmark_runs_the_same_protocol(tiny_decoder, data_root, tmp_pa
                                                                for v in res["tasks"].values())
     assert set(res["lm_loss"]) == {"lab", "shop"} and {"base", "own-lora"} <= set(res["retention_loss"])
     assert {"C1", "C2", "C4", "C5"} <= set(res["verdicts"])
+    assert res["verdicts"]["C5"]["verdict"] == "incomplete"  # no baseline of DoMIX's capacity was run
     assert "roles" in (tmp_path / "out" / "REPORT.md").read_text()
 
 

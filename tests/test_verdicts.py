@@ -122,7 +122,9 @@ def test_verdicts_of_the_claims_and_of_methods_not_run():
     runs.update({m: {"t1": bad, "t2": bad} for m in ("base-lora", "base-lora-params", "base-lora-rank",
                                                       "base-dora-params", "base-full", "cat-merge")})
     v = verdicts(runs, n_boot=200)
-    assert set(v) == {"C1", "C2", "C3", "C5"} and set(v) <= set(CLAIMS)
+    assert set(v) == {"C1", "C2", "C3", "C5", "C6"} and set(v) <= set(CLAIMS)
+    assert v["C6"] == {"claim": CLAIMS["C6"][0], "comparisons": [], "incomplete": ["domix-untrained"],
+                       "verdict": "incomplete"}
     assert v["C1"]["verdict"] == "supported" and "incomplete" not in v["C1"]
     assert [(c["a"], c["b"], c["diff"], c["ci95"]) for c in v["C1"]["comparisons"]] == [
         ("own-lora", "base-lora", 1.0, [1.0, 1.0]), ("ncl", "base-full", 1.0, [1.0, 1.0])]
@@ -137,7 +139,11 @@ def test_verdicts_of_the_claims_and_of_methods_not_run():
     # a method on fewer seeds: compared on the seeds both ran; no common seed at all: left out
     runs["cat-merge"] = {"t1": {1: bad[1]}, "t2": {1: bad[1]}}
     assert verdicts(runs, n_boot=50)["C3"]["comparisons"][0]["seeds"] == [1]
-    assert "C1" not in verdicts({"own-lora": runs["own-lora"]}, n_boot=50)
+    # no comparator of a claim ran: the claim is incomplete, with nothing compared
+    alone = verdicts({"own-lora": runs["own-lora"]}, n_boot=50)
+    assert alone["C1"] == {"claim": CLAIMS["C1"][0], "comparisons": [], "incomplete": ["base-full", "base-lora", "ncl"],
+                           "verdict": "incomplete"}
+    assert "C6" not in alone  # none of its methods ran
 
 
 def test_c5_compares_with_the_capacity_matched_baseline_best_on_dev_and_a_missing_one_is_incomplete():

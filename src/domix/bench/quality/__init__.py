@@ -41,6 +41,7 @@ from .curve import at_budget, choose_budget, collect_curve, plan_curve
 from .data import prepare_data
 from .execute import execute, job_executor
 from .grid import choose_mode_lr, collect_mode_grid, plan_mode_grid
+from .capacity import run_capacity
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
 from .rates import choose_rates, collect_rate_grid, plan_rate_grid
 from .settings import (COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, parse_overrides,
@@ -88,9 +89,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     settings["base_id"] = _base_id(base)
     if any("rank" in METHODS[m] for m in methods):  # capacity-matched baselines: their ranks, from the base
-        from .capacity import matched_ranks, target_shapes
-
-        settings["capacity"] = matched_ranks(target_shapes(base), len(settings["domains"]), settings["pretrain"]["rank"])
+        run_capacity(settings)
     pool = job_executor(executor, settings["workers"], ray_address)  # starts nothing before its first job
     seeds = settings["seeds"]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)

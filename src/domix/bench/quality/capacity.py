@@ -42,3 +42,12 @@ def matched_ranks(shapes: list[tuple[int, int]], n_modules: int, rank: int) -> d
     params = max(1, round(domix / per_rank))
     return {"params": params, "rank": nr, "domix_params": domix, "lora_params_per_rank": per_rank,
             "params_lora": params * per_rank, "modules": n_modules, "module_rank": rank}
+
+
+def run_capacity(settings: dict) -> dict:
+    """The run's capacity-matched ranks (`settings["capacity"]`, computed once from its base, domains
+    and module rank)."""
+    if "capacity" not in settings:
+        settings["capacity"] = matched_ranks(target_shapes(settings["base"]), len(settings["domains"]),
+                                             settings["pretrain"]["rank"])
+    return settings["capacity"]

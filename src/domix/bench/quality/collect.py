@@ -138,6 +138,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
         if not fts:
             continue
         pre_jobs = {"modules": mod_jobs, "joint": ["joint"], "ncl": list(ncl_jobs.values()),
+                    "untrained": [f"untrained/{d}" for d in settings["orders"][0]],  # built, not trained
                     **{v: [f"mode/expert/{d}" for d in domains] + [f"{v}/compose"] for v in COMPOSE}
                     }.get(NEEDS.get(method), [])
         pre = [res[n] for n in pre_jobs if ok(n)]

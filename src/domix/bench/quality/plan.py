@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...io import sha256_text
+from .capacity import run_capacity
 from .records import record_path, restore
 from .settings import COMPOSE, MERGES, METHODS, NEEDS, NO_SAVE, compose_gate_lr, order_name
 
@@ -262,7 +263,7 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
                               lr=ft["full_lr"] if m["method"] == "full" else ft["lr"])
                     deps = []
                     if m["method"] in ("lora", "dora") and "init" not in m:
-                        rank = settings["capacity"][m["rank"]] if "rank" in m else ft["base_lora_rank"]
+                        rank = run_capacity(settings)[m["rank"]] if "rank" in m else ft["base_lora_rank"]
                         kw.update(lora_rank=rank, lora_alpha=2.0 * rank)
                     if m["method"] == "domix" and m.get("init") == "untrained":
                         kw.update(library=str(lib_u), modules="all")

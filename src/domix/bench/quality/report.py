@@ -155,6 +155,8 @@ def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True) -
                 what += f", predictions {'identical' if x['identical_predictions'] else 'differ'}"
             L.append(f"| {name if i == 0 else ''} | {'**' + c['verdict'] + '**' if i == 0 else ''} | {what} | "
                      f"{x['diff']:+.3f} | {_iv(x['ci95'])} | {holm} | {seeds} |")
+        if not c["comparisons"]:
+            L.append(f"| {name} | **{c['verdict']}** | — | | | | |")
         extra = [f"comparator(s) not run or without predictions: {', '.join(c['incomplete'])}"
                  if c.get("incomplete") else "",
                  f"strongest on dev: {c['strongest_on_dev']['method']} ({c['strongest_on_dev']['dev_macro_f1']:.3f} "

@@ -182,7 +182,8 @@ def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | 
             draws = r.pop("draws")
             made.append((claim, {"a": a, "b": b, **r, "ci95_seeds": seed_interval(r["per_seed"]),
                                  "tasks": tasks, "seeds": seeds}, draws))
-        if any(c == claim for c, _, _ in made):
+        ran = {m for p in pairs for m in p if runs.get(m)}
+        if any(c == claim for c, _, _ in made) or ran:  # a claim none of whose methods ran is left out
             out[claim] = {"claim": says, "comparisons": [],
                           **({"incomplete": sorted(set(lacking))} if lacking else {}),
                           **({"strongest_on_dev": {"method": chosen, "dev_macro_f1": round(dev[chosen], 4)}}
