@@ -14,7 +14,7 @@ from domix.bench.quality.capacity import matched_ranks, target_shapes
 from domix.bench.quality.records import read_records
 
 METHODS = ["base-lora", "base-lora-params", "base-lora-rank", "own-lora", "domix", "domix-untrained"]
-MATCHED = {**TINY, "lr_grid": [1.0, 2.0],
+MATCHED = {**TINY, "lr_grid": [1.0, 2.0], "module_seeds": {"1": 7},
            "finetune": {**TINY["finetune"], "eval_every": 1, "keep_best": True, "patience": 1, "epochs": 2.0}}
 
 
@@ -61,8 +61,9 @@ def test_the_control_mixes_untrained_modules(matched):
     from safetensors.torch import load_file
 
     out = matched["_out"] / "work"
-    (lib_u,) = out.glob("lib-untrained-*")
-    (lib_a,) = [p for p in out.glob(f"lib-{DOMS[0]}-*")]
+    seed0 = lambda lib: json.loads((lib / DOMS[0] / "domix.json").read_text())["seed"] == 0  # noqa: E731
+    (lib_u,) = [p for p in out.glob("lib-untrained-*") if seed0(p)]
+    (lib_a,) = [p for p in out.glob(f"lib-{DOMS[0]}-*") if seed0(p)]
     for d in DOMS:
         u = load_file(str(lib_u / d / "adapter_model.safetensors"))
         t = load_file(str(lib_a / d / "adapter_model.safetensors"))
@@ -154,3 +155,20 @@ def test_bench_verdicts_recomputes_the_report_from_committed_files(matched, tmp_
         recompute(copy)
     with pytest.raises(ValueError, match="no results.json"):
         recompute(tmp_path)
+
+
+def test_a_second_pretraining_seed_for_a_finetuning_seed(matched):
+    jobs = matched["jobs"]
+    # seed 1's modules, the control's untrained ones, were pre-trained with seed 7: their own jobs
+    for d in DOMS:
+        assert jobs[f"module/1/{d}@pretrain-seed7"]["status"] == "done"
+        assert jobs[f"untrained/{d}@pretrain-seed7"]["status"] == "done"
+    assert not any(n.startswith("lm/") and "@" in n for n in jobs)  # no LM evaluation of them
+    assert not any(n.startswith("module/2/") and "@" in n for n in jobs)  # nor a second domain order
+    out = matched["_out"] / "work"
+    seeds = {json.loads((lib / DOMS[0] / "domix.json").read_text())["seed"] for lib in out.glob(f"lib-{DOMS[0]}-*")}
+    assert seeds == {0, 7}
+    # every method still has one run per task and seed
+    for m in METHODS:
+        assert sorted((r["task"], r["seed"]) for r in matched["runs"] if r["method"] == m
+                      and r.get("order") in (None, ",".join(DOMS))) == sorted((t, s) for t in TASKS for s in (0, 1))

@@ -107,7 +107,40 @@ def _finetune_fields(cfg: dict) -> dict:
 
 
 def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list[int]) -> tuple[dict, list]:
-    """All jobs (by name) and the fine-tuning runs [(method, task, seed, order | None, job name)]."""
+    """All jobs (by name) and the fine-tuning runs [(method, task, seed, order | None, job name)].
+
+    `settings["module_seeds"]` ({fine-tuning seed: pre-training seed}) gives some fine-tuning seeds
+    modules (and the joint and untrained ones) pre-trained with another seed, so that the seeds'
+    spread holds the pre-training's variance too: their upstream jobs are named `<name>@pretrain-seed<p>`,
+    and they run in the first domain order only (the order check is the first seed's)."""
+    from copy import deepcopy
+
+    base_seed = settings["pretrain"]["seed"]
+    by_seed = {int(k): int(v) for k, v in (settings.get("module_seeds") or {}).items()}
+    jobs, runs = _plan(settings, data, work, methods, [s for s in seeds if by_seed.get(s, base_seed) == base_seed])
+    for p in sorted({by_seed[s] for s in seeds if by_seed.get(s, base_seed) != base_seed}):
+        other = deepcopy(settings)
+        other["pretrain"]["seed"] = p
+        p_jobs, p_runs = _plan(other, data, work, methods, [s for s in seeds if by_seed.get(s, base_seed) == p])
+        p_runs = [r for r in p_runs if r[3] in (None, order_name(settings["orders"][0]))]
+        need, todo = set(), [r[4] for r in p_runs]
+        while todo:  # only what these runs need (no LM evaluations, no second order)
+            name = todo.pop()
+            if name not in need:
+                need.add(name)
+                todo += p_jobs[name].deps
+        outs = {j.out: n for n, j in jobs.items()}
+        rename = {n: n if n.startswith("finetune/") or outs.get(j.out) == n else f"{n}@pretrain-seed{p}"
+                  for n, j in p_jobs.items() if n in need}
+        for n, j in p_jobs.items():
+            if n in need:
+                j.name, j.deps = rename[n], [rename[d] for d in j.deps]
+                jobs.setdefault(j.name, j)
+        runs += p_runs
+    return jobs, runs
+
+
+def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list[int]) -> tuple[dict, list]:
     from ...finetune import FinetuneConfig
     from ...training import defaults as config_defaults
 
