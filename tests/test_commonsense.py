@@ -133,3 +133,18 @@ def test_choice_metrics_score_both_ways(tiny):
     assert m["accuracy_loglik"] == sum(p == g for p, g in zip(m["y_pred_loglik"], m["y_true"])) / 2
     with pytest.raises(ValueError, match="example 1: its answer"):
         choice_metrics(model, tok, [{**rows[0], "answer": "the moon"}])
+
+
+def test_evaluate_scores_a_base_model_zero_shot_both_ways(tiny_decoder, tmp_path, capsys):
+    from domix.cli import main
+
+    rows = [{"prompt": "recipe butter", "choices": ["the oven", "the court"], "answer": "the oven", "label": 0},
+            {"prompt": "court contract", "choices": ["the oven", "the court"], "answer": "the court", "label": 1}]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["evaluate", "--model", tiny_decoder, "--data", str(data), "--max-seq-len", "16", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["examples"] == 2 and {"accuracy", "accuracy_loglik", "answered"} <= set(m)
+    model, tok = load_model(tiny_decoder, head="lm")[0], load_tokenizer(tiny_decoder)
+    want = choice_metrics(model, tok, rows, max_len=16)
+    assert m["accuracy_loglik"] == want["accuracy_loglik"] and m["accuracy"] == want["accuracy"]

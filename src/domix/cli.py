@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from . import __version__
 from .checkpoints import DEFAULT_BASE
@@ -201,11 +202,22 @@ def cmd_evaluate(a) -> int:
     from .finetune import evaluate_rows, load_task_model
     from .data.tasks import read_jsonl
 
-    model, tok, spec = load_task_model(a.model, device=a.device)
+    if (Path(a.model) / "task.json").is_file():
+        model, tok, spec = load_task_model(a.model, device=a.device)
+    else:  # a base model as it is: zero-shot, on instruction rows
+        from .models import load_model, load_tokenizer, select_device
+
+        model, _ = load_model(a.model, head="lm")
+        model.to(select_device(a.device))
+        tok, spec = load_tokenizer(a.model), {"task": "generate", "max_seq_len": a.max_seq_len or 256}
+    if a.max_seq_len:
+        spec["max_seq_len"] = a.max_seq_len
     rows = read_jsonl(a.data, ("text", "label") if spec["task"] == "classify" else ("prompt", "answer"))
     m = evaluate_rows(model, tok, {**spec, "where": a.data}, rows)
-    return report(a, m, "\n".join([f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                                   f"({m['examples']} examples)"] +
+    scores = (f"accuracy {m['accuracy']:.4f} (answer extracted from the greedy generation)  accuracy "
+              f"{m['accuracy_loglik']:.4f} (the most likely choice)" if "accuracy_loglik" in m
+              else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+    return report(a, m, "\n".join([f"{scores}  ({m['examples']} examples)"] +
                                   [f"  {name:24s} F1 {f1:.4f}" for name, f1 in m.get("per_class_f1", {}).items()]))
 
 
@@ -390,9 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, PoolOptions)
     add_options(p, FinetuneConfig, exclude=PER_TASK, overrides=True)
 
-    p = command(sub, "evaluate", "score a task model on a JSONL file", cmd_evaluate)
-    p.add_argument("--model", required=True)
+    p = command(sub, "evaluate", "score a task model on a JSONL file (or a base model zero-shot on instruction "
+                                 "rows; rows with `choices` are scored by answer extraction and by log-likelihood)",
+                cmd_evaluate)
+    p.add_argument("--model", required=True, help="a task model directory, or a base model (zero-shot)")
     p.add_argument("--data", required=True)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="tokens per example, a longer prompt cut from its left (default: the task model's; 256 for a "
+                        "base model)")
     p.add_argument("--device", choices=DEVICES, default=DEVICES[0])
 
     p = command(sub, "predict", "labels with probabilities, or generated answers", cmd_predict)

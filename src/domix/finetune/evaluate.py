@@ -81,37 +81,61 @@ def answer_tokens(tokenizer, answer: str) -> list[int]:
     return tokenizer(" " + str(answer).strip(), add_special_tokens=False)["input_ids"]
 
 
+def _cache_name(model) -> str:
+    """The keyword a causal LM takes its KV cache by: `cache` in newer transformers, `past_key_values`
+    before (a PEFT wrapper is looked through)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: each row's first real token is position 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[list[str]], batch_size: int = 16,
                     max_len: int | None = None) -> list[list[float]]:
     """Each choice's log-likelihood after its prompt, log p(choice tokens | prompt) summed over the
-    choice's tokens (lm-evaluation-harness's `acc`). Every (prompt, choice) pair is one left-padded
-    sequence; only the last positions' logits are computed. A pair longer than `max_len` keeps its
-    last `max_len` tokens (the prompt is cut from the left, never the choice)."""
+    choice's tokens (lm-evaluation-harness's `acc`). A batch of prompts (left-padded) runs once and its
+    KV cache serves every choice in turn (each choice pass appends to the cache, which is then cut
+    back to the prompts). A prompt longer than `max_len` minus its longest choice keeps its last
+    tokens (cut from the left, never through a choice)."""
     model.eval()
     dev = next(model.parameters()).device
-    pairs = []  # (row, choice, ids, choice length)
-    for r, (p, cs) in enumerate(zip(prompts, choices)):
+    tails = [[answer_tokens(tokenizer, c) for c in cs] for cs in choices]
+    heads = []
+    for p, ts in zip(prompts, tails):
         head = prompt_ids(tokenizer, p)
-        for c, text in enumerate(cs):
-            tail = answer_tokens(tokenizer, text)
-            seq = head + tail
-            pairs.append((r, c, seq[-max_len:] if max_len else seq, len(tail)))
+        room = max(1, max_len - max(len(t) for t in ts)) if max_len else len(head)
+        heads.append(head[-room:])
     out = [[0.0] * len(cs) for cs in choices]
+    pad = tokenizer.pad_token_id
     with half_autocast(model):
-        for batch in _by_length([len(x[2]) for x in pairs], batch_size):
-            x, mask = _left_padded([pairs[i][2] for i in batch], tokenizer.pad_token_id, dev)
-            keep = max(pairs[i][3] for i in batch) + 1
-            try:  # only the positions that predict a choice's tokens
-                logits = model(input_ids=x, attention_mask=mask, logits_to_keep=keep).logits
-            except TypeError:  # a model without logits_to_keep
-                logits = model(input_ids=x, attention_mask=mask).logits[:, -keep:]
-            logp = torch.log_softmax(logits.float(), -1)
-            for j, i in enumerate(batch):
-                r, c, seq, n = pairs[i]
-                target = x[j, -n:]
-                pred = logp[j, -n - 1:-1]  # position t predicts token t + 1
-                out[r][c] = float(pred.gather(-1, target[:, None]).sum())
+        for batch in _by_length([len(h) for h in heads], batch_size):
+            x, mask = _left_padded([heads[i] for i in batch], pad, dev)
+            pos = _positions(mask)
+            first = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            key = _cache_name(model)
+            cache = getattr(first, key)
+            first_logp = torch.log_softmax(first.logits[:, -1].float(), -1)  # predicts each choice's first token
+            for c in range(max(len(tails[i]) for i in batch)):
+                toks = [tails[i][c] if c < len(tails[i]) else [pad] for i in batch]
+                n = max(len(t) for t in toks)
+                t_ids = torch.tensor([t + [pad] * (n - len(t)) for t in toks], device=dev)
+                t_mask = torch.tensor([[1] * len(t) + [0] * (n - len(t)) for t in toks], device=dev)
+                t_pos = pos[:, -1:] + 1 + torch.arange(n, device=dev)[None]
+                logits = model(input_ids=t_ids, attention_mask=torch.cat([mask, t_mask], 1), position_ids=t_pos,
+                               use_cache=True, **{key: cache}).logits
+                logp = torch.log_softmax(logits.float(), -1)
+                cache.crop(-n)  # back to the prompts for the next choice (a negative crop: in every version)
+                for j, i in enumerate(batch):
+                    if c < len(tails[i]):
+                        t = tails[i][c]
+                        score = first_logp[j, t[0]] + sum(logp[j, k - 1, t[k]] for k in range(1, len(t)))
+                        out[i][c] = float(score)
     return out
 
 
