@@ -87,6 +87,11 @@ def test_every_method_gets_the_same_grid_chosen_on_dev(matched):
     assert sel["domix"]["grid"][1] == {"lr": 2 * sel["domix"]["grid"][0]["lr"],
                                        "bridge_lr": 2 * sel["domix"]["grid"][0]["bridge_lr"]}
     assert sel["base-lora"]["grid"][0]["bridge_lr"] is None
+    report = (matched["_out"] / "REPORT.md").read_text()
+    for section in ("## Learning rates: one dev grid for every method", "## Capacity: trainable parameters",
+                    "kept the last allowed step", "### The same from the seeds that chose nothing", "Holm-corrected"):
+        assert section in report, section
+    assert (matched["_out"] / "plots" / "lr_grid.png").stat().st_size > 0
     # the second seed ran at the chosen factor only; the first seed's reported run is the grid's
     assert len([r for r in matched["runs"] if r["seed"] == 1 and r["method"] == "base-lora"]) == len(TASKS)
 

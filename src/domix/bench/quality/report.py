@@ -149,7 +149,8 @@ def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True) -
     for name, c in claims.items():
         for i, x in enumerate(c["comparisons"]):
             holm = f"{_iv(x['ci95_holm'])} ({x['level_holm']:.4f})" if "ci95_holm" in x else "—"
-            seeds = f"{_iv(x.get('ci95_seeds'))} ({len(x['seeds'])} seeds)" if "per_seed" in x else "—"
+            n = len(x["seeds"])
+            seeds = f"{_iv(x.get('ci95_seeds'))} ({n} seed{'s' if n != 1 else ''})" if "per_seed" in x else "—"
             what = f"{x['a']} − {x['b']}"
             if name == "C4":
                 what += f", predictions {'identical' if x['identical_predictions'] else 'differ'}"
@@ -358,8 +359,8 @@ def selection_section(results: dict) -> list[str]:
             L.append(f"| {m} | {g0['lr']:g}" + (f" ({g0['bridge_lr']:g})" if g0["bridge_lr"] else "") + " | "
                      + " | ".join(devs) + f" | ×{v['chosen_factor']:g}: lr {v['lr']:g}"
                      + (f", bridge / gate lr {v['bridge_lr']:g}" if v["bridge_lr"] else "") + " |")
-        return L + ["", f"Each method's standard rates (column 2: {', '.join(sorted({v['how'].split(':')[0] for v in sel.values()}))} "
-                    f"from `settings.STANDARD_LR`) times each factor, DoMIX's LoRA and bridge rates (MoDE's expert and "
+        return L + ["", "Each method's standard rates (column 2, from `settings.STANDARD_LR`) times each factor, "
+                    "DoMIX's LoRA and bridge rates (MoDE's expert and "
                     "gate rates) together; every method on every task at every factor with the first seed; each keeps "
                     "the factor of its best mean dev macro-F1 over the tasks (ties to the smaller). The other seeds run "
                     "at that factor only.", ""]
@@ -512,6 +513,24 @@ def _plots(results: dict, out: Path) -> list[str]:
         fig.tight_layout()
         save_figure(fig, plots / "dev_curves.png")
         made.append("plots/dev_curves.png")
+    # the learning-rate grid: each method's mean dev macro-F1 by factor, its choice marked
+    sel = {m: v for m, v in (results.get("selection") or {}).items() if "factors" in v}
+    if sel:
+        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        colors = plt.cm.tab20(np.linspace(0, 1, max(1, len(sel))))
+        for c, (m, v) in zip(colors, sel.items()):
+            pts = [(f, d) for f, d in zip(v["factors"], v["dev"]) if d is not None]
+            if pts:
+                ax.plot(*zip(*pts), "-o", color=c, ms=3, label=m, lw=2 if m == "domix" else 1)
+                ax.plot([v["chosen_factor"]], [dict(pts)[v["chosen_factor"]]], "o", color=c, ms=8, mfc="none")
+        ax.set(xscale="log", xlabel="factor on the standard learning rates", ylabel="mean dev macro-F1 (first seed)")
+        ax.set_xticks(next(iter(sel.values()))["factors"], [f"{f:g}×" for f in next(iter(sel.values()))["factors"]])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        ax.set_title("learning-rate grid (ring: the factor each method keeps)", fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, plots / "lr_grid.png")
+        made.append("plots/lr_grid.png")
     # bridge heatmaps of DoMIX (first seed), averaged over layer types
     grids = results.get("bridge_blocks", {})
     if grids:
@@ -668,20 +687,28 @@ def write_report(results: dict, out: Path) -> str:
           f"{pre['steps'] * len(s['domains'])} steps = {tokens * len(s['domains']):,} tokens over the union in one run. "
           f"LoRA r={pre['rank']}, alpha={pre['alpha']}, all linear layers, lr {pre['lr']}, "
           f"{pre.get('dtype', 'fp32')}; ncl trains all weights "
-          f"at lr {pre['full_lr']} (a LoRA lr would wreck a full model; not tuned). Pre-training runs once (seed "
-          f"{pre['seed']}); the seeds vary fine-tuning.",
+          f"at lr {pre['full_lr']} (a LoRA lr would wreck a full model; not tuned). "
+          + (f"Pre-training seed {pre['seed']}, but " + ", ".join(f"fine-tuning seed {k} on modules of pre-training seed {v}"
+                                                             for k, v in alt.items()) + "."
+             if (alt := {k: v for k, v in (s.get("module_seeds") or {}).items() if int(k) in results["seeds"]})
+             else f"Pre-training runs once (seed {pre['seed']}); the seeds vary fine-tuning."),
           f"- Fine-tuning, equal in epochs: {ft['epochs']:g} epoch(s) of batch {ft['batch_size']}, max length "
           f"{ft['max_seq_len']} tokens, linear schedule with 10% warm-up, {ft.get('dtype', 'fp32')}, for every method"
           + (f"; dev scored every {ft['eval_every']} steps, the best dev step kept, stopped after {ft.get('patience')} "
-             "evaluations without improvement" if ft.get("keep_best") else "") + ". Learning rates are each "
-          f"family's standard value, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
-          f"{s['domix_defaults']['bridge_lr']}), {ft['full_lr']} for full fine-tuning (base-full, ncl).",
-          (f"- Budgets that are not equal: trainable parameters (see Efficiency); base-lora/base-dora use rank "
-           f"{ft['base_lora_rank']} (≈ DoMIX's trainable budget: N·r/2 for N={len(s['domains'])} modules of r="
-           f"{pre['rank']}), own-lora and joint-lora keep their module's rank {pre['rank']}."
-           if ft["base_lora_rank"] != pre["rank"] else
-           f"- base-lora/base-dora use the modules' rank {pre['rank']}, so own-lora vs base-lora (the DAP curve, C1) "
-           "differ only in the starting point; DoMIX trains more parameters than either (see Efficiency)."),
+             "evaluations without improvement" if ft.get("keep_best") else "") + ". "
+          + (f"Learning rates: every method's standard ones ({ft['lr']} for LoRA/DoRA/DoMIX, bridge lr "
+             f"{s['domix_defaults']['bridge_lr']}, {ft['full_lr']} for full fine-tuning) times the factor it chose on "
+             f"dev among {', '.join(f'{f:g}' for f in s['lr_grid'])} (see Learning rates)."
+             if s.get("lr_grid") else
+             f"Learning rates are each family's standard value, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
+             f"{s['domix_defaults']['bridge_lr']}), {ft['full_lr']} for full fine-tuning (base-full, ncl)."),
+          f"- base-lora/base-dora use rank {ft['base_lora_rank']}" + (
+              f", the modules' rank, so own-lora vs base-lora (the DAP curve, C1) differ only in the starting point"
+              if ft["base_lora_rank"] == pre["rank"] else f"; the modules have rank {pre['rank']}")
+          + "; own-lora and joint-lora keep their module's rank"
+          + (f"; base-lora-params and base-dora-params rank {s['capacity']['params']} and base-lora-rank rank "
+             f"{s['capacity']['rank']}, DoMIX's capacity (see Capacity)" if s.get("capacity") else "")
+          + ". Trainable parameters per method: see Efficiency.",
           f"- domix = FinetuneConfig defaults (bridge_init `{s['domix_defaults']['bridge_init']}`); the ablations set "
           "P = I/(N·r) (domix-rank), I/N (domix-uniform), I (domix-identity, trainable), the default init frozen "
           "(domix-frozen-bridge); cat-merge is P = I frozen. A variant whose settings equal domix's shares its runs.",
