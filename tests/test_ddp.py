@@ -232,3 +232,18 @@ def test_commands_that_run_their_own_processes_are_refused_under_a_launcher(tiny
     assert proc.returncode != 0
     assert "domix: error: 'domix pretrain-all' is not for launchers: start it once, without torchrun" in proc.stderr
     assert not (tmp_path / "lib").exists()
+
+
+def test_ddp_sends_no_buffers(tiny_decoder, tmp_path):
+    """Under DDP nothing is broadcast that never changes (a bridge's frozen A's are buffers, loaded alike
+    on every rank), and no graph search for unused parameters (every trained tensor gets a gradient)."""
+    import torch
+
+    from domix.library.pretrain import PretrainConfig
+    from domix.training import build_trainer
+
+    model = torch.nn.Linear(2, 2)
+    opts = PretrainConfig(domain="d", data=[], library=str(tmp_path), base=tiny_decoder, progress=False)
+    trainer = build_trainer(model, opts, work=tmp_path / "work", train_dataset=[], data_collator=None, steps=1,
+                            logs=False)
+    assert trainer.args.ddp_broadcast_buffers is False and trainer.args.ddp_find_unused_parameters is False

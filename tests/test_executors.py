@@ -83,3 +83,42 @@ def test_benchmark_jobs_run_the_same_on_ray_as_locally(tiny_decoder, tmp_path):
         assert res["lm/after"]["status"] == "skipped", kind
     assert runs["ray"]["lm/base"]["loss"] == runs["local"]["lm/base"]["loss"]
     assert runs["ray"]["lm/base"]["accuracy"] == runs["local"]["lm/base"]["accuracy"]
+
+
+def _visible() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_local_workers_are_spread_over_the_visible_gpus(monkeypatch):
+    """Two tasks that ask for a GPU on a machine of two run on different ones, each seeing only its
+    own; a task that asks for none is left alone; a third GPU task while both are held shares one."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
+    with make_executor("local", workers=3) as pool:
+        tasks = {pool.submit(_visible, gpus=1): "a", pool.submit(_visible, gpus=1): "b",
+                 pool.submit(_visible, gpus=1): "c"}
+        got = {}
+        while pool.in_flight:
+            task, result, error = pool.next_done()
+            assert error is None
+            got[tasks[task]] = result
+        assert got["a"] != got["b"] and {got["a"], got["b"]} == {"4", "7"} and got["c"] in ("4", "7")
+        plain = pool.submit(_visible)
+        assert pool.next_done().result == "4,7" and plain is not None
+
+
+def test_the_device_is_resolved_in_one_place():
+    from domix.models import gpus_for, resolve_device
+    from domix.training import DEVICES
+
+    import torch
+
+    if not torch.cuda.is_available():  # this suite's machines
+        assert resolve_device("auto") == "cpu" and gpus_for("auto") == 0
+    assert resolve_device("cpu") == "cpu" and gpus_for("cpu") == 0
+    if not torch.cuda.is_available():
+        for bad in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match="no CUDA device"):
+                resolve_device(bad)
+    with pytest.raises(ValueError, match="unknown --device"):
+        resolve_device("tpu")
+    assert "cuda:3" in DEVICES and "mps" in DEVICES and "cuda:x" not in DEVICES

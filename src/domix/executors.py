@@ -69,11 +69,32 @@ class _Executor:
         self.close()
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them (or their indices)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]  # counts without starting CUDA
+    except ImportError:
+        return []
+
+
+def _on_gpu(gpu: str, fn, *args):
+    """`fn(*args)` in a fresh worker that sees one GPU only (set before anything there starts CUDA)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return fn(*args)
+
+
 class LocalExecutor(_Executor):
     """A `ProcessPoolExecutor` of `workers` processes, each running one task, then replaced.
 
-    When a worker dies the pool is broken: every task in it fails with `WorkerDied` and a new
-    pool runs the tasks submitted after that."""
+    A task that asks for a GPU gets one of the visible GPUs to itself (its process sees only that one,
+    `cuda` meaning it), the GPUs taken in turn among those no running task holds; with more such tasks
+    than GPUs they share them in turn. When a worker dies the pool is broken: every task in it fails
+    with `WorkerDied` and a new pool runs the tasks submitted after that."""
 
     def __init__(self, workers: int = 1, mp_context=None):
         from multiprocessing import get_context
@@ -82,17 +103,26 @@ class LocalExecutor(_Executor):
         self.workers = max(1, workers)
         self.mp_context = mp_context or get_context("spawn")
         self._pool = None
+        self._gpu_of: dict = {}  # future -> the GPU its task holds
 
     def submit(self, fn, *args, cpus: int = 1, gpus: int = 0) -> int:
-        """Run `fn(*args)` in a fresh process. `cpus` and `gpus` are what Ray would reserve: a
-        local pool runs `workers` tasks at once, whatever they ask for."""
+        """Run `fn(*args)` in a fresh process. `cpus` is what Ray would reserve (a local pool runs
+        `workers` tasks at once, whatever they ask for); with `gpus` > 0 the task gets a GPU of its own
+        when one is visible."""
         from concurrent.futures import ProcessPoolExecutor
 
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.mp_context,
                                              max_tasks_per_child=1)
         task = next(self._ids)
-        self._running[self._pool.submit(fn, *args)] = task
+        gpu = None
+        if gpus and (visible := visible_gpus()):
+            held = [g for f, g in self._gpu_of.items() if f in self._running]
+            gpu = min(visible, key=lambda g: (held.count(g), visible.index(g)))
+        fut = self._pool.submit(_on_gpu, gpu, fn, *args) if gpu is not None else self._pool.submit(fn, *args)
+        self._running[fut] = task
+        if gpu is not None:
+            self._gpu_of[fut] = gpu
         return task
 
     def _wait(self) -> None:
@@ -103,6 +133,7 @@ class LocalExecutor(_Executor):
         broken = None
         for fut in done:
             task = self._running.pop(fut)
+            self._gpu_of.pop(fut, None)
             try:
                 self._done.append(Done(task, fut.result(), None))
             except BrokenProcessPool as e:  # a worker was killed (e.g. out of memory): the pool is gone
@@ -113,7 +144,7 @@ class LocalExecutor(_Executor):
         if broken:  # the tasks still in the pool died with it; a new pool runs what comes next
             for task in self._running.values():
                 self._done.append(Done(task, None, WorkerDied(f"the worker pool broke while it ran: {broken}")))
-            self._running = {}
+            self._running, self._gpu_of = {}, {}
             self.close()
 
     def close(self) -> None:

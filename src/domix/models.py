@@ -16,12 +16,32 @@ from .checkpoints import resolve_base
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def select_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> str:
+    """The one place `--device` is resolved: "auto" is the first CUDA device, else Apple's MPS, else
+    the CPU; "cuda", "cuda:N" and "mps" are checked against what this process sees. Returns the name."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(device)
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for, but no CUDA device is available")
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise ValueError(f"--device {device}: this process sees {torch.cuda.device_count()} CUDA device(s)")
+    elif kind == "mps" and not mps:
+        raise ValueError("--device mps was asked for, but MPS is not available")
+    elif kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unknown --device {device!r}: auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def gpus_for(device: str) -> int:
+    """GPUs a run on `device` needs reserved (by Ray, or by a local pool's placement): 1 for CUDA."""
+    return 1 if resolve_device(device).startswith("cuda") else 0
+
+
+def select_device(device: str = "auto") -> torch.device:
+    return torch.device(resolve_device(device))
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -23,7 +23,16 @@ import time
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
-DEVICES = ("auto", "cpu", "cuda")
+class _Devices(tuple):
+    """The `--device` values: these names, and `cuda:N` for any N (argparse asks `in`)."""
+
+    def __contains__(self, value) -> bool:
+        import re
+
+        return tuple.__contains__(self, value) or bool(re.fullmatch(r"cuda:\d+", str(value)))
+
+
+DEVICES = _Devices(("auto", "cpu", "cuda", "cuda:N", "mps"))
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -215,6 +224,9 @@ def build_trainer(model, opts: TrainOptions, *, work: Path, train_dataset, data_
         # DDP: every trained tensor (LoRA, bridge, MoDE experts and gates, head) gets a gradient each step,
         # so DDP need not search the graph for unused ones (and warn that it found none)
         ddp_find_unused_parameters=False,
+        # nor broadcast buffers from rank 0 before each forward: domix's buffers (a bridge's frozen A's)
+        # are loaded alike on every rank and never change
+        ddp_broadcast_buffers=False,
         **evaluation, **checkpointing_args(opts.gradient_checkpointing))
     cls = trainer_cls or Trainer
     if lm_objective is not None:

@@ -208,6 +208,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
         raise ValueError("--fused trains next-token modules of a decoder with a plain LM head; train "
                          f"{first.base} without --fused")
     base_fp = fingerprint(model)
+    model.to(device)  # the held-out scores too run where training does
     collator = lm_collator(tokenizer, objective)
 
     # -- each domain's data, as `pretrain` prepares it; a domain whose data fails is reported

@@ -69,6 +69,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
     base_fp = fingerprint(model)
     steps = total_steps(cfg, len(train_blocks))
+    model.to(device)  # the held-out scores too run where training does
 
     base_held = on_main(lambda: lm_loss(model, held_blocks, tokenizer, objective, cfg.batch_size, seed=0)
                         if held_blocks else None)

@@ -88,7 +88,10 @@ def run_all(configs: dict, runner, complete, *, key: str = "domain", unit: str =
 
     A config runs with `threads` intra-op threads (default: `cpus`, else cores // workers), so
     its tensors do not depend on what runs beside it; on Ray it reserves `cpus` (default: its
-    threads) and `gpus` (default: 1 with device cuda). `runner` must be importable by the workers."""
+    threads) and `gpus` (default: 1 when its device resolves to CUDA, `auto` included; a local pool gives
+    each such run a GPU of its own). `runner` must be importable by the workers."""
+    from ..models import gpus_for
+
     from tqdm.auto import tqdm
 
     results, todo = {}, {}
@@ -102,7 +105,7 @@ def run_all(configs: dict, runner, complete, *, key: str = "domain", unit: str =
     bar = tqdm(total=len(todo), desc=f"{key}s", unit=unit, disable=not progress)
     with make_executor(executor, workers, ray_address) as pool:
         names = {pool.submit(_run_one, name, key, d, type(configs[name]), runner, cpus=cpus or d["threads"],
-                             gpus=(1 if d["device"] == "cuda" else 0) if gpus is None else gpus): name
+                             gpus=gpus_for(d["device"]) if gpus is None else gpus): name
                  for name, d in todo.items()}
         while pool.in_flight:
             task, r, error = pool.next_done()

@@ -21,9 +21,10 @@ cores // workers threads.
     config.py    a benchmark of the user's own data       execute.py  running jobs with dependencies
     data.py      the data subsets                         collect.py  results and the run history
     plan.py      jobs and their cache keys                curve.py    the DAP-budget curve
-    grid.py      MoDE's learning rates, on held-out loss
+    grid.py      MoDE's learning rates, on held-out loss  rates.py    every method's rates, on dev
+    capacity.py  the ranks of DoMIX's capacity            records.py  committable per-run records
     report.py    REPORT.md and plots, from results.json alone
-    verdicts.py  the claims' paired differences with bootstrap intervals
+    verdicts.py  the claims' paired differences with bootstrap, Holm-corrected and per-seed intervals
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ from pathlib import Path
 
 from ...checkpoints import DEFAULT_BASE
 from ...io import write_json
+from .capacity import run_capacity
 from .collect import _history, collect
 from .config import ConfigError, read_config
 from .curve import at_budget, choose_budget, collect_curve, plan_curve
 from .data import prepare_data
 from .execute import execute, job_executor
 from .grid import choose_mode_lr, collect_mode_grid, plan_mode_grid
-from .capacity import run_capacity
 from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
 from .rates import choose_rates, collect_rate_grid, plan_rate_grid
 from .settings import (COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, parse_overrides,

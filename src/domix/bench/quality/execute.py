@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ...executors import WorkerDied, make_executor
+from ...models import gpus_for
 from ...io import write_json
 from .records import write_record
 from .runners import _work
@@ -61,7 +62,9 @@ def execute(jobs: dict, pool, workers: int, log) -> dict:
                 pending.remove(job)
                 started += 1
                 payload = {"kind": job.kind, "spec": job.spec, "out": job.out, "threads": job.threads}
-                running[pool.submit(_work, payload, cpus=job.threads)] = (job, started)
+                # a job training on a GPU reserves one (on Ray; locally it gets one of its own)
+                gpus = gpus_for((job.spec.get("config") or {}).get("device", "auto"))
+                running[pool.submit(_work, payload, cpus=job.threads, gpus=gpus)] = (job, started)
         if not running:
             for job in pending:  # unreachable dependencies
                 failed[job.name] = {"status": "skipped", "error": f"unknown dependency in {job.deps}"}

@@ -324,7 +324,7 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
                         kw.update(library=str(mode_lib), from_composed=str(cdir), lr=ft["mode_lr"])
                         deps = [job]
                     scale = settings.get("lr_scale", {}).get(method, 1.0)
-                    if scale != 1.0:  # the rate grid (lr.py): the method's rates together, by one factor
+                    if scale != 1.0:  # the rate grid (rates.py): the method's rates together, by one factor
                         kw["lr"] *= scale
                         if m["method"] in ("domix", "mode") and not m.get("freeze_bridge"):
                             kw["bridge_lr"] = m.get("bridge_lr", defaults["bridge_lr"]) * scale
