@@ -148,3 +148,39 @@ def test_evaluate_scores_a_base_model_zero_shot_both_ways(tiny_decoder, tmp_path
     model, tok = load_model(tiny_decoder, head="lm")[0], load_tokenizer(tiny_decoder)
     want = choice_metrics(model, tok, rows, max_len=16)
     assert m["accuracy_loglik"] == want["accuracy_loglik"] and m["accuracy"] == want["accuracy"]
+
+
+def test_the_llm_protocol_runs_on_domix_commands(tiny_decoder, tmp_path, capsys):
+    """One module per task from its corpus.jsonl, DoMIX over them fine-tuned on the union with --task
+    generate, each task's test scored both ways: the commands the commonsense data is laid out for."""
+    from domix.cli import main
+
+    archive = tmp_path / "olmo.whl"
+    words = ["recipe butter", "court contract", "patients cells", "oven flour"]
+    with zipfile.ZipFile(archive, "w") as z:
+        for task in ("piqa", "arc-e"):
+            folder, evaluation, _, _ = TASKS[task]
+            for split, n in (("train", 16), (evaluation, 6)):
+                docs = [_doc(f"{words[i % 4]} {split}", ["butter oven", "court judge"], i % 2) for i in range(n)]
+                z.writestr(f"{ROOT}/{folder}/{split}_mc_5shot/requests.jsonl.gz", _requests(docs))
+    data = tmp_path / "cs"
+    m = build_commonsense(data, sizes={"train": 12, "dev": 4, "test": 6}, tasks=["piqa", "arc-e"], archive=archive,
+                          progress=False)
+    assert m["files"]["union/train.jsonl"]["examples"] == 24 and m["files"]["piqa/corpus.jsonl"]["examples"] == 12
+    lib = tmp_path / "lib"
+    for task in ("piqa", "arc-e"):
+        assert main(["pretrain", "--domain", task, "--data", str(data / task / "corpus.jsonl"), "--library", str(lib),
+                     "--base", tiny_decoder, "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--rank", "2",
+                     "--json"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--method", "domix", "--task", "generate", "--library", str(lib), "--base", tiny_decoder,
+                 "--train", str(data / "union" / "train.jsonl"), "--eval", str(data / "union" / "dev.jsonl"),
+                 "--out", str(tmp_path / "model"), "--max-steps", "2", "--batch-size", "4", "--max-seq-len", "64",
+                 "--max-new-tokens", "8", "--json"]) == 0
+    ft = json.loads(capsys.readouterr().out)
+    assert {"accuracy_loglik", "answered"} <= set(ft["eval"]) and ft["macro_f1"] is None
+    for task in ("piqa", "arc-e"):
+        assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data / task / "test.jsonl"),
+                     "--json"]) == 0
+        m = json.loads(capsys.readouterr().out)
+        assert m["examples"] == 6 and 0 <= m["accuracy_loglik"] <= 1

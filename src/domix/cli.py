@@ -182,7 +182,10 @@ def cmd_finetune(a) -> int:
 
     m = finetune(FinetuneConfig(**given(a, FinetuneConfig)))
     return report(a, {k: v for k, v in m.items() if k != "history"},
-                  f"{a.out}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  trainable "
+                  f"{a.out}: accuracy {m['accuracy']:.4f}  "
+                  + (f"macro-F1 {m['macro_f1']:.4f}  " if m.get("macro_f1") is not None else
+                     f"by log-likelihood {m['eval']['accuracy_loglik']:.4f}  " if "accuracy_loglik" in m["eval"] else "")
+                  + "trainable "
                   f"{m['trainable_params']:,} / {m['total_params']:,} params  ({m['train_time_s']:.0f} s)")
 
 

