@@ -224,6 +224,16 @@ def test_changed_settings_change_the_cache_keys(bench, tiny_decoder, data_root):
     lora_ft = [k for k in ft if not k.startswith(("base-full", "ncl", "mode"))]  # these have their own lr
     assert all(same[k] != ft_lr[k] for k in lora_ft) and same["module/1/bio"] == ft_lr["module/1/bio"]
     assert all(same[k] != pre[k] for k in same if not k.startswith(("base-", "lm/base")))
+    # the device the jobs train on: a GPU run never reuses a CPU run's results (CPU keys stay as they were)
+    import domix.models
+
+    real = domix.models.resolve_device
+    try:
+        domix.models.resolve_device = lambda d="auto": "cuda" if d == "auto" else real(d)
+        on_gpu = job_dirs(TINY)
+    finally:
+        domix.models.resolve_device = real
+    assert all(on_gpu[k] != same[k] for k in same)
 
 
 def test_a_method_is_keyed_only_on_the_options_it_reads():

@@ -146,8 +146,11 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
 
     pre, ft = settings["pretrain"], settings["finetune"]
     domains, orders = settings["domains"], settings["orders"]
+    from ...models import resolve_device
+
+    device = resolve_device("auto")  # where the jobs' `auto` trains: a GPU rerun never reuses CPU results
     common = {"base_id": settings["base_id"], "threads": settings["threads"], "data": data["key"],
-              "results_version": RESULTS_VERSION}
+              "results_version": RESULTS_VERSION, **({"device": device} if device != "cpu" else {})}
     jobs: dict[str, Job] = {}
     needs = {NEEDS.get(m) for m in methods}
 
