@@ -171,3 +171,25 @@ def test_fused_bf16_matches_separate_bf16(tiny_decoder, corpora, tmp_path):
     assert {r["status"] for r in res.values()} == {"done"}
     for d in ("bio", "law"):
         assert _max_diff(_tensors(fus, d), _tensors(sep, d)) <= TOL, d
+
+
+def test_the_private_peft_api_fused_training_reads_is_there_or_falls_back():
+    """Fused training adds each domain's LoRA to its own rows by hand, as PEFT's LoRA forward does: it
+    reads PEFT's private `_cast_input_dtype` (falling back to a plain cast where it is missing) and sets
+    the layers' `_disable_adapters`. This fails when an installed PEFT drops either, so a PEFT upgrade
+    cannot silently change fused modules."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from domix.library.fused import _cast_input
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    assert hasattr(layer, "_disable_adapters") and hasattr(LoraLayer, "_cast_input_dtype")
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    assert torch.equal(_cast_input(layer, x, torch.float32), layer._cast_input_dtype(x, torch.float32))
+
+    class Old:  # a PEFT before the private cast: the plain cast
+        pass
+
+    assert _cast_input(Old(), x, torch.float32).dtype == torch.float32

@@ -62,6 +62,13 @@ def check_fusable(configs: list) -> None:
             raise ValueError("--fused does not recompute activations (--gradient-checkpointing): train without it")
 
 
+def _cast_input(module, x, dtype):
+    """The input cast PEFT's LoRA forward applies before A: its private `_cast_input_dtype` (PEFT 0.15
+    and later: it may leave the input as it is), else the plain cast of the versions before it."""
+    cast = getattr(module, "_cast_input_dtype", None)
+    return cast(x, dtype) if cast is not None else x.to(dtype)
+
+
 class _Rows:
     """Which rows of the stacked batch belong to which domain, read by the LoRA hooks; per thread,
     since with `parallel` threads each runs passes of its own domains."""
@@ -84,7 +91,7 @@ class _Rows:
             if name not in module.lora_A:  # this domain's LoRA does not adapt this layer
                 parts.append(output[s:e])
                 continue
-            xa = module._cast_input_dtype(x[s:e], module.lora_A[name].weight.dtype)
+            xa = _cast_input(module, x[s:e], module.lora_A[name].weight.dtype)
             delta = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](xa))) * module.scaling[name]
             parts.append((output[s:e] + delta).to(output.dtype))  # as PEFT's LoRA forward adds it
         return parts[0] if len(parts) == 1 else torch.cat(parts)
