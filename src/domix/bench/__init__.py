@@ -19,8 +19,9 @@ class QualityOptions(PoolOptions):
                                       "(baselines of DoMIX's capacity, every method's rates chosen on one dev grid, "
                                       "trained to a cap runs rarely reach: resumable, many CPU-hours), decisive "
                                       "(the DAP curve, training to the best dev step, three seeds) or full (the "
-                                      "earlier, under-trained budget)",
-                                choices=("quick", "matched", "decisive", "full"))
+                                      "earlier, under-trained budget); commonsense: the LLM setting (eight commonsense "
+                                      "tasks, one fine-tuning on their union scored on each, against LoRA and DoRA)",
+                                choices=("quick", "matched", "decisive", "full", "commonsense"))
     config: str | None = option(None, "YAML of your own benchmark: domains -> corpora, tasks -> train/dev/test JSONL "
                                       "and their domain (see domix.bench.quality.config)")
     methods: str | None = option(None, "comma list of methods (default: the preset's)")
@@ -28,7 +29,8 @@ class QualityOptions(PoolOptions):
     workers: int | None = option(None, "trainings run at once (default: the preset's)")
     threads: int | None = option(None, "torch threads per training")
     base: str | None = option(None, f"'{DEFAULT_BASE}' (the offline default) or a Hugging Face model id / local path")
-    data: str | None = option(None, "benchmark data root (default: $DOMIX_CACHE/data)")
+    data: str | None = option(None, "benchmark data root (default: $DOMIX_CACHE/data; commonsense: "
+                                    "$DOMIX_CACHE/commonsense, built by `domix fetch data commonsense`)")
     out: str | None = option(None, "output directory (default: bench-out/quality-<preset>/)")
     set: list[str] | None = option(None, "KEY=VALUE ...: change the preset's settings (dotted keys, JSON values), "
                                          "e.g. pretrain.steps=64 mode.lr_grid=null; null turns a study off")

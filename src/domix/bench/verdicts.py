@@ -27,7 +27,7 @@ def recompute(folder) -> dict:
     in `folder`. Raises ValueError when a file is missing or unreadable."""
     from .quality.records import FOLDER, read_records
     from .quality.settings import order_name
-    from .quality.verdicts import run_verdicts
+    from .quality.verdicts import run_verdicts, verdict_options
 
     folder = Path(folder)
     path = folder / "results.json"
@@ -44,10 +44,14 @@ def recompute(folder) -> dict:
     orders = [order_name(o) for o in results["settings"]["orders"]]
     eq = results.get("order_checks", {}).get("domix", {}).get("modules_bitwise_equal")
     seeds, methods = results["seeds"], results["methods"]
-    out = {"verdicts": run_verdicts(results["runs"], records, methods, orders, eq)}
+    how = verdict_options(results["settings"])
+    out = {"verdicts": run_verdicts(results["runs"], records, methods, orders, eq, **how)}
     if "verdicts_unselected_seeds" in results:
         out["verdicts_unselected_seeds"] = run_verdicts([r for r in results["runs"] if r["seed"] != seeds[0]],
-                                                        records, methods, orders, eq)
+                                                        records, methods, orders, eq, **how)
+    if "verdicts_loglik" in results:
+        out["verdicts_loglik"] = run_verdicts(results["runs"], records, methods, orders, eq,
+                                              **{**how, "prediction": "y_pred_loglik"})
     out["matches"] = all(out[k] == results.get(k) for k in out)
     return out
 

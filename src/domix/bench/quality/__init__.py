@@ -84,10 +84,11 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
     out.mkdir(parents=True, exist_ok=True)
     settings = resolve_settings(preset, base, seeds, workers, threads, overrides,
                                 task_domains=user["task_domains"] if user else None)
-    methods = _parse_list(methods) or settings.get("methods") or list(METHODS)
+    methods = _parse_list(methods) or settings.get("methods") or [m for m in METHODS if not _inapplicable([m], settings)[0]]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    _check_methods(methods, settings)
     settings["base_id"] = _base_id(base)
     if any("rank" in METHODS[m] for m in methods):  # capacity-matched baselines: their ranks, from the base
         run_capacity(settings)
@@ -96,6 +97,12 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     if user:
         data_root = user["source"]
+    elif data_root is None and settings.get("suite"):
+        from ...data.commonsense import build_commonsense
+        from ...fetch import cache_dir
+
+        data_root = cache_dir() / "commonsense"
+        build_commonsense(data_root, progress=progress)  # the default sizes: `domix fetch data commonsense`
     elif data_root is None:
         from ...data.benchmark import build_benchmark_data
         from ...fetch import cache_dir
@@ -135,24 +142,26 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
                 f"({settings['mode_lr_choice']['how']})")
         if settings.get("lr_grid"):
             # every method's rates, by one rule: the grid's factors on the first seed, chosen on dev
-            r_jobs, r_points = plan_rate_grid(settings, data, work, methods)
-            log(f"quality: learning-rate grid, factors {settings['lr_grid']} x {len(methods)} methods "
+            tuned = [m for m in methods if METHODS[m]["method"] != "none"]  # what trains has rates
+            r_jobs, r_points = plan_rate_grid(settings, data, work, tuned)
+            log(f"quality: learning-rate grid, factors {settings['lr_grid']} x {len(tuned)} methods "
                 f"(seed {seeds[0]}, chosen on dev)")
             rate_res = _study("the learning-rate grid", "learning rate", r_jobs, pool, settings, log)
-            rate_grid = collect_rate_grid(r_points, rate_res, methods, list(settings["task_domains"]))
+            rate_grid = collect_rate_grid(r_points, rate_res, tuned, list(settings["task_domains"]),
+                                          settings.get("metric", "macro_f1"))
             settings["lr_scale"] = choose_rates(rate_grid)
             log("quality: learning-rate factors chosen on dev: "
                 + ", ".join(f"{m} {f:g}" for m, f in settings["lr_scale"].items()))
         jobs, runs = plan(settings, data, work, methods, seeds)
         # the studies' jobs the plan shares (the curve's other budgets are in dap_curve)
         res = {k: v for k, v in {**curve_res, **rate_res}.items() if k in jobs}
-        if "domix" in methods and not settings["order_check_finetune"]:
+        if "domix" in methods and settings.get("order_check", True) and not settings["order_check_finetune"]:
             # train everything but order B's domix fine-tunes, then reuse order A's if the modules are equal
             order_b = {n for m, t, s, o, n in runs if m == "domix" and o != order_name(settings["orders"][0])}
             first = {k: v for k, v in jobs.items() if k not in order_b}
             res = execute(first, pool, settings["workers"], log)
             jobs, runs = _reuse_order_b(jobs, runs, settings, settings["domains"])
-        res.update(execute({k: v for k, v in jobs.items() if k not in res}, pool, settings["workers"], log))
+        res.update(execute({k: v for k, v in jobs.items() if k not in res}, pool, settings["workers"], log, finished=res))
     wall = time.time() - t0
     every = {**curve_res, **grid_res, **rate_res, **res}  # every job of the run, the curve's and the grid's included
     # a job can appear under two names (a study's and the run's): count its cost once
@@ -181,6 +190,23 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
     write_json(out / "results.json", {k: v for k, v in results.items() if k != "table"})
     log(f"quality: done in {wall / 60:.1f} min -> {out / 'REPORT.md'}")
     return results
+
+
+def _inapplicable(methods: list[str], settings: dict) -> tuple[list[str], str]:
+    """The methods the run cannot give a meaning to, and why: a suite's tasks share one fine-tuning, so no
+    task has a domain module to start from (own-module scores each alone instead); outside a suite a
+    classification head has nothing to score without fine-tuning."""
+    if settings.get("suite"):
+        return ([m for m in methods if METHODS[m].get("init") == "own" and METHODS[m]["method"] != "none"],
+                "a suite fine-tunes once on the union of its tasks, so no run starts from one task's module")
+    return ([m for m in methods if METHODS[m]["method"] == "none"],
+            "they score a model without fine-tuning, which only a suite (--preset commonsense) does")
+
+
+def _check_methods(methods: list[str], settings: dict) -> None:
+    bad, why = _inapplicable(methods, settings)
+    if bad:
+        raise ValueError(f"methods {', '.join(bad)} do not apply to preset {settings['preset']}: {why}")
 
 
 def _study(what: str, chooses: str, jobs: dict, pool, settings: dict, log) -> dict:

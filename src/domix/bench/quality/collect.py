@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ...data.benchmark import GENERAL
 from .plan import _key, _module_tensors_equal
+from .records import task_result
 from .settings import COMPOSE, COMPOSED_FOR, MERGES, NEEDS, STAMP, order_name
-from .verdicts import run_verdicts
+from .verdicts import run_verdicts, verdict_options
 
 
 def _mean(xs: list) -> float | None:
@@ -27,7 +28,11 @@ def _stats(xs: list[float]) -> dict:
 def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str], seeds: list[int]) -> dict:
     domains, orders = settings["domains"], [order_name(o) for o in settings["orders"]]
     tasks = list(settings["task_domains"])
+    metric = settings.get("metric", "macro_f1")
+    # the test scores beside the metric: accuracy beside macro-F1; the log-likelihood protocol beside extraction
+    shown = [metric, "accuracy" if metric == "macro_f1" else "accuracy_loglik"]
     ok = lambda n: n in res and res[n].get("status") == "done"  # noqa: E731
+    view = lambda n, t: task_result(res[n], t)  # noqa: E731
     # -- tasks
     out_tasks, by = {t: {} for t in tasks}, {}
     for method, task, seed, order, name in runs:
@@ -35,21 +40,22 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     for (method, task), rs in by.items():
         if method == "domix":
             rs = [r for r in rs if r[0] == orders[0]]
-        done = [res[n] for _, _, n in rs if ok(n)]
+        done = [view(n, task) for _, _, n in rs if ok(n)]
         if not done:
             continue
         out_tasks[task][method] = {
-            "macro_f1": _stats([r["test"]["macro_f1"] for r in done]),
-            "accuracy": _stats([r["test"]["accuracy"] for r in done]),
-            "dev_macro_f1": _stats([r["dev"]["macro_f1"] for r in done]),
+            **{k: _stats([r["test"][k] for r in done]) for k in shown},
+            **({f"dev_{metric}": _stats([r["dev"][metric] for r in done])} if "dev" in done[0] else {}),
             "runs": [{"seed": s, **({"order": o} if o else {}), "job": n} for o, s, n in rs if ok(n)]}
     # -- every fine-tuning run: the step whose model was scored (the last, or the best on dev)
     run_list = [{"task": task, "method": method, "seed": seed, **({"order": order} if order else {}), "job": name,
-                 "kept_step": res[name].get("kept_step", res[name]["steps"]), "max_steps": res[name]["steps"],
-                 "dev_macro_f1": res[name]["dev"]["macro_f1"], "test_macro_f1": res[name]["test"]["macro_f1"],
-                 "dev_curve": res[name].get("dev_curve", []),
-                 **({"modules_chosen": res[name]["modules_chosen"]} if "modules_chosen" in res[name] else {})}
-                for method, task, seed, order, name in runs if ok(name)]
+                 **({"kept_step": r.get("kept_step", r["steps"]), "max_steps": r["steps"],
+                     f"dev_{metric}": r["dev"][metric], "dev_curve": r.get("dev_curve", []),
+                     **({"dev_accuracy_loglik": r["dev"]["accuracy_loglik"]} if "accuracy_loglik" in r["dev"] else {})}
+                    if "dev" in r else {}),
+                 f"test_{metric}": r["test"][metric],
+                 **({"modules_chosen": r["modules_chosen"]} if "modules_chosen" in r else {})}
+                for method, task, seed, order, name in runs if ok(name) and (r := view(name, task))]
     # -- LM loss and retention
     ncl_jobs = {o: f"ncl/{i + 1}" for i, o in enumerate(orders)}
 
@@ -108,7 +114,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
                 retention[COMPOSED_FOR[variant]] = lm[f"lm/{variant}"][GENERAL]
     # -- order robustness
     robust, checks = {}, {}
-    if "domix" in methods:
+    if "domix" in methods and settings.get("order_check", True):
         robust["domix"] = {o: {} for o in orders[:2]}
         for method, task, seed, order, name in runs:
             if method == "domix" and seed == seeds[0] and ok(name) and order in robust["domix"]:
@@ -133,9 +139,11 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     eff = {}
     mod_jobs = [f"module/1/{d}" for d in domains]
     for method in methods:
-        fts = [res[n] for m, _, _, o, n in runs if m == method and ok(n)
-               and (method != "domix" or o == orders[0])]
-        if not fts:
+        # a suite's run appears once per task: each job counts once
+        fts = [res[n] for n in dict.fromkeys(n for m, _, _, o, n in runs if m == method and ok(n)
+                                              and (method != "domix" or o == orders[0]))]
+        if not fts or "train_time_s" not in fts[0]:  # scored without training: no fine-tuning cost
+            continue
             continue
         pre_jobs = {"modules": mod_jobs, "joint": ["joint"], "ncl": list(ncl_jobs.values()),
                     "untrained": [f"untrained/{d}" for d in settings["orders"][0]],  # built, not trained
@@ -196,15 +204,21 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     # order's runs); with a rate grid, also from the seeds that chose nothing
     eq = checks.get("domix", {}).get("modules_bitwise_equal")
     results_by_job = {n: res[n] for n in res if ok(n)}
-    claims = run_verdicts(run_list, results_by_job, methods, orders, eq)
+    how = verdict_options(settings)
+    claims = run_verdicts(run_list, results_by_job, methods, orders, eq, **how)
     unselected = None
     if settings.get("lr_grid") and len(seeds) > 1:
-        unselected = run_verdicts([r for r in run_list if r["seed"] != seeds[0]], results_by_job, methods, orders, eq)
+        unselected = run_verdicts([r for r in run_list if r["seed"] != seeds[0]], results_by_job, methods, orders, eq,
+                                  **how)
+    # a suite's claims read on the other protocol too: the log-likelihood of the options
+    loglik = run_verdicts(run_list, results_by_job, methods, orders, eq, **{**how, "prediction": "y_pred_loglik"}) \
+        if settings.get("suite") else None
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail, **({"lm_position_loss": by_position} if any(by_position.values()) else {}),
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
             "shared_runs": shared, "runs": run_list, "verdicts": claims,
-            **({"verdicts_unselected_seeds": unselected} if unselected is not None else {}), "mode_comparison": paper}
+            **({"verdicts_unselected_seeds": unselected} if unselected is not None else {}),
+            **({"verdicts_loglik": loglik} if loglik is not None else {}), "mode_comparison": paper}
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

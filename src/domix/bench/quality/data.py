@@ -64,14 +64,35 @@ def builtin_source(root: Path, settings: dict) -> dict:
                       for t, d in settings["task_domains"].items()}}
 
 
+def commonsense_source(root: Path, settings: dict) -> dict:
+    """The commonsense tasks (`domix fetch data commonsense`) as a data source: each task is a domain whose
+    corpus is its training text (`<task>/corpus.jsonl`), and a task of the suite."""
+    root = Path(root)
+    return {"root": str(root), "corpora": {t: [str(root / t / "corpus.jsonl")] for t in settings["domains"]},
+            "general": None,
+            "tasks": {t: {"domain": t, **{s: str(root / t / f"{s}.jsonl") for s in SPLITS}} for t in settings["domains"]}}
+
+
+def _text(row: dict) -> str:
+    return row["text"] if "text" in row else row["prompt"]
+
+
 def _documents(paths: list[str]) -> list[str]:
     """A corpus's documents: a .txt file holds one per line; anything else `load_documents` reads
     (.jsonl/.json/.csv/.parquet files, folders, saved datasets), a document's newlines made spaces."""
     if len(paths) == 1 and Path(paths[0]).suffix == ".txt" and Path(paths[0]).is_file():
         return [line for line in Path(paths[0]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
     from ...data.corpus import load_documents
 
-    return [" ".join(t.split()) for t in load_documents(paths)["text"]]
+    was = is_progress_bar_enabled()
+    disable_progress_bar()  # a second's reading: the run's log stays one line per stage
+    try:
+        return [" ".join(t.split()) for t in load_documents(paths)["text"]]
+    finally:
+        if was:
+            enable_progress_bar()
 
 
 def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> dict:
@@ -85,7 +106,7 @@ def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> di
 
     builtin = not isinstance(source, dict)
     if builtin:
-        source = builtin_source(source, settings)
+        source = (commonsense_source if settings.get("suite") else builtin_source)(source, settings)
     root = Path(source["root"]) if source.get("root") else None
     pre, ft, lm = settings["pretrain"], settings["finetune"], settings["lm_eval"]
     domains = settings["domains"]
@@ -103,6 +124,8 @@ def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> di
             "tokenizer": settings["base_id"], "version": 2}
     if not builtin:
         spec["tasks"] = {t: v["domain"] for t, v in source["tasks"].items()}
+    if settings.get("suite"):
+        spec["suite"] = settings["suite"]
     dest = out / f"data-{_key(spec)}"
     if (dest / "data.json").is_file():
         return json.loads((dest / "data.json").read_text())
@@ -112,6 +135,7 @@ def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> di
     held_target = math.ceil(lm["blocks"] * pre["seq_len"] * 1.1)
     info = {"root": str(root) if root else None, "key": dest.name, "corpora": {}, "heldout": {}, "tasks": {}}
     corpora = {**{d: source["corpora"][d] for d in domains}, **({GENERAL: [general]} if general else {})}
+    union: dict[str, list[dict]] = {}
     with atomic_dir(dest, overwrite=True) as stage:
         for d, paths in corpora.items():
             docs = _documents(paths)
@@ -140,7 +164,9 @@ def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> di
                         if line.strip()]
                 sub = _stratified(rows, ft[split], random.Random(f"quality/{task}/{split}"))
                 if split != "train":  # scored in batches: similar lengths together pad less
-                    sub.sort(key=lambda r: len(r["text"]))
+                    sub.sort(key=lambda r: len(_text(r)))
+                if settings.get("suite") and split != "test":
+                    union.setdefault(split, []).extend(sub)
                 (stage / "tasks" / task).mkdir(parents=True, exist_ok=True)
                 (stage / "tasks" / task / f"{split}.jsonl").write_text(
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sub), encoding="utf-8")
@@ -148,6 +174,17 @@ def prepare_data(source, out: Path, settings: dict, progress: bool = True) -> di
                                               "examples": len(sub), "of": len(rows)}
             info["tasks"][task]["labels"] = sorted({str(json.loads(l)["label"]) for l in
                                                     (stage / "tasks" / task / "train.jsonl").read_text().splitlines()})
+            if settings.get("suite"):  # multiple choice: what guessing scores
+                test = [json.loads(l) for l in (stage / "tasks" / task / "test.jsonl").read_text().splitlines()]
+                info["tasks"][task]["chance"] = round(sum(1 / len(r["choices"]) for r in test) / len(test), 4)
+        if settings.get("suite"):
+            # the suite's fine-tuning data: every task's training (dev) subset, task by task
+            info["union"] = {}
+            for split, rows in union.items():
+                path = stage / "tasks" / "union" / f"{split}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+                info["union"][split] = {"path": str(dest / "tasks" / "union" / f"{split}.jsonl"), "examples": len(rows)}
         write_json(stage / "data.json", info)
     return info
 

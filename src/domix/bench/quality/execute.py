@@ -34,10 +34,11 @@ def job_executor(kind: str, workers: int, ray_address: str | None = None):
     return make_executor(kind, workers, ray_address, mp_context=_context() if kind == "local" else None)
 
 
-def execute(jobs: dict, pool, workers: int, log) -> dict:
+def execute(jobs: dict, pool, workers: int, log, finished: dict | None = None) -> dict:
     """Run every unfinished job once its dependencies are done, `workers` at a time, each in
     a fresh process of `pool` (`job_executor`). Returns {name: result} (finished earlier: read
-    back, with reused=True). `log(line)` reports progress."""
+    back, with reused=True). `finished`: results of jobs outside `jobs` that some of them depend
+    on (an earlier stage's). `log(line)` reports progress."""
     results, failed = {}, {}
     for name, job in jobs.items():
         if job.done():
@@ -58,7 +59,7 @@ def execute(jobs: dict, pool, workers: int, log) -> dict:
             if any(d in failed for d in job.deps):
                 failed[job.name] = {"status": "skipped", "error": "a job it needs failed"}
                 pending.remove(job)
-            elif all(d in results for d in job.deps):
+            elif all(d in results or d in (finished or {}) for d in job.deps):
                 pending.remove(job)
                 started += 1
                 payload = {"kind": job.kind, "spec": job.spec, "out": job.out, "threads": job.threads}

@@ -43,7 +43,7 @@ def _base_id(base: str) -> dict:
 @dataclass
 class Job:
     name: str          # unique; also the label in logs
-    kind: str          # pretrain | ncl | mode-pretrain | mode-compose | merge | lm-eval | finetune
+    kind: str          # pretrain | ncl | mode-pretrain | mode-compose | merge | lm-eval | finetune | score
     spec: dict         # the runner's input; hashed (with the upstream paths in it) into the key
     out: str           # the artefact
     result: str        # result.json, written last
@@ -163,7 +163,7 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
     if "modules" in needs:
         shared = _pretrain_cfg(settings, "", [], Path("."), pre["steps"])  # what every module of a library shares
         lib_key = _library_key(common, shared)
-        for i, order in enumerate(orders if "domix" in methods else orders[:1]):
+        for i, order in enumerate(orders if "domix" in methods and settings.get("order_check", True) else orders[:1]):
             lib = work / f"lib-{'-'.join(order)}-{lib_key}"
             libs[order_name(order)] = lib
             for d in order:
@@ -276,23 +276,46 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
         d = work / f"{name.replace('/', '-')}-{_key(spec)}"
         add(Job(name, "lm-eval", spec, str(d), str(d / "result.json"), deps))
 
-    # -- stage 3: fine-tuning
+    # -- the floor of a suite: the base model and each task's module alone, scored without fine-tuning
     runs = []
+    suite = settings.get("suite")
+    for method in [m for m in methods if METHODS[m]["method"] == "none"]:
+        own = METHODS[method].get("init") == "own"
+        for task in (settings["task_domains"] if own else [None]):
+            tests = {t: data["tasks"][t]["test"]["path"] for t in ([task] if own else settings["task_domains"])}
+            model = {"base": settings["base"], **({"library": str(lib_a), "module": task} if own else {})}
+            spec = {"model": model, "tests": tests, "max_seq_len": ft["max_seq_len"],
+                    "max_new_tokens": ft.get("max_new_tokens", 32), "dtype": ft.get("dtype", "fp32"), **common}
+            key = _key(spec)
+            name = f"score/{key}"
+            d_job = work / f"score-{task or 'all'}-{key}"
+            add(Job(name, "score", spec, str(d_job), str(d_job / "result.json"), [f"module/1/{task}"] if own else [],
+                    label=f"{method}" + (f"/{task}" if own else ""), record=str(record_path(work, d_job.name))))
+            runs += [(method, t, seeds[0], None, name) for t in tests]
+
+    # -- stage 3: fine-tuning (in a suite, once on the union of its tasks, scored on each task's test set)
     defaults = config_defaults(FinetuneConfig)
+    units = {task: (d, data["tasks"][task], {task: data["tasks"][task]["test"]["path"]})
+             for task, d in settings["task_domains"].items()}
+    if suite:
+        units = {"union": (None, data["union"], {t: data["tasks"][t]["test"]["path"] for t in settings["task_domains"]})}
     for method in methods:
         m = METHODS[method]
-        for task, d in settings["task_domains"].items():
-            t = data["tasks"][task]
+        if m["method"] == "none":
+            continue
+        for task, (d, t, tests) in units.items():
             variants = [(None, None)]
             if m.get("init") == "ncl":
                 variants = [(order_name(o), ncl[order_name(o)]) for o in orders]
             elif method == "domix":
-                variants = [(order_name(o), libs[order_name(o)]) for o in orders]
+                variants = [(order_name(o), libs[order_name(o)]) for o in orders if order_name(o) in libs]
             for order, upstream in variants:
                 for seed in seeds:
                     if method == "domix" and order != order_name(orders[0]) and seed != seeds[0]:
                         continue  # the order check runs the first seed
                     kw = {k: v for k, v in m.items() if k not in ("init", "rank")}
+                    if suite:
+                        kw.update(task="generate", max_new_tokens=ft.get("max_new_tokens", 32))
                     kw.update(train=t["train"]["path"], eval=t["dev"]["path"], base=settings["base"], seed=seed,
                               epochs=ft["epochs"], batch_size=ft["batch_size"], max_seq_len=ft["max_seq_len"],
                               threads=settings["threads"],
@@ -337,7 +360,7 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
                     kw.update(eval_every=ft.get("eval_every") or steps + 1, keep_best=ft.get("keep_best", False),
                               patience=ft.get("patience"), dtype=ft.get("dtype", "fp32"))
                     cfg = _finetune_fields({**defaults, **kw})
-                    spec = {"config": cfg, "test": t["test"]["path"], **common,
+                    spec = {"config": cfg, **({"tests": tests} if suite else {"test": tests[task]}), **common,
                             "drop_weights": m["method"] == "full" and not settings["keep_full_weights"],
                             **({"method_version": METHOD_VERSIONS[method]} if method in METHOD_VERSIONS else {})}
                     if m.get("init") == "ncl":
@@ -349,7 +372,7 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
                         add(Job(name, "finetune", spec, str(d_job / "model"), str(d_job / "result.json"), deps,
                                 record=str(record_path(work, d_job.name))))
                         jobs[name].label = f"{method}/{task}/s{seed}" + (f" [{order}]" if order else "")
-                    runs.append((method, task, seed, order, name))
+                    runs += [(method, tt, seed, order, name) for tt in tests]
     for job in jobs.values():
         job.threads = settings["threads"]
     return jobs, runs

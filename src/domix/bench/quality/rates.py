@@ -48,14 +48,15 @@ def plan_rate_grid(settings: dict, data: dict, work: Path, methods: list[str]) -
     return jobs, points
 
 
-def collect_rate_grid(points: list, res: dict, methods: list[str], tasks: list[str]) -> dict:
-    """{method: {"grid": [factors], "dev": [mean dev macro-F1 over the tasks at each factor, None where a
-    run is missing], "dev_by_task": [{task: dev macro-F1}]}} from the grid's results (dev only)."""
+def collect_rate_grid(points: list, res: dict, methods: list[str], tasks: list[str], metric: str = "macro_f1") -> dict:
+    """{method: {"grid": [factors], "dev": [mean dev `metric` over the tasks at each factor, None where a
+    run is missing], "dev_by_task": [{task: dev metric}]}} from the grid's results (dev only; a suite's
+    run has one dev score, on the union's dev set, which every task then shows)."""
     out = {}
     for m in methods:
         grid, dev, by_task = [], [], []
         for p in points:
-            scores = {t: res[n]["dev"]["macro_f1"] for meth, t, s, o, n in p["runs"]
+            scores = {t: res[n]["dev"][metric] for meth, t, s, o, n in p["runs"]
                       if meth == m and n in res and res[n].get("status") == "done"}
             grid.append(p["factor"])
             by_task.append({t: round(v, 4) for t, v in scores.items()})

@@ -59,3 +59,11 @@ def read_records(folder) -> dict:
         r = read_record(p)
         out[r.get("job") or f"finetune/{p.name.split('-')[-1].split('.')[0]}"] = r
     return out
+
+
+def task_result(result: dict, task: str) -> dict:
+    """One task's view of a run's result: a suite's run holds every task's test scores and predictions
+    (`tests`, `test_predictions` by task); a single task's run is its own view."""
+    if "tests" not in result:
+        return result
+    return {**result, "test": result["tests"][task], "test_predictions": result["test_predictions"][task]}

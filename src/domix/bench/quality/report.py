@@ -7,7 +7,7 @@ from pathlib import Path
 from ...data.benchmark import GENERAL
 from ...io import atomic_write, save_figure
 from ...library.merge import DEFAULT_DENSITY
-from .settings import MERGES, compose_gate_lr
+from .settings import MERGES, METRICS, compose_gate_lr
 
 
 def _fmt(stat: dict | None, digits: int = 3) -> str:
@@ -135,11 +135,15 @@ def unselected_verdicts(results: dict) -> list[str]:
     return L + [""]
 
 
-def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True) -> list[str]:
-    """The "Verdicts" section: per claim its verdict and each paired difference A − B of test macro-F1
-    with its plain, Holm-corrected and per-seed intervals (see `verdicts.py`)."""
-    from .verdicts import N_BOOT
+def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True, title: str | None = None) -> list[str]:
+    """The "Verdicts" section: per claim its verdict and each paired difference A − B of the run's test
+    metric (macro-F1, or a suite's accuracy) with its plain, Holm-corrected and per-seed intervals (see
+    `verdicts.py`)."""
+    from .settings import METRICS
+    from .verdicts import CLAIM_SETS, N_BOOT, verdict_options
 
+    how = verdict_options(results.get("settings", {}))
+    metric, name_of = how["metric"], METRICS[how["metric"]]
     claims = results.get(key)
     if claims is None:
         return []
@@ -160,18 +164,16 @@ def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True) -
             L.append(f"| {name} | **{c['verdict']}** | — | | | | |")
         extra = [f"comparator(s) not run or without predictions: {', '.join(c['incomplete'])}"
                  if c.get("incomplete") else "",
-                 f"strongest on dev: {c['strongest_on_dev']['method']} ({c['strongest_on_dev']['dev_macro_f1']:.3f} "
-                 "mean dev macro-F1)" if c.get("strongest_on_dev") else "",
+                 f"strongest on dev: {c['strongest_on_dev']['method']} ({c['strongest_on_dev'][f'dev_{metric}']:.3f} "
+                 f"mean dev {name_of})" if c.get("strongest_on_dev") else "",
                  f"modules of the two orders bitwise equal: {'yes' if c['modules_bitwise_equal'] else 'no'}"
                  if name == "C4" and c.get("modules_bitwise_equal") is not None else ""]
         extra = "; ".join(e for e in extra if e)
         notes.append(f"- **{name}** {c['claim']}" + (f" ({extra})" if extra else "") + ".")
-    L = ["## Verdicts: paired differences of test macro-F1", "", *notes, "", *L] if claims else \
-        ["## Verdicts: paired differences of test macro-F1", ""]
+    head = title or f"## Verdicts: paired differences of test {name_of}"
+    L = [head, "", *notes, "", *L] if claims else [head, ""]
     if not claims:
-        from .verdicts import CLAIMS
-
-        needed = {m for _, pairs in CLAIMS.values() for p in pairs for m in p}
+        needed = {m for _, pairs in CLAIM_SETS[how["claims"]].values() for p in pairs for m in p}
         L.append("- No runs kept their test predictions (jobs reused from older runs): no claim can be judged."
                  if needed & set(results["methods"]) else
                  "- The claims compare DoMIX and the LoRA and full baselines, none of which this run trained: "
@@ -179,7 +181,7 @@ def claim_verdicts(results: dict, key: str = "verdicts", explain: bool = True) -
     if explain:
         L += ["", f"Each interval is a paired bootstrap ({N_BOOT:,} draws): a draw resamples every task's test "
               "examples (the same for both methods) and the seeds (with replacement), and takes the mean over tasks "
-              "of the mean over the drawn seeds of macro-F1(A) − macro-F1(B). Every comparison of the table is one "
+              f"of the mean over the drawn seeds of {name_of}(A) − {name_of}(B). Every comparison of the table is one "
               "test of a family: Holm-corrected, the comparison with the i-th smallest bootstrap p-value of m is "
               "read at level 0.05 / (m − i + 1). The per-seed interval is Student's t over the seeds' mean-over-task "
               "differences (none with one seed), so that one collapsed run cannot carry a verdict. Supported: "
@@ -362,7 +364,8 @@ def selection_section(results: dict) -> list[str]:
         return L + ["", "Each method's standard rates (column 2, from `settings.STANDARD_LR`) times each factor, "
                     "DoMIX's LoRA and bridge rates (MoDE's expert and "
                     "gate rates) together; every method on every task at every factor with the first seed; each keeps "
-                    "the factor of its best mean dev macro-F1 over the tasks (ties to the smaller). The other seeds run "
+                    f"the factor of its best mean dev {METRICS[results['settings'].get('metric', 'macro_f1')]} over the "
+                    "tasks (ties to the smaller). The other seeds run "
                     "at that factor only.", ""]
     L = ["## Learning rates (one rule for every method; nothing chosen on test)", "",
          "| method | lr | bridge / gate lr | how |", "|---|---|---|---|"]
@@ -556,18 +559,11 @@ def _mode_layout(results: dict) -> str:
     return f"{_params(n)} trainable per expert with its gates" if n else "expert layers beside a frozen backbone"
 
 
-def write_report(results: dict, out: Path) -> str:
-    """Write out/REPORT.md and out/plots/*.png; return the main markdown table."""
-    out = Path(out)
+def run_header(results: dict) -> list[str]:
+    """The report's opening: the measured times of the invocations, the machine, the command."""
     s = results["settings"]
-    pre, ft = s["pretrain"], s["finetune"]
-    orders = [",".join(o) for o in s["orders"]]
-    table = metric_table(results, "macro_f1")
-    plots = _plots(results, out)
-    n_seeds = len(results["seeds"])
-    tokens = pre["steps"] * pre["batch_size"] * pre["seq_len"]
     ran = [h for h in results.get("history", []) if h["jobs_run"]]
-    L = [f"# DoMIX quality benchmark — preset `{results['preset']}`", ""]
+    L = []
     if ran and (len(ran) > 1 or results["reused_jobs"]):
         L += [f"Measured wall time of the invocations that computed these results: **"
               f"{sum(h['wall_time_s'] for h in ran) / 60:.1f} min** ("
@@ -587,6 +583,24 @@ def write_report(results: dict, out: Path) -> str:
          + (f" --methods {','.join(results['methods'])}" if results["methods"] != s.get("methods", results["methods"])
             else "") + "".join(f" --set {x}" if i == 0 else f" {x}" for i, x in enumerate(results.get("set", [])))
          + "`", ""]
+    return L
+
+
+def write_report(results: dict, out: Path) -> str:
+    """Write out/REPORT.md and out/plots/*.png; return the main markdown table."""
+    out = Path(out)
+    s = results["settings"]
+    if s.get("suite"):
+        from .suite_report import write_suite_report
+
+        return write_suite_report(results, out)
+    pre, ft = s["pretrain"], s["finetune"]
+    orders = [",".join(o) for o in s["orders"]]
+    table = metric_table(results, "macro_f1")
+    plots = _plots(results, out)
+    n_seeds = len(results["seeds"])
+    tokens = pre["steps"] * pre["batch_size"] * pre["seq_len"]
+    L = [f"# DoMIX quality benchmark — preset `{results['preset']}`", "", *run_header(results)]
     if results["failures"]:
         L += ["## Failures", "", *[f"- `{n}`: {e}" for n, e in results["failures"].items()], ""]
     L += [f"## End tasks: test macro-F1 (mean ± std over {n_seeds} seed(s); best per task in bold)", "", table, "",

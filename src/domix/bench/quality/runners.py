@@ -156,6 +156,38 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
     return {"loss": loss, "accuracy": accuracy, "tokens": tokens, **({"position_loss": positions} if positions else {})}
 
 
+def _score_suite(model, tokenizer, tests: dict, max_seq_len: int, max_new_tokens: int) -> dict:
+    """Each of a suite's test sets scored both ways (`choice_metrics`): {"tests": {task: scores},
+    "test_predictions": {task: {"y_true", "y_pred", "y_pred_loglik"}}}."""
+    from ...data.tasks import read_jsonl
+    from ...finetune import evaluate_rows
+
+    task = {"task": "generate", "max_seq_len": max_seq_len, "max_new_tokens": max_new_tokens}
+    out = {"tests": {}, "test_predictions": {}}
+    for name, path in tests.items():
+        r = evaluate_rows(model, tokenizer, task, read_jsonl(path, ("prompt", "answer", "choices")), predictions=True)
+        out["test_predictions"][name] = {k: r.pop(k) for k in ("y_true", "y_pred", "y_pred_loglik")}
+        out["tests"][name] = {**{k: r[k] for k in ("accuracy", "accuracy_loglik", "answered", "examples")},
+                              "generations": r["generations"][:5]}
+    return out
+
+
+def _run_score(spec: dict, out: str) -> dict:
+    """A model scored on test sets without fine-tuning: the base (zero-shot) or the base with one module."""
+    from ...lm import load_with_module
+    from ...models import load_model, load_tokenizer
+
+    m = spec["model"]
+    if m.get("module"):
+        model, _ = load_with_module(m["base"], m["library"], m["module"], dtype=spec["dtype"])
+    else:
+        model, _ = load_model(m["base"], head="lm", dtype=spec["dtype"])
+    t0 = time.time()
+    scored = _score_suite(model, load_tokenizer(m["base"]), spec["tests"], spec["max_seq_len"], spec["max_new_tokens"])
+    return {**scored, "score_time_s": round(time.time() - t0, 2),
+            "total_params": sum(p.numel() for p in model.parameters()), "trainable_params": 0}
+
+
 def _run_finetune(spec: dict, out: str) -> dict:
     from ...data.tasks import read_jsonl
     from ...finetune import FinetuneConfig, evaluate_rows, finetune
@@ -164,6 +196,8 @@ def _run_finetune(spec: dict, out: str) -> dict:
     clock = _clock()
     cfg = FinetuneConfig(**spec["config"], out=out, overwrite=True, progress=False, save_steps=NO_SAVE)
     metrics = finetune(cfg, callbacks=[clock])
+    if "tests" in spec:  # a suite: the union's model on each task's test set
+        return _suite_result(spec, out, cfg, metrics, clock)
     # the test set is scored once, after training, by the model that was saved; its predictions
     # are kept for the verdicts' paired bootstrap
     tspec = json.loads((Path(out) / "task.json").read_text())
@@ -187,8 +221,27 @@ def _run_finetune(spec: dict, out: str) -> dict:
             "test_predictions": {"y_true": test["y_true"], "y_pred": test["y_pred"]}}
 
 
+def _suite_result(spec: dict, out: str, cfg, metrics: dict, clock) -> dict:
+    from ...models import load_tokenizer
+
+    t0 = time.time()
+    scored = _score_suite(clock.model, load_tokenizer(out), spec["tests"], cfg.max_seq_len, cfg.max_new_tokens)
+    if spec.get("drop_weights"):
+        (Path(out) / "model.safetensors").unlink(missing_ok=True)
+    return {"dev": {k: metrics["eval"][k] for k in ("accuracy", "accuracy_loglik", "answered", "examples")},
+            **scored, "score_time_s": round(time.time() - t0, 2),
+            "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
+            "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),
+            "step_cpu_s": clock.step_time(cpu=True), "steps": metrics["steps"], "steps_run": metrics["steps_run"],
+            "kept_step": metrics["kept_step"],
+            "dev_curve": [[h["step"], round(h["eval_loss"], 4)] for h in metrics.get("history", []) if "eval_loss" in h],
+            "train_loss": metrics["train_loss"], "bridge_blocks": metrics.get("bridge_blocks"),
+            "weights_dropped": bool(spec.get("drop_weights"))}
+
+
 RUNNERS = {"pretrain": _run_pretrain, "ncl": _run_ncl, "mode-pretrain": _run_mode, "mode-compose": _run_mode,
-           "merge": _run_merge, "lm-eval": _run_lm_eval, "finetune": _run_finetune}
+           "merge": _run_merge, "lm-eval": _run_lm_eval, "finetune": _run_finetune,
+           "score": _run_score}
 
 
 def _cpu_s() -> float:

@@ -6,6 +6,7 @@ import os
 from copy import deepcopy
 
 from ...data.benchmark import DOMAINS
+from ...data.commonsense import TASKS as COMMONSENSE_TASKS
 
 # ---------------------------------------------------------------------------- methods
 # Each method is data: FinetuneConfig options plus where its starting point comes from.
@@ -21,6 +22,7 @@ METHODS: dict[str, dict] = {
     "base-lora-params": {"method": "lora", "rank": "params"},
     "base-lora-rank": {"method": "lora", "rank": "rank"},
     "base-dora-params": {"method": "dora", "rank": "params"},
+    "base-dora-rank": {"method": "dora", "rank": "rank"},
     "own-lora": {"method": "lora", "init": "own"},
     "joint-lora": {"method": "lora", "init": "joint"},
     "ncl": {"method": "full", "init": "ncl"},
@@ -43,11 +45,14 @@ METHODS: dict[str, dict] = {
     "linear-merge": {"method": "lora", "init": "merged"},
     "ties-merge": {"method": "lora", "init": "merged"},
     "dare-ties-merge": {"method": "lora", "init": "merged"},
+    # scored without fine-tuning (a suite's floor): the base model, and each task's own module on its task
+    "zero-shot": {"method": "none"},
+    "own-module": {"method": "none", "init": "own"},
 }
 DOMIX_LIKE = ("cat-merge", "domix", "domix-rank", "domix-uniform", "domix-identity", "domix-frozen-bridge",
               "domix-auto-2")  # over the run's trained modules (domix-untrained has its own library)
 MERGES = {"linear-merge": "linear", "ties-merge": "ties", "dare-ties-merge": "dare_ties"}  # method -> PEFT's combination
-NEEDS = {"own-lora": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE},
+NEEDS = {"own-lora": "modules", "own-module": "modules", "joint-lora": "joint", "ncl": "ncl", **{m: "modules" for m in DOMIX_LIKE},
          "mode": "mode", "mode-frozen-experts": "mode-frozen", **{m: "modules" for m in MERGES},
          "domix-untrained": "untrained"}
 # a composition per MoDE method: experts and gates trained, or the gates only
@@ -139,6 +144,28 @@ MATCHED = _merge(DECISIVE, {
     "module_seeds": {"2": 1},
     "lr_grid": [1.0, 2.0, 4.0],
 })
+# commonsense: the DoMIX paper's LLM setting (a suite, see `SUITES`) on the default model. The eight
+# commonsense-reasoning tasks (`domix fetch data commonsense`) are the domains: one module per task, trained on
+# its training text (prompt and answer) as stage 1 trains a domain's; every method then fine-tunes once on the
+# union of the tasks' training sets (`--task generate`), and each task's test set is scored by answer
+# extraction (`accuracy`, the paper's protocol) and by the log-likelihood of its options (`accuracy_loglik`).
+# LoRA and DoRA at rank 16 and at DoMIX's update rank N·r; the bridge ablations of the paper (P frozen at its
+# start, P = I and P = I/(N·r) trained); the base model and each task's module alone as the floor.
+COMMONSENSE = _merge(QUICK, {
+    "suite": "commonsense",
+    "domains": list(COMMONSENSE_TASKS),
+    "metric": "accuracy",
+    "claims": "llm",
+    "order_check": False,  # one library: the order check is the domain benchmark's
+    "seeds": [0],
+    "methods": ["zero-shot", "own-module", "base-lora", "base-lora-rank", "base-dora", "base-dora-rank", "domix",
+                "domix-frozen-bridge", "domix-identity", "domix-rank"],
+    "pretrain": {"seq_len": 128, "steps": 32},
+    "lm_eval": {"blocks": 8},
+    "finetune": {"train": 64, "dev": 16, "test": 100, "epochs": 2.0, "max_seq_len": 256, "max_new_tokens": 12,
+                 "eval_every": 32, "keep_best": True, "patience": 2, "base_lora_rank": 16},
+    "lr_grid": [1.0, 4.0],
+})
 PRESETS: dict[str, dict] = {
     "quick": QUICK,
     "full": _merge(QUICK, {  # what differs from quick
@@ -151,7 +178,12 @@ PRESETS: dict[str, dict] = {
     }),
     "decisive": DECISIVE,
     "matched": MATCHED,
+    "commonsense": COMMONSENSE,
 }
+# a suite: tasks that every method fine-tunes on once, on the union of their training sets, and that are scored
+# one by one (the LLM setting); its domains are its tasks, each with its training text as the corpus
+SUITES = ("commonsense",)
+METRICS = {"macro_f1": "macro-F1", "accuracy": "accuracy"}  # the metric a run's claims and rates are read on
 # ---------------------------------------------------------------------------- learning rates
 # One rule for every method: its field's standard value, with the source written down (a dev grid
 # over every method's rates does not fit the decisive budget). The test split chooses nothing.
@@ -171,6 +203,8 @@ def selection(settings: dict, methods: list[str], rate_grid: dict | None = None)
     out = {}
     for name in methods:
         m = METHODS[name]
+        if m["method"] == "none":  # scored without training: no rates
+            continue
         field = {"full": "full_lr", "mode": "mode_lr"}.get(m["method"], "lr")
         trains_bridge = m["method"] in ("domix", "mode") and not m.get("freeze_bridge")
         base = {"lr": ft[field], "bridge_lr": m.get("bridge_lr", bridge_lr) if trains_bridge else None}
@@ -190,7 +224,8 @@ def selection(settings: dict, methods: list[str], rate_grid: dict | None = None)
             out[name].update(grid=[at(f) for f in g["grid"]], factors=g["grid"], dev=g["dev"],
                              dev_by_task=g["dev_by_task"], chosen=at(factor), chosen_factor=factor)
             out[name]["how"] += (f"; chosen on dev among factors {', '.join(f'{f:g}' for f in g['grid'])} "
-                                 f"(best mean dev macro-F1 over the tasks, first seed; ties to the smaller)")
+                                 f"(best mean dev {METRICS[settings.get('metric', 'macro_f1')]} over the tasks, first "
+                                 "seed; ties to the smaller)")
     return out
 
 
@@ -237,8 +272,8 @@ def parse_overrides(items, preset: str) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if not _fits(known, value):
-            raise ValueError(f"--set {key}={raw}: expected {_kind_of(known)} (the preset has {json.dumps(known)})")
+        if not _fits(known, value, study=len(path) == 1):
+            raise ValueError(f"--set {key}={raw}: expected {_kind_of(known, len(path) == 1)} (the preset has {json.dumps(known)})")
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
@@ -246,19 +281,19 @@ def parse_overrides(items, preset: str) -> dict:
     return out
 
 
-def _kind_of(value) -> str:
+def _kind_of(value, study: bool = False) -> str:
     if isinstance(value, bool):
         return "true or false"
     if isinstance(value, (int, float)):
         return "a number"
     if isinstance(value, dict):
         return "a JSON object, or null to turn it off"
-    return {list: "a JSON list", str: "a string"}.get(type(value), type(value).__name__)
+    return {list: "a JSON list" + (", or null to turn it off" if study else ""), str: "a string"}.get(type(value), type(value).__name__)
 
 
-def _fits(old, new) -> bool:
+def _fits(old, new, study: bool = False) -> bool:
     """Whether `new` may replace the preset's `old`: the same kind of value (any number for a number);
-    null only where the preset has a group of settings (a study it turns off)."""
+    null only where the preset has a group of settings or a top-level list (a study it turns off)."""
     if old is None:
         return True
     if isinstance(old, bool) or isinstance(new, bool):
@@ -267,6 +302,8 @@ def _fits(old, new) -> bool:
         return isinstance(new, (int, float))
     if isinstance(old, dict):
         return new is None or isinstance(new, dict)
+    if isinstance(old, list):  # a top-level list is a study's points (lr_grid): null turns the study off
+        return (study and new is None) or isinstance(new, list)
     return isinstance(new, type(old))
 
 
@@ -283,7 +320,12 @@ def resolve_settings(preset: str, base: str, seeds=None, workers=None, threads=N
     s["workers"] = int(workers or s["workers"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     s["threads"] = int(threads or max(1, cores // s["workers"]))
-    if task_domains is None:
+    if s.get("suite") and task_domains is None:  # a suite's tasks are its domains
+        unknown = [d for d in s["domains"] if d not in COMMONSENSE_TASKS]
+        if unknown:
+            raise ValueError(f"unknown {s['suite']} tasks {unknown}; known: {list(COMMONSENSE_TASKS)}")
+        task_domains = {d: d for d in s["domains"]}
+    elif task_domains is None:
         unknown = [d for d in s["domains"] if d not in DOMAINS]
         if unknown:
             raise ValueError(f"unknown domains {unknown}; known: {list(DOMAINS)}")

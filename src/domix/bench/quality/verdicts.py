@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .records import task_result
+
 N_BOOT = 10000  # bootstrap draws per comparison (enough for the tails of Holm-corrected levels)
 
 # claim -> (what it says, the comparisons A − B that must all be positive for it to hold)
@@ -35,6 +37,15 @@ CLAIMS = {
     "C6": ("DoMIX's gain comes from the domain pre-training, not the bridge's structure alone (DoMIX over "
            "untrained modules as the control)", [("domix", "domix-untrained")]),
 }
+# the LLM suite's claims (`--preset commonsense`): the paper's comparisons on the union of the tasks
+LLM_CLAIMS = {
+    "L1": ("DoMIX beats LoRA, at rank 16 and at DoMIX's update rank N·r",
+           [("domix", "base-lora"), ("domix", "base-lora-rank")]),
+    "L2": ("DoMIX beats DoRA, at rank 16 and at DoMIX's update rank N·r",
+           [("domix", "base-dora"), ("domix", "base-dora-rank")]),
+    "L3": ("the trained bridge helps (P trained against P frozen at its start)", [("domix", "domix-frozen-bridge")]),
+}
+CLAIM_SETS = {"dapt": CLAIMS, "llm": LLM_CLAIMS}
 C5_SHOWN = ("base-lora-params", "base-lora-rank")  # compared whichever is the strongest on dev
 ALPHA = 0.05
 C4 = "DoMIX does not depend on the order in which the domains were learned (ncl's spread beside it)"
@@ -58,9 +69,24 @@ def macro_f1(y_true, y_pred, idx=None, n_classes: int | None = None) -> np.ndarr
     return f1.mean(1)
 
 
+def accuracy(y_true, y_pred, idx=None, n_classes: int | None = None) -> np.ndarray:
+    """Accuracy of many resamples at once (`idx` as in `macro_f1`); a prediction of -1 (no answer) is wrong."""
+    hit = np.asarray(y_true, dtype=np.int64) == np.asarray(y_pred, dtype=np.int64)
+    idx = np.arange(len(hit))[None] if idx is None else np.atleast_2d(idx)
+    return hit[idx].mean(1)
+
+
+METRIC_FUNCTIONS = {"macro_f1": macro_f1, "accuracy": accuracy}
+
+
+def verdict_options(settings: dict) -> dict:
+    """How a run's verdicts are read: its claims and its metric (`run_verdicts`'s keywords)."""
+    return {"claims": settings.get("claims", "dapt"), "metric": settings.get("metric", "macro_f1")}
+
+
 def paired_bootstrap(a_runs: dict, b_runs: dict, n_boot: int = N_BOOT, seed: int = 0,
-                     n_classes: dict | None = None, draws: bool = False) -> dict:
-    """The paired difference A − B of macro-F1 (see the module's docstring) and its 95 % percentile
+                     n_classes: dict | None = None, draws: bool = False, metric: str = "macro_f1") -> dict:
+    """The paired difference A − B of `metric` (macro_f1 or accuracy; see the module's docstring) and its 95 % percentile
     interval. `a_runs`, `b_runs`: {task: {seed: (y_true, y_pred)}} with the same tasks, the same seeds
     in every task and the same test examples; `n_classes`: {task: number of classes} (default: the
     largest label seen + 1). Returns {"diff": on the original data, "ci95": [lo, hi], "p": the two-sided
@@ -70,6 +96,7 @@ def paired_bootstrap(a_runs: dict, b_runs: dict, n_boot: int = N_BOOT, seed: int
     seeds = sorted(a_runs[tasks[0]]) if tasks else []
     if not seeds or sorted(b_runs) != tasks or any(sorted(r[t]) != seeds for r in (a_runs, b_runs) for t in tasks):
         raise ValueError("paired_bootstrap needs the same tasks, and the same seeds in every task, for A and B")
+    score = METRIC_FUNCTIONS[metric]
     rng = np.random.default_rng(seed)
     seed_draw = rng.integers(0, len(seeds), (n_boot, len(seeds)))
     per_seed, boot = np.zeros(len(seeds)), np.zeros(n_boot)
@@ -83,8 +110,8 @@ def paired_bootstrap(a_runs: dict, b_runs: dict, n_boot: int = N_BOOT, seed: int
             (ya, pa), (yb, pb) = a_runs[t][s], b_runs[t][s]
             if not (np.array_equal(ya, y) and np.array_equal(yb, y)):
                 raise ValueError(f"{t}, seed {s}: A and B were not scored on the same test examples")
-            per_seed[j] += macro_f1(y, pa, n_classes=k)[0] - macro_f1(y, pb, n_classes=k)[0]
-            drawn[j] = macro_f1(y, pa, idx, k) - macro_f1(y, pb, idx, k)
+            per_seed[j] += score(y, pa, n_classes=k)[0] - score(y, pb, n_classes=k)[0]
+            drawn[j] = score(y, pa, idx, k) - score(y, pb, idx, k)
         boot += drawn[seed_draw, np.arange(n_boot)[:, None]].mean(1)  # draw b: its seeds' differences
     boot, per_seed = boot / len(tasks), per_seed / len(tasks)
     out = {"diff": round(float(per_seed.mean()), 4), "ci95": percentile_interval(boot, ALPHA),
@@ -148,7 +175,8 @@ def _common(a: dict, b: dict) -> tuple[list, list]:
 
 
 def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | None = None,
-             methods: list[str] | None = None, dev: dict | None = None) -> dict:
+             methods: list[str] | None = None, dev: dict | None = None, claims: str = "dapt",
+             metric: str = "macro_f1") -> dict:
     """Every claim of `CLAIMS` with at least one comparison that can be made: {claim: {"claim": what
     it says, "comparisons": [{"a", "b", "diff", "ci95", "p", "p_holm", "level_holm", "ci95_holm",
     "per_seed", "ci95_seeds", "tasks", "seeds"}], "verdict": ..., "incomplete": [comparators that did
@@ -159,7 +187,7 @@ def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | 
     every comparison made here."""
     methods = list(runs) if methods is None else methods
     plans = {}
-    for claim, (says, pairs) in CLAIMS.items():
+    for claim, (says, pairs) in CLAIM_SETS[claims].items():
         if claim == "C5" and dev:
             ranked = [b for _, b in pairs if dev.get(b) is not None and b in methods]
             if ranked:
@@ -178,7 +206,7 @@ def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | 
                 lacking += [m for m in (a, b) if not runs.get(m) and m not in lacking] or [b]
                 continue
             pick = lambda m: {t: {s: runs[m][t][s] for s in seeds} for t in tasks}  # noqa: E731
-            r = paired_bootstrap(pick(a), pick(b), n_boot, seed, n_classes, draws=True)
+            r = paired_bootstrap(pick(a), pick(b), n_boot, seed, n_classes, draws=True, metric=metric)
             draws = r.pop("draws")
             made.append((claim, {"a": a, "b": b, **r, "ci95_seeds": seed_interval(r["per_seed"]),
                                  "tasks": tasks, "seeds": seeds}, draws))
@@ -186,7 +214,7 @@ def verdicts(runs: dict, n_boot: int = N_BOOT, seed: int = 0, n_classes: dict | 
         if any(c == claim for c, _, _ in made) or ran:  # a claim none of whose methods ran is left out
             out[claim] = {"claim": says, "comparisons": [],
                           **({"incomplete": sorted(set(lacking))} if lacking else {}),
-                          **({"strongest_on_dev": {"method": chosen, "dev_macro_f1": round(dev[chosen], 4)}}
+                          **({"strongest_on_dev": {"method": chosen, f"dev_{metric}": round(dev[chosen], 4)}}
                              if chosen else {})}
     levels, adjusted = holm_levels([c["p"] for _, c, _ in made])
     for (claim, c, draws), level, p_adj in zip(made, levels, adjusted):
@@ -230,11 +258,14 @@ def order_verdict(by_order: dict, modules_equal: bool | None, n_boot: int = N_BO
 
 
 def run_verdicts(run_list: list[dict], results: dict, methods: list[str], orders: list[str],
-                 modules_equal: dict | None = None, n_boot: int = N_BOOT) -> dict:
+                 modules_equal: dict | None = None, n_boot: int = N_BOOT, claims: str = "dapt",
+                 metric: str = "macro_f1", prediction: str = "y_pred") -> dict:
     """Every claim's verdict (C4 included) from a run's fine-tuning runs: `run_list` as results.json's
     `runs` ({"method", "task", "seed", "order"?, "job"}), `results` {job: its result or record, with
     `test_predictions`, `test.labels` and `dev.macro_f1`}. ncl and domix count their first order's runs;
-    C5's strongest baseline is the one with the best mean dev macro-F1 over the tasks. The report and
+    C5's strongest baseline is the one with the best mean dev `metric` over the tasks. `claims`: the claim set
+    (`CLAIM_SETS`); `prediction`: which of a run's predictions is scored (a suite's `y_pred_loglik` is its
+    log-likelihood protocol). The report and
     `domix bench verdicts` both call this, so they agree to the last digit."""
     import statistics
 
@@ -244,15 +275,18 @@ def run_verdicts(run_list: list[dict], results: dict, methods: list[str], orders
         if not res or "test_predictions" not in res:
             continue
         method, task, seed, order = r["method"], r["task"], r["seed"], r.get("order")
-        p = (res["test_predictions"]["y_true"], res["test_predictions"]["y_pred"])
-        n_classes[task] = len(res["test"]["labels"])
+        res = task_result(res, task)
+        p = (res["test_predictions"]["y_true"], res["test_predictions"][prediction])
+        if res["test"].get("labels"):
+            n_classes[task] = len(res["test"]["labels"])
         if order in (None, orders[0]):
             preds.setdefault(method, {}).setdefault(task, {})[seed] = p
-            dev_runs.setdefault(method, {}).setdefault(task, []).append(res["dev"]["macro_f1"])
+            if "dev" in res:
+                dev_runs.setdefault(method, {}).setdefault(task, []).append(res["dev"][metric])
         if order in orders[:2]:
             by_order.setdefault(method, [{}, {}])[orders.index(order)].setdefault(task, {})[seed] = p
     dev = {m: statistics.mean(statistics.mean(v) for v in by_task.values()) for m, by_task in dev_runs.items()}
-    claims = verdicts(preds, n_boot=n_boot, n_classes=n_classes, methods=methods, dev=dev)
+    out = verdicts(preds, n_boot=n_boot, n_classes=n_classes, methods=methods, dev=dev, claims=claims, metric=metric)
     c4 = order_verdict(by_order, all(modules_equal.values()) if modules_equal else None, n_boot=n_boot,
-                       n_classes=n_classes)
-    return dict(sorted({**claims, "C4": c4}.items())) if c4 else claims
+                       n_classes=n_classes) if claims == "dapt" else None
+    return dict(sorted({**out, "C4": c4}.items())) if c4 else out
