@@ -29,11 +29,19 @@ def bridged_layers(model: nn.Module) -> dict[str, BridgeLinear]:
 
 
 def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_fingerprint: str) -> dict:
-    """Replace every layer the modules adapt by a BridgeLinear over them (in the given order).
+    """Replace every layer the modules adapt by a BridgeLinear over them (in the given order); see
+    `bridge_parts`. Returns the per-layer layout {layer: {"modules": [...], "ranks": [...], "scaling": s}}."""
+    parts, layout = bridge_parts(model, modules, init, base_fingerprint)
+    for layer, (A, P, B, s) in parts.items():
+        set_submodule(model, layer, BridgeLinear(model.get_submodule(layer), A, P, B, s, layout[layer]["ranks"]))
+    return layout
 
-    Per layer: A_cat = [A_1; …; A_N], B_cat = [B_1 … B_N], P from `init`. Modules of different
-    ranks or scalings mix: each B_k is rescaled by s_k / s so one scaling s serves the layer.
-    Returns the per-layer layout {layer: {"modules": [...], "ranks": [...], "scaling": s}}."""
+
+def bridge_parts(model: nn.Module, modules: list[Module], init: str, base_fingerprint: str) -> tuple[dict, dict]:
+    """The bridge over `modules` (in the given order) in every layer of `model` they adapt:
+    ({layer: (A_cat, P, B_cat, scaling)}, layout). Per layer A_cat = [A_1; …; A_N], B_cat = [B_1 … B_N],
+    P from `init`. Modules of different ranks or scalings mix: each B_k is rescaled by s_k / s so one
+    scaling s serves the layer. Raises LibraryError for a module of another base or another shape."""
     if not modules:
         raise LibraryError("no modules chosen")
     per_layer: dict[str, list] = {}
@@ -45,7 +53,7 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
             per_layer.setdefault(layer, []).append((mod.name, a.float(), b.float(), s))
             rank_of[mod.name] = max(rank_of.get(mod.name, 0), a.shape[0])
     names = [m.name for m in modules]
-    layout = {}
+    layout, parts_out = {}, {}
     for layer, parts in per_layer.items():
         try:
             base = model.get_submodule(layer)
@@ -66,11 +74,11 @@ def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_finger
             P = torch.zeros(sum(ranks), sum(ranks))  # own:DOMAIN where that module adapts nothing: start from 0
         else:
             P = bridge_init(init, ranks, layer_names, n_modules=len(modules), total_rank=sum(rank_of.values()))
-        set_submodule(model, layer, BridgeLinear(base, A, P, B, s, ranks))
+        parts_out[layer] = (A, P, B, s)
         layout[layer] = {"modules": layer_names, "ranks": ranks, "scaling": s}
     if init.startswith("own:") and init[4:] not in names:
         raise ValueError(f"--bridge-init {init}: '{init[4:]}' is not among the chosen modules {names}")
-    return layout
+    return parts_out, layout
 
 
 def restore_bridge(model: nn.Module, layout: dict, tensors: dict) -> None:

@@ -35,6 +35,13 @@ def bridge_init(init: str, ranks: list[int], names: list[str], n_modules: int | 
     raise ValueError(f"unknown --bridge-init {init!r} (uniform, rank, identity, own:DOMAIN)")
 
 
+def bridge_update(x: torch.Tensor, A: torch.Tensor, P: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s · B P A x as three thin products, (x A^T) P^T B^T, each at most N·r wide, in A's dtype: the
+    d_out × d_in update is never formed. The one forward of the bridge (BridgeLinear, the PEFT tuner)."""
+    z = (x.to(A.dtype) @ A.T) @ P.T
+    return scaling * (z @ B.T)
+
+
 class BridgeLinear(nn.Module):
     """A frozen base linear layer plus the bridged update of N LoRA modules."""
 
@@ -66,9 +73,7 @@ class BridgeLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # three thin products: (x A^T) P^T B^T, each at most N·r wide
-        z = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_P.T
-        return self.base(x) + (self.scaling * (z @ self.lora_B.T)).to(x.dtype)
+        return self.base(x) + bridge_update(x, self.lora_A, self.lora_P, self.lora_B, self.scaling).to(x.dtype)
 
     def delta(self) -> torch.Tensor:
         """The d_out × d_in update s · B P A (for export and merging only)."""
