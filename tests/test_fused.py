@@ -127,16 +127,38 @@ def test_fused_with_gradient_accumulation_matches_separate(tiny_decoder, corpora
     assert [h["step"] for h in fm["loss_history"]] == list(range(2, 21, 2))
 
 
-def test_a_failing_domain_is_reported_and_the_others_finish(tiny_decoder, corpora, separate, tmp_path):
-    def fail(domain, step):
-        if domain == "law" and step == 2:
+@pytest.mark.parametrize("where", ["batch", "pass"])
+def test_a_failing_domain_is_reported_and_the_others_finish(tiny_decoder, corpora, separate, tmp_path, where):
+    """A domain that fails fetching its batch, or inside the pass it shares with the others, stops alone:
+    the others' modules equal their separate runs'."""
+    def fail(domain, step, at):
+        if domain == "law" and step == 2 and at == where:
             raise RuntimeError("simulated failure")
 
     lib = tmp_path / "lib"
     res = pretrain_fused(_cfgs(tiny_decoder, corpora, lib, ["bio", "law"]), fail=fail)
     assert res["law"]["status"] == "failed" and "simulated failure" in res["law"]["error"]
+    assert "simulated failure" in res["law"]["traceback"]
     assert not (lib / "law").exists()
     assert res["bio"]["status"] == "done" and _max_diff(_tensors(lib, "bio"), _tensors(separate, "bio")) <= TOL
+
+
+def test_fp16_passes_are_loss_scaled(tiny_decoder, corpora, tmp_path, monkeypatch):
+    """fp16 scales the shared backward and unscales each domain's gradients before its step."""
+    scaled = []
+    real = torch.amp.GradScaler
+
+    class Spy(real):
+        def scale(self, outputs):
+            scaled.append(float(self.get_scale()) if self.is_enabled() else None)
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Spy)
+    res = pretrain_fused(_cfgs(tiny_decoder, corpora, tmp_path / "lib", ["bio", "law"], dtype="fp16"))
+    assert {r["status"] for r in res.values()} == {"done"}
+    assert scaled and all(x is not None and x > 1 for x in scaled)
+    for d in ("bio", "law"):
+        assert all(torch.isfinite(t).all() for t in _tensors(tmp_path / "lib", d).values())
 
 
 def test_what_cannot_be_fused_is_refused(tiny_decoder, tiny_encoder, corpora, tmp_path, capsys):

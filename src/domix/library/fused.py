@@ -171,7 +171,10 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
     domains take turns through the one base, whose weights are still held once. `parallel`: how
     many of those passes run at the same time, in threads that share the cores. The modules are
     the same either way (to float tolerance).
-    `fail(domain, step)` (tests) may raise to simulate a failure inside a domain's step."""
+    In fp16 the shared backward is loss-scaled (one `GradScaler` over every domain's optimizer), as the
+    Trainer scales a separate run's. A pass that raises is run again one domain at a time, so that only the
+    domain that fails stops. `fail(domain, step, where)` (tests) may raise to simulate a failure of a
+    domain's step: fetching its batch (`where="batch"`) or inside the shared pass (`"pass"`)."""
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -203,7 +206,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
 
     def failed(c, e: BaseException) -> None:
         results[c.domain] = {"domain": c.domain, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                             "traceback": traceback.format_exc()}
+                             "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
 
     first = todo[0]
     device = setup(first)
@@ -277,6 +280,9 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
         rows = _Rows()
         peft.to(device).train()
         autocast = runs[0]["trainer"].accelerator.autocast
+        # fp16 gradients underflow without loss scaling: one scaler over every domain's optimizer (each is
+        # unscaled and stepped, or skipped on inf, on its own; the scale is updated once per step)
+        scaler = torch.amp.GradScaler(device.type) if first.dtype == "fp16" else None
 
         def passes(chunk: list, micro: int, step_loss: dict) -> None:
             """Forward and backward passes of one chunk of domains, micro-batch after micro-batch."""
@@ -296,10 +302,33 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
                     hidden = causal.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                     total = 0.0
                     for (r, _, n), (_, s, e) in zip(parts, spans):  # each domain's loss, as `pretrain`'s
+                        if fail:
+                            fail(r["cfg"].domain, step, "pass")
                         loss = next_token_loss(*next_token_pairs(hidden[s:e], labels[s:e]), head.weight, n)
                         step_loss[id(r)] += loss.item()  # the step's loss, as the Trainer sums it
                         total = total + loss
-                total.backward()
+                (scaler.scale(total) if scaler else total).backward()
+
+        def isolated(chunk: list, micro: int, step_loss: dict) -> list:
+            """`passes` of a chunk; if it raises, again one domain at a time (its gradients and loss reset), so
+            that only a domain that fails alone stops. Returns [(run, exception)] of the domains that failed."""
+            try:
+                passes(chunk, micro, step_loss)
+                return []
+            except Exception as e:  # noqa: BLE001 — which domain? each alone says
+                if len(chunk) == 1:
+                    return [(chunk[0][0], e)]
+            lost = []
+            for item in chunk:
+                for p in params[item[0]["cfg"].domain]:
+                    p.grad = None
+                step_loss[id(item[0])] = 0.0
+            for item in chunk:
+                try:
+                    passes([item], micro, step_loss)
+                except Exception as e:  # noqa: BLE001
+                    lost.append((item[0], e))
+            return lost
 
         active = list(runs)
         bar = tqdm(total=max(r["steps"] for r in runs), desc="fused steps", disable=not progress)
@@ -311,7 +340,7 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
                 for r in list(active):
                     try:
                         if fail:
-                            fail(r["cfg"].domain, step)
+                            fail(r["cfg"].domain, step, "batch")
                         samples, n_items = next(r["batches"])
                         group.append((r, samples, n_items))
                     except Exception as e:  # noqa: BLE001 — this domain stops, the others go on
@@ -322,18 +351,25 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
                 per = domains_per_pass(len(group), stack, parallel)
                 chunks = [group[i:i + per] for i in range(0, len(group), per)]
                 if pool is None:
-                    for chunk in chunks:
-                        passes(chunk, micro, step_loss)
+                    lost = [x for chunk in chunks for x in isolated(chunk, micro, step_loss)]
                 else:
-                    list(pool.map(passes, chunks, [micro] * len(chunks), [step_loss] * len(chunks)))
+                    lost = [x for got in pool.map(isolated, chunks, [micro] * len(chunks), [step_loss] * len(chunks))
+                            for x in got]
+                for r, e in lost:  # this domain stops, the others go on
+                    failed(r["cfg"], e)
+                    active.remove(r)
+                    for p in params[r["cfg"].domain]:
+                        p.grad = None
                 for r, _, _ in group:
                     if r not in active:
                         continue
                     t, name = r["trainer"], r["cfg"].domain
                     try:
+                        if scaler:
+                            scaler.unscale_(t.optimizer)
                         if t.args.max_grad_norm > 0:
                             torch.nn.utils.clip_grad_norm_(params[name], t.args.max_grad_norm)
-                        t.optimizer.step()
+                        scaler.step(t.optimizer) if scaler else t.optimizer.step()
                         t.lr_scheduler.step()
                         for p in params[name]:
                             p.grad = None
@@ -345,6 +381,8 @@ def pretrain_fused(configs: list, progress: bool = True, fail=None, stack: int |
                     r["done"] = r.get("done", 0) + 1
                     if r["done"] >= r["steps"]:
                         active.remove(r)
+                if scaler and any(r in active or r.get("done", 0) >= r["steps"] for r, _, _ in group):
+                    scaler.update()  # after the domains' steps (none stepped: nothing to update)
                 step += 1
                 bar.update()
         bar.close()
