@@ -151,6 +151,11 @@ MATCHED = _merge(DECISIVE, {
 # extraction (`accuracy`, the paper's protocol) and by the log-likelihood of its options (`accuracy_loglik`).
 # LoRA and DoRA at rank 16 and at DoMIX's update rank N·r; the bridge ablations of the paper (P frozen at its
 # start, P = I and P = I/(N·r) trained); the base model and each task's module alone as the floor.
+# Sized from one measured run (2026-12-03, 2 cores shared with another benchmark, 1 thread per job): a LoRA
+# step on the union (batch 8, up to 256 tokens) costs 13.2 CPU-s, peak RSS 7.9 GB; scoring a test row both
+# ways ~0.55 CPU-s (zero-shot, 320 rows in 177 CPU-s). After 32 steps LoRA r16 was still at chance (mean test
+# accuracy 0.350 by extraction, 0.362 by log-likelihood, chance 0.354): 96 steps (3 epochs of 32 examples per
+# task) project ~30 CPU-min per LoRA run, ~45 per DoRA run, ~9-10 CPU-hours for the grid of 2 factors.
 COMMONSENSE = _merge(QUICK, {
     "suite": "commonsense",
     "domains": list(COMMONSENSE_TASKS),
@@ -162,7 +167,7 @@ COMMONSENSE = _merge(QUICK, {
                 "domix-frozen-bridge", "domix-identity", "domix-rank"],
     "pretrain": {"seq_len": 128, "steps": 32},
     "lm_eval": {"blocks": 8},
-    "finetune": {"train": 64, "dev": 16, "test": 100, "epochs": 2.0, "max_seq_len": 256, "max_new_tokens": 12,
+    "finetune": {"train": 32, "dev": 16, "test": 50, "epochs": 3.0, "max_seq_len": 256, "max_new_tokens": 12,
                  "eval_every": 32, "keep_best": True, "patience": 2, "base_lora_rank": 16},
     "lr_grid": [1.0, 4.0],
 })
