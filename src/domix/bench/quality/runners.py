@@ -166,9 +166,10 @@ def _score_suite(model, tokenizer, tests: dict, max_seq_len: int, max_new_tokens
     out = {"tests": {}, "test_predictions": {}}
     for name, path in tests.items():
         r = evaluate_rows(model, tokenizer, task, read_jsonl(path, ("prompt", "answer", "choices")), predictions=True)
-        out["test_predictions"][name] = {k: r.pop(k) for k in ("y_true", "y_pred", "y_pred_loglik")}
-        out["tests"][name] = {**{k: r[k] for k in ("accuracy", "accuracy_loglik", "answered", "examples")},
-                              "generations": r["generations"][:5]}
+        out["test_predictions"][name] = {k: r.pop(k) for k in ("y_true", "y_pred", "y_pred_loglik", "y_pred_cloze")
+                                         if k in r}
+        out["tests"][name] = {**{k: r[k] for k in ("accuracy", "accuracy_loglik", "accuracy_cloze", "answered",
+                                                   "examples") if k in r}, "generations": r["generations"][:5]}
     return out
 
 
@@ -228,7 +229,8 @@ def _suite_result(spec: dict, out: str, cfg, metrics: dict, clock) -> dict:
     scored = _score_suite(clock.model, load_tokenizer(out), spec["tests"], cfg.max_seq_len, cfg.max_new_tokens)
     if spec.get("drop_weights"):
         (Path(out) / "model.safetensors").unlink(missing_ok=True)
-    return {"dev": {k: metrics["eval"][k] for k in ("accuracy", "accuracy_loglik", "answered", "examples")},
+    return {"dev": {k: metrics["eval"][k] for k in ("accuracy", "accuracy_loglik", "accuracy_cloze", "answered",
+                                                    "examples") if k in metrics["eval"]},
             **scored, "score_time_s": round(time.time() - t0, 2),
             "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
             "train_time_s": metrics["train_time_s"], "step_time_s": clock.step_time(),

@@ -10,7 +10,11 @@ from ...io import atomic_write, save_figure
 from .report import _fmt, _num, _params, _secs, _step, claim_verdicts, metric_table, run_header, selection_section
 
 PROTOCOLS = {"accuracy": "answer extraction from the greedy generation (the paper's protocol)",
-             "accuracy_loglik": "the most likely option by summed log-likelihood (lm-evaluation-harness's protocol)"}
+             "accuracy_loglik": "the most likely answer sentence (\"the correct answer is answer2\") by summed "
+                                "log-likelihood",
+             "accuracy_cloze": "the most likely option text after the bare question (lm-evaluation-harness's cloze "
+                               "scoring)"}
+VERDICT_KEYS = {"accuracy": "verdicts", "accuracy_loglik": "verdicts_loglik", "accuracy_cloze": "verdicts_cloze"}
 REFERENCE = "base-dora-rank"  # the efficiency ratios' reference: DoRA at DoMIX's update rank
 
 
@@ -118,16 +122,18 @@ def write_suite_report(results: dict, out: Path) -> str:
     L = [f"# DoMIX LLM benchmark — the {s['suite']} suite (preset `{results['preset']}`)", "", *run_header(results)]
     if results["failures"]:
         L += ["## Failures", "", *[f"- `{n}`: {e}" for n, e in results["failures"].items()], ""]
-    L += [f"## Test accuracy, {PROTOCOLS['accuracy']}", "",
-          f"Mean ± std over {len(results['seeds'])} seed(s); best per task in bold; an answer naming no option is wrong.",
-          "", table, "", f"## Test accuracy, {PROTOCOLS['accuracy_loglik']}", "",
-          accuracy_table(results, "accuracy_loglik"), "",
-          "zero-shot is the base model and own-module each task's module alone, neither fine-tuned. Nothing was chosen "
-          "on the test sets: each run kept the step of its lowest dev loss, and each method's learning rates were "
-          "chosen on dev accuracy" + (" by one grid (below)." if s.get("lr_grid") else "."), "",
-          *claim_verdicts(results, title="## Verdicts (answer extraction): paired differences of test accuracy"),
-          *claim_verdicts(results, "verdicts_loglik", explain=False,
-                          title="## Verdicts (option log-likelihood): paired differences of test accuracy"), "",
+    shown = [m for m in PROTOCOLS if any(m in by for t in results["tasks"].values() for by in t.values())]
+    L += [f"Mean ± std over {len(results['seeds'])} seed(s); best per task in bold. zero-shot is the base model and "
+          "own-module each task's module alone, neither fine-tuned. Nothing was chosen on the test sets: each run "
+          "kept the step of its lowest dev loss, and each method's learning rates were chosen on dev accuracy"
+          + (" by one grid (below)." if s.get("lr_grid") else "."), ""]
+    for m in shown:
+        L += [f"## Test accuracy, {PROTOCOLS[m]}", "", table if m == "accuracy" else accuracy_table(results, m), "",
+              *(["An answer naming no option is wrong.", ""] if m == "accuracy" else [])]
+    for i, m in enumerate(x for x in shown if VERDICT_KEYS[x] in results):
+        L += [*claim_verdicts(results, VERDICT_KEYS[m], explain=i == 0,
+                              title=f"## Verdicts ({PROTOCOLS[m].split(' (')[0]}): paired differences of test accuracy"), ""]
+    L += [
           *efficiency_section(results), *selection_section(results), *kept_section(results),
           "## Settings", "",
           f"- Data: `domix fetch data commonsense` (the OLMo evaluation suite's requests, in the LLM-Adapters "
