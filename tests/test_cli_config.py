@@ -123,3 +123,26 @@ def test_options_the_cli_could_not_reach_before():
     assert a.dropout == 0.1
     a = ap.parse_args(["pretrain-all", "--config", "c.yaml", "--library", "l", "--rank", "4"])
     assert (a.rank, a.base, a.lr) == (4, None, None)  # overrides of the config: only what is given
+
+
+def test_an_error_from_another_library_says_where_it_was_raised(monkeypatch, capsys, tmp_path):
+    """domix's own errors are one line; a ValueError raised inside another library keeps its origin (and
+    DOMIX_TRACEBACK=1 gives the traceback), so that a bug is not mistaken for bad input."""
+    import json
+
+    import domix.data.commonsense as cs
+    from domix.cli import main
+
+    monkeypatch.setattr(cs, "build_commonsense", lambda *a, **k: json.loads("{not json"))
+    assert main(["fetch", "data", "commonsense", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("domix: error: Expecting property name") and "raised in " in err and "json" in err
+    monkeypatch.setenv("DOMIX_TRACEBACK", "1")
+    with pytest.raises(json.JSONDecodeError):
+        main(["fetch", "data", "commonsense", "--out", str(tmp_path / "d")])
+    monkeypatch.delenv("DOMIX_TRACEBACK")
+
+    # raised by domix itself: one line
+    assert main(["bench", "quality", "--set", "nope=1", "--out", str(tmp_path / "q")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("domix: error: --set nope: preset quick has no setting 'nope'")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -462,6 +464,9 @@ def _launch_check(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers deprecates an attribute PEFT still reads when it loads or trains an adapter: noise to a
+    # user of the command line, not a problem of the run (the library leaves the process's filters alone)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from .bench.quality import BenchmarkError
     from .fetch import FetchError
     from .library import LibraryError
@@ -471,8 +476,29 @@ def main(argv: list[str] | None = None) -> int:
         with json_stdout() if getattr(args, "json", False) else contextlib.nullcontext():
             return args.func(args)
     except (BenchmarkError, FetchError, LibraryError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"domix: error: {e}", file=sys.stderr)
+        where = _origin(e)
+        if where and os.environ.get("DOMIX_TRACEBACK"):
+            raise
+        print(f"domix: error: {e}" + (f"\n  (raised in {where}, not by domix; DOMIX_TRACEBACK=1 shows the traceback)"
+                                     if where else ""), file=sys.stderr)
         return 2
+
+
+def _origin(e: BaseException) -> str | None:
+    """Where an exception was raised when that is outside domix (torch, transformers, ...): "file:line" of
+    the last frame, so that a one-line error still says whose it is; None for domix's own errors."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return None
+    here = str(Path(__file__).resolve().parent)
+    last = frames[-1]
+    if str(Path(last.filename).resolve()).startswith(here):
+        return None
+    parts = Path(last.filename).parts
+    short = "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else last.filename
+    return f"{short}:{last.lineno}"
 
 
 if __name__ == "__main__":

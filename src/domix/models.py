@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .checkpoints import resolve_base
-
-# transformers deprecates the attribute PEFT still reads when it loads or trains an adapter: noise to
-# a domix user, not a problem of the run (every path to a model goes through this module)
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -116,10 +116,14 @@ def total_steps(opts: TrainOptions, n_examples: int, seq_len: int | None = None)
 
 
 def quiet() -> None:
-    """No progress bars or library chatter (worker processes, `--json` runs)."""
+    """No progress bars or library chatter (worker processes, `--json` runs, runs asked for no progress)."""
+    import warnings
+
     import datasets
     from transformers.utils import logging as hf_logging
 
+    # transformers deprecates an attribute PEFT still reads: chatter, not a problem of the run
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     datasets.disable_progress_bars()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
