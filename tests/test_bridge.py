@@ -121,14 +121,15 @@ def test_a_cat_gets_no_gradient_and_permutation_invariance(tiny_decoder, libs):
     m1 = _lm(tiny_decoder)
     apply_bridge(m1, _mods(lib, ["bio", "law", "food"]), "rank", fingerprint(m1))
     layer = next(iter(bridged_layers(m1).values()))
-    assert "lora_A" not in dict(layer.named_parameters()) and "lora_A" in dict(layer.named_buffers())
+    assert "domix_A.default" not in dict(layer.named_parameters()) and "domix_A.default" in dict(layer.named_buffers())
     with torch.no_grad():  # a random, non-diagonal P: the permuted model must still agree
         for l in bridged_layers(m1).values():
-            l.lora_P.copy_(torch.randn_like(l.lora_P) * 0.1)
-    A0 = layer.lora_A.clone()
+            l.bridge()[1].copy_(torch.randn_like(l.bridge()[1]) * 0.1)
+    A, P, B, _ = layer.bridge()
+    A0 = A.clone()
     m1(IDS).logits.sum().backward()
-    assert layer.lora_P.grad is not None and layer.lora_B.grad is not None
-    assert layer.lora_A.grad is None and torch.equal(layer.lora_A, A0)
+    assert P.grad is not None and B.grad is not None
+    assert A.grad is None and torch.equal(A, A0)
     # permute the modules: food, bio, law — and P's blocks accordingly
     m2 = _lm(tiny_decoder)
     apply_bridge(m2, _mods(lib, ["food", "bio", "law"]), "rank", fingerprint(m2))
@@ -137,7 +138,7 @@ def test_a_cat_gets_no_gradient_and_permutation_invariance(tiny_decoder, libs):
     idx = torch.cat([torch.arange(start[n], start[n] + ranks[n]) for n in ["food", "bio", "law"]])
     with torch.no_grad():
         for name, l2 in bridged_layers(m2).items():
-            l2.lora_P.copy_(bridged_layers(m1)[name].lora_P[idx][:, idx])
+            l2.bridge()[1].copy_(bridged_layers(m1)[name].bridge()[1][idx][:, idx])
         torch.testing.assert_close(m2(IDS).logits, m1(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -159,8 +160,9 @@ def test_classify_finetune_evaluate_predict_export(kind, request, libs, task_fil
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "model.safetensors"))
-    assert all(k.endswith(("lora_A", "lora_P", "lora_B")) or k in spec["head"] for k in saved)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {k for k in saved if not k.endswith("lora_A")}
+    assert all(k.endswith((".domix_A.default", ".domix_P.default", ".domix_B.default")) or k in spec["head"]
+               for k in saved)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {k for k in saved if ".domix_A." not in k}
     assert main(["evaluate", "--model", str(out), "--data", str(task_files / "dev.jsonl"), "--device", "cpu", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["accuracy"] == pytest.approx(m["accuracy"]) and len(ev["confusion_matrix"]) == 3
@@ -301,17 +303,24 @@ def test_every_method_saves_and_loads_back_the_same_model(method, tiny_decoder, 
         opts.update(library=libs[tiny_decoder])
     m = finetune(out=str(tmp_path / "task"), method=method, **opts)
     model, tok, spec = load_task_model(tmp_path / "task", device="cpu")
-    assert spec["method"] == method and spec["format"] == 2 and spec["head"] == ["score.weight"]
+    assert spec["method"] == method and spec["format"] == 3 and spec["head"] == ["score.weight"]
     probs = torch.softmax(model(**tok(["court judge appeal ruling"], return_tensors="pt")).logits, -1)
     again, _, _ = load_task_model(tmp_path / "task", device="cpu")
     torch.testing.assert_close(torch.softmax(again(**tok(["court judge appeal ruling"], return_tensors="pt")).logits, -1),
                                probs)
     assert m["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # a task model missing any tensor it needs (the head, a bridge, an adapter, an expert) is refused
-    # with the tensor's name, never completed from the base or a fresh random head
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(tmp_path / "task" / "model.safetensors"))
+    if method == "domix":  # a format-2 task model (the bridge's tensors named `<layer>.lora_A`) loads the same
+        old = {k.replace(".domix_", ".lora_").removesuffix(".default") if ".domix_" in k else k: v
+               for k, v in tensors.items()}
+        save_file(old, str(tmp_path / "task" / "model.safetensors"))
+        was, _, _ = load_task_model(tmp_path / "task", device="cpu")
+        torch.testing.assert_close(torch.softmax(was(**tok(["court judge appeal ruling"], return_tensors="pt")).logits,
+                                                 -1), probs)
+    # a task model missing any tensor it needs (the head, a bridge, an adapter, an expert) is refused
+    # with the tensor's name, never completed from the base or a fresh random head
     head = next(k for k in sorted(tensors) if k.startswith("score."))  # LoRA: PEFT's copy of the head
     body = next(k for k in sorted(tensors) if not k.startswith("score."))
     for gone in (head, body):
@@ -350,7 +359,7 @@ def test_a_format_1_task_model_loads_and_a_newer_format_is_refused(tiny_decoder,
     assert main(["export", "--model", str(old), "--out", str(tmp_path / "lora"), "--format", "peft-lora"]) == 0
     task["format"] = 99
     (old / "task.json").write_text(json.dumps(task))
-    with pytest.raises(LibraryError, match="format 99.*reads formats up to 2"):
+    with pytest.raises(LibraryError, match="format 99.*reads formats up to 3"):
         load_task_model(old, device="cpu")
     task["format"] = 2
     task["settings"]["warp_drive"] = True  # a setting from a newer domix: named, not a TypeError

@@ -18,7 +18,8 @@ from .io import atomic_dir, write_json
 
 def _lora_factors(layer, rank: int | None):
     """(A', B', scaling, relative error) of one bridged layer."""
-    A, P, B, s = layer.lora_A.float(), layer.lora_P.float(), layer.lora_B.float(), layer.scaling
+    A, P, B, s = layer.bridge()
+    A, P, B = A.float(), P.float(), B.float()
     if rank is None:
         return A, B @ P, s, 0.0
     delta = s * (B @ P @ A)
@@ -35,18 +36,17 @@ def truncated(model, rank: int | None):
     --rank` writes it (`None`: unchanged); the layers are put back on exit. Yields
     {layer: relative error of its truncated update}."""
     layers = bridged_layers(model)
-    saved = {n: (layer.lora_A, layer.lora_P.data, layer.lora_B.data, layer.scaling) for n, layer in layers.items()}
+    saved = {n: tuple(t.data if isinstance(t, torch.Tensor) else t for t in layer.bridge()) for n, layer in layers.items()}
     errors = {}
     try:
         if rank is not None:
             for name, layer in layers.items():
                 A2, B2, s2, errors[name] = _lora_factors(layer, rank)
-                layer.lora_A, layer.lora_P.data = A2, torch.eye(A2.shape[0], device=A2.device)
-                layer.lora_B.data, layer.scaling = B2, s2
+                layer.set_bridge(A2, torch.eye(A2.shape[0], device=A2.device), B2, s2)
         yield errors
     finally:
         for name, layer in layers.items():
-            layer.lora_A, layer.lora_P.data, layer.lora_B.data, layer.scaling = saved[name]
+            layer.set_bridge(*saved[name])
 
 
 def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: int | None = None,

@@ -69,13 +69,13 @@ def run(opts: RanksOptions) -> dict:
         raise ValueError(f"bench ranks takes a DoMIX classify task model; {opts.model} is a {spec['method']} "
                          f"{spec['task']} model")
     layers = bridged_layers(model)
-    full = max(layer.lora_A.shape[0] for layer in layers.values())  # N·r
+    full = max(layer.bridge()[0].shape[0] for layer in layers.values())  # N·r
     rows = read_jsonl(opts.data, ("text", "label"))
     if not rows:
         raise ValueError(f"{opts.data} has no examples")
 
     def size(k: int) -> int:  # LoRA parameters of the export at rank k (A: k x in, B: out x k per layer)
-        return sum(min(k, layer.lora_A.shape[0]) * (layer.lora_A.shape[1] + layer.lora_B.shape[0])
+        return sum(min(k, layer.bridge()[0].shape[0]) * (layer.in_features + layer.out_features)
                    for layer in layers.values())
 
     points = []

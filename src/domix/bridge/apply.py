@@ -9,7 +9,7 @@ from torch import nn
 
 from ..lora import lora_pairs
 from ..library import LibraryError, Module
-from .layer import BridgeLinear, bridge_init
+from .layer import bridge_init
 
 
 def module_scaling(mod: Module) -> float:
@@ -24,16 +24,21 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def bridged_layers(model: nn.Module) -> dict[str, BridgeLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, BridgeLinear)}
+def bridged_layers(model: nn.Module) -> dict:
+    """{layer name: its DoMIX layer (`tuner.DomixLinear`)} of a model with bridges."""
+    from .tuner import DomixLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, DomixLinear)}
 
 
 def apply_bridge(model: nn.Module, modules: list[Module], init: str, base_fingerprint: str) -> dict:
-    """Replace every layer the modules adapt by a BridgeLinear over them (in the given order); see
-    `bridge_parts`. Returns the per-layer layout {layer: {"modules": [...], "ranks": [...], "scaling": s}}."""
+    """Put a bridge over `modules` (in the given order) into every layer of `model` they adapt, in place
+    (the PEFT tuner's layers, `tuner.inject`); see `bridge_parts`. Returns the per-layer layout
+    {layer: {"modules": [...], "ranks": [...], "scaling": s}}."""
+    from .tuner import inject
+
     parts, layout = bridge_parts(model, modules, init, base_fingerprint)
-    for layer, (A, P, B, s) in parts.items():
-        set_submodule(model, layer, BridgeLinear(model.get_submodule(layer), A, P, B, s, layout[layer]["ranks"]))
+    inject(model, layout, parts)
     return layout
 
 
@@ -82,15 +87,22 @@ def bridge_parts(model: nn.Module, modules: list[Module], init: str, base_finger
 
 
 def restore_bridge(model: nn.Module, layout: dict, tensors: dict) -> None:
-    """Rebuild saved BridgeLinear layers (A, P, B from `tensors`) in a freshly loaded base."""
-    for layer, info in layout.items():
-        base = model.get_submodule(layer)
-        t = {k: tensors[f"{layer}.lora_{k}"] for k in "APB"}
-        set_submodule(model, layer, BridgeLinear(base, t["A"], t["P"], t["B"], info["scaling"], info["ranks"]))
+    """Rebuild saved bridges (A, P, B from `tensors`, keyed `<layer>.domix_<X>.default`, or `<layer>.lora_<X>`
+    as task models of format 2 hold them) in a freshly loaded base."""
+    from .tuner import inject
+
+    def get(layer, x):
+        return tensors[f"{layer}.domix_{x}.default"] if f"{layer}.domix_{x}.default" in tensors \
+            else tensors[f"{layer}.lora_{x}"]
+
+    inject(model, layout, {layer: (get(layer, "A"), get(layer, "P"), get(layer, "B"), info["scaling"])
+                           for layer, info in layout.items()})
 
 
 def merge_bridge(model: nn.Module) -> nn.Module:
-    """Fold every bridge into its base weight: inference then costs exactly the base model."""
+    """Fold every bridge into its base weight and put the plain layer back: inference then costs
+    exactly the base model."""
     for name, layer in bridged_layers(model).items():
-        set_submodule(model, name, layer.merged())
+        layer.merge()
+        set_submodule(model, name, layer.get_base_layer())
     return model

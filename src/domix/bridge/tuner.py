@@ -115,6 +115,22 @@ class DomixLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return self.domix_scaling[adapter] * (self.domix_B[adapter] @ self.domix_P[adapter] @ self.domix_A[adapter])
 
+    def bridge(self, adapter: str | None = None) -> tuple:
+        """(A_cat, P, B_cat, scaling) of `adapter` (default: the layer's only one)."""
+        n = adapter or next(iter(self.domix_P))
+        return self.domix_A[n], self.domix_P[n], self.domix_B[n], self.domix_scaling[n]
+
+    def set_bridge(self, A: torch.Tensor, P: torch.Tensor, B: torch.Tensor, scaling: float,
+                   adapter: str | None = None) -> None:
+        """Replace the values of `adapter`'s bridge in place (shapes may change, e.g. a truncated export)."""
+        n = adapter or next(iter(self.domix_P))
+        self.domix_A[n] = A
+        self.domix_P[n].data, self.domix_B[n].data, self.domix_scaling[n] = P, B, float(scaling)
+
+    def delta(self, adapter: str | None = None) -> torch.Tensor:
+        """The d_out × d_in update s · B P A (export and merging only)."""
+        return self.get_delta_weight(adapter or next(iter(self.domix_P)))
+
 
 class DomixLinear(nn.Module, DomixLayer):
     def __init__(self, base_layer, adapter_name, A, P, B, scaling, **kwargs):
@@ -149,8 +165,9 @@ class DomixLinear(nn.Module, DomixLayer):
             return result
         for name in self.active_adapters:
             if name in self.domix_P:
+                # in x's dtype, as domix has always added it (under autocast the sum may then be fp32)
                 result = result + bridge_update(x, self.domix_A[name], self.domix_P[name], self.domix_B[name],
-                                                self.domix_scaling[name]).to(result.dtype)
+                                                self.domix_scaling[name]).to(x.dtype)
         return result
 
     def __repr__(self) -> str:
@@ -170,8 +187,11 @@ class DomixModel(BaseTuner):
         from ..models import fingerprint
         from .apply import bridge_parts
 
-        fp = fingerprint(model)
         parts = self.__dict__.setdefault("_domix_parts", {})
+        if id(config) in _GIVEN:  # `inject`: the tensors are given
+            parts[adapter_name] = _GIVEN.pop(id(config))
+            return
+        fp = fingerprint(model)
         if config.layout is None:  # a new adapter: the modules' tensors
             mods = Library(config.library).select(config.modules)
             parts[adapter_name], config.layout = bridge_parts(model, mods, config.bridge_init, fp)
@@ -203,6 +223,22 @@ class DomixModel(BaseTuner):
 
 
 register_peft_method(name=NAME, config_cls=DomixConfig, model_cls=DomixModel, prefix=PREFIX)
+
+_GIVEN: dict[int, dict] = {}  # id(config) -> {layer: (A, P, B, scaling)} handed from `inject` to the tuner
+
+
+def inject(model: nn.Module, layout: dict, parts: dict, adapter_name: str = "default") -> None:
+    """Put DoMIX layers with the given tensors ({layer: (A, P, B, scaling)}, `layout` as `bridge_parts`
+    gives it) into `model` in place, without a PeftModel around it: `domix finetune` keeps the
+    transformers model (its head, its Trainer) and saves its own task-model files."""
+    config = DomixConfig(layout=layout)
+    _GIVEN[id(config)] = parts
+    try:
+        DomixModel(model, config, adapter_name)
+    finally:
+        _GIVEN.pop(id(config), None)
+    if hasattr(model, "peft_config"):  # the tuner's bookkeeping: not a PEFT model to transformers
+        del model.peft_config
 
 
 def param_groups(model: nn.Module, lr: float, bridge_lr: float, weight_decay: float = 0.0) -> list[dict]:

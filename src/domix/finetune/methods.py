@@ -51,6 +51,10 @@ class Method:
         """Names of the tensors a task model stores (beyond the base)."""
         return {n for n, p in model.named_parameters() if p.requires_grad}
 
+    def upgrade(self, tensors: dict, spec: dict) -> dict:
+        """A stored task model's tensors under the names this domix gives them (older formats)."""
+        return tensors
+
     def plots(self, model, info: dict, metrics: dict) -> list:
         """Callables `plot(stage_dir)` drawing this method's figures (they may add to `metrics`)."""
         return []
@@ -98,7 +102,8 @@ class Domix(Method):
     @staticmethod
     def _trainable(model, cfg, head):
         for n, p in model.named_parameters():
-            p.requires_grad_(n in head or n.endswith("lora_B") or (n.endswith("lora_P") and not cfg.freeze_bridge))
+            p.requires_grad_(n in head or n.endswith(".domix_B.default")
+                             or (n.endswith(".domix_P.default") and not cfg.freeze_bridge))
 
     def restore(self, model, cfg, spec):
         from ..bridge.apply import restore_bridge
@@ -108,20 +113,25 @@ class Domix(Method):
             base, r = model.get_submodule(layer), sum(info["ranks"])
             empty.update({f"{layer}.lora_A": torch.zeros(r, base.in_features), f"{layer}.lora_P": torch.zeros(r, r),
                           f"{layer}.lora_B": torch.zeros(base.out_features, r)})
-        restore_bridge(model, spec["layout"], empty)
+        restore_bridge(model, spec["layout"], empty)  # shapes; the task model's tensors are loaded next
         self._trainable(model, cfg, spec.get("head", []))
         return model
 
     def mixing(self, name):
-        return name.endswith("lora_P")
+        return name.endswith(".domix_P.default")
 
     def saved(self, model):
         from ..bridge.apply import bridged_layers
 
         keep = super().saved(model)
         for name in bridged_layers(model):
-            keep |= {f"{name}.lora_A", f"{name}.lora_P", f"{name}.lora_B"}
+            keep |= {f"{name}.domix_{x}.default" for x in "APB"}
         return keep
+
+    def upgrade(self, tensors, spec):
+        # format 2 (BridgeLinear): `<layer>.lora_A`; the tuner's layer: `<layer>.domix_A.default`
+        old = {f"{layer}.lora_{x}": f"{layer}.domix_{x}.default" for layer in spec["layout"] for x in "APB"}
+        return {old.get(k, k): v for k, v in tensors.items()}
 
     def plots(self, model, info, metrics):
         from .plots import plot_bridge

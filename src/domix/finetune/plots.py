@@ -41,7 +41,7 @@ def plot_bridge(model, layout: dict, names: list[str], path: Path) -> dict:
     grids: dict[str, list] = {}
     for layer, m in bridged_layers(model).items():
         mods, ranks = layout[layer]["modules"], layout[layer]["ranks"]
-        P = m.lora_P.detach().float().cpu()
+        P = m.bridge()[1].detach().float().cpu()
         edges = [0] + list(torch.tensor(ranks).cumsum(0).tolist())
         g = torch.full((len(names), len(names)), float("nan"))
         for i, a in enumerate(mods):

@@ -27,7 +27,8 @@ from .methods import get_method
 
 TASK_FILE = "task.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 2  # 2: task.json records the head's parameter names ("head")
+FORMAT = 3  # 2: task.json records the head's parameter names ("head"); 3: a bridge's tensors as the PEFT tuner
+# names them (`<layer>.domix_A.default`; format 2's `<layer>.lora_A` still loads)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def trained_in_fp32(model) -> None:
     """Every trainable tensor (head, LoRA, MoDE experts and gates) in fp32, whatever the base's
     precision: optimizer updates of half-precision weights lose the small steps (PEFT keeps
     adapters in fp32 the same way, autocast_adapter_dtype). The bridge's A, P and B are fp32
-    already (`BridgeLinear`)."""
+    already (`DomixLinear`)."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -165,6 +166,7 @@ def load_task_model(path: str | Path, device: str = "auto"):
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise LibraryError(f"task model {path}: {WEIGHTS} is unreadable or truncated ({e})") from None
+    tensors = get_method(spec["method"]).upgrade(tensors, spec)
     own = model.state_dict()
     unknown = sorted(k for k in tensors if k not in own)
     if unknown:
