@@ -105,7 +105,7 @@ class DomixLayer(BaseTunerLayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, A: torch.Tensor, P: torch.Tensor, B: torch.Tensor, scaling: float):
-        dev = self.get_base_layer().weight.device  # fp32 whatever the base's precision, as BridgeLinear
+        dev = self.get_base_layer().weight.device  # fp32 whatever the base's precision
         self.domix_A[adapter_name] = A.to(dev, torch.float32).contiguous()
         self.domix_P[adapter_name] = nn.Parameter(P.to(dev, torch.float32).contiguous())
         self.domix_B[adapter_name] = nn.Parameter(B.to(dev, torch.float32).contiguous())

@@ -129,7 +129,7 @@ class Domix(Method):
         return keep
 
     def upgrade(self, tensors, spec):
-        # format 2 (BridgeLinear): `<layer>.lora_A`; the tuner's layer: `<layer>.domix_A.default`
+        # formats 1-2 (domix's own layer before the tuner): `<layer>.lora_A`; the tuner's layer: `<layer>.domix_A.default`
         old = {f"{layer}.lora_{x}": f"{layer}.domix_{x}.default" for layer in spec["layout"] for x in "APB"}
         return {old.get(k, k): v for k, v in tensors.items()}
 
