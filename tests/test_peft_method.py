@@ -169,3 +169,16 @@ def test_trl_sft_trainer_takes_the_config(tiny_decoder, lib, tmp_path):
     now = dict(trainer.model.named_parameters())
     assert P and any(not torch.equal(now[n], v) for n, v in P.items())
     assert {n for n, p in now.items() if p.requires_grad} == {n for n in now if ".domix_P." in n or ".domix_B." in n}
+
+
+@pytest.mark.parametrize("order", ["import domix; import peft", "import peft; import domix",
+                                   "import domix; from peft import PeftModel"])
+def test_the_method_is_registered_whichever_is_imported_first(order):
+    """`import domix` stays light (no PEFT); the DOMIX method is registered once PEFT is imported too."""
+    code = (f"import sys\n{order.replace('; ', chr(10))}\n"
+            "from peft.utils.peft_types import PeftType\n"
+            "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
+            "assert M[PeftType.DOMIX].__name__ == 'DomixConfig'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    light = "import sys, domix; assert 'peft' not in sys.modules"
+    subprocess.run([sys.executable, "-c", light], check=True)

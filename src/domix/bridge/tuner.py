@@ -13,8 +13,9 @@ were trained on, and loading onto another base is refused.
 PEFT admits new methods through `register_peft_method`, which takes only names of its closed `PeftType`
 enum; domix adds the member `DOMIX` to that enum at import (`_peft_type`, the one private step) and then
 registers with PEFT's own function. Needs peft >= 0.18 (`BaseTuner` provides set_adapter, merging and
-unloading since then). `import domix` registers the method; without it, a saved DoMIX adapter fails to
-load with PEFT's KeyError 'DOMIX' rather than loading wrongly.
+unloading since then). Importing this module registers the method; `import domix` imports it as soon as
+PEFT is imported (`domix._after_import`). Without domix, a saved DoMIX adapter fails to load with PEFT's
+KeyError 'DOMIX' rather than loading wrongly.
 """
 from __future__ import annotations
 
