@@ -29,7 +29,7 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
     domains, orders = settings["domains"], [order_name(o) for o in settings["orders"]]
     tasks = list(settings["task_domains"])
     metric = settings.get("metric", "macro_f1")
-    # the test scores beside the metric: accuracy beside macro-F1; the log-likelihood protocol beside extraction
+    # the test scores beside the metric: accuracy beside macro-F1; a suite's other protocols beside extraction
     shown = [metric, "accuracy"] if metric == "macro_f1" else [metric, *SUITE_PROTOCOLS.values()]
     ok = lambda n: n in res and res[n].get("status") == "done"  # noqa: E731
     view = lambda n, t: task_result(res[n], t)  # noqa: E731
@@ -143,7 +143,6 @@ def collect(settings: dict, jobs: dict, runs: list, res: dict, methods: list[str
         fts = [res[n] for n in dict.fromkeys(n for m, _, _, o, n in runs if m == method and ok(n)
                                               and (method != "domix" or o == orders[0]))]
         if not fts or "train_time_s" not in fts[0]:  # scored without training: no fine-tuning cost
-            continue
             continue
         pre_jobs = {"modules": mod_jobs, "joint": ["joint"], "ncl": list(ncl_jobs.values()),
                     "untrained": [f"untrained/{d}" for d in settings["orders"][0]],  # built, not trained

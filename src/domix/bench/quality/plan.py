@@ -124,7 +124,9 @@ def plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: list
         other = deepcopy(settings)
         other["pretrain"]["seed"] = p
         p_jobs, p_runs = _plan(other, data, work, methods, [s for s in seeds if by_seed.get(s, base_seed) == p])
-        p_runs = [r for r in p_runs if r[3] in (None, order_name(settings["orders"][0]))]
+        # the first order's fine-tunes only (the floor's scores, which train nothing, come from the first plan)
+        p_runs = [r for r in p_runs if r[3] in (None, order_name(settings["orders"][0]))
+                  and METHODS[r[0]]["method"] != "none"]
         need, todo = set(), [r[4] for r in p_runs]
         while todo:  # only what these runs need (no LM evaluations, no second order)
             name = todo.pop()
@@ -281,7 +283,7 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
     # -- the floor of a suite: the base model and each task's module alone, scored without fine-tuning
     runs = []
     suite = settings.get("suite")
-    for method in [m for m in methods if METHODS[m]["method"] == "none"]:
+    for method in [m for m in methods if METHODS[m]["method"] == "none" and seeds]:
         own = METHODS[method].get("init") == "own"
         for task in (settings["task_domains"] if own else [None]):
             tests = {t: data["tasks"][t]["test"]["path"] for t in ([task] if own else settings["task_domains"])}

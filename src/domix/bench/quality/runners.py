@@ -157,8 +157,8 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
 
 
 def _score_suite(model, tokenizer, tests: dict, max_seq_len: int, max_new_tokens: int) -> dict:
-    """Each of a suite's test sets scored both ways (`choice_metrics`): {"tests": {task: scores},
-    "test_predictions": {task: {"y_true", "y_pred", "y_pred_loglik"}}}."""
+    """Each of a suite's test sets scored by every protocol (`choice_metrics`): {"tests": {task: scores},
+    "test_predictions": {task: {"y_true", "y_pred", "y_pred_loglik", "y_pred_cloze"}}}."""
     from ...data.tasks import read_jsonl
     from ...finetune import evaluate_rows
 
