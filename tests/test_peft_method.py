@@ -79,6 +79,10 @@ def test_save_load_merge_and_export_round_trip(tiny_decoder, lib, tmp_path):
     with torch.no_grad():
         want = model(_x()).logits
     model.save_pretrained(tmp_path / "adapter")
+    import json
+
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "DOMIX" and "import domix" in saved["loading"]  # for a user without domix
     # the library is not needed to load: the adapter holds A, P and B
     loaded = PeftModel.from_pretrained(_base(tiny_decoder, seed=5), tmp_path / "adapter").eval()
     with torch.no_grad():

@@ -73,6 +73,9 @@ class DomixConfig(PeftConfig):
     target_parameters: Optional[list[str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "also trained and saved (a head)"})
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(default=None)
+    # written into adapter_config.json for whoever opens it after PEFT's KeyError 'DOMIX'
+    loading: str = field(default="a DoMIX adapter: `pip install domix` and `import domix` before "
+                                 "PeftModel.from_pretrained; domix.export_lora writes it as a plain LoRA")
 
     def __post_init__(self):
         super().__post_init__()
