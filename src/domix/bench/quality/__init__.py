@@ -1,5 +1,5 @@
-"""`domix bench quality`: DoMIX against the baselines of DESIGN.md §3 on the four offline
-domains of §6 — the same data subsets, the same seeds, every training in its own process.
+"""`domix bench quality`: DoMIX against the baselines a reviewer would ask for on the four offline
+domains — the same data subsets, the same seeds, every training in its own process.
 
     data subset ─┬─ module <domain> ×4, library in order A ─┬─ lm-eval (held-out + general text)
                  ├─ module <domain> ×4, library in order B ─┤
@@ -60,7 +60,7 @@ def run_quality(preset: str | None = None, out=None, methods=None, seeds=None, w
                 data_root=None, progress: bool = True, threads: int | None = None, overrides: dict | None = None,
                 executor: str = "local", ray_address: str | None = None, config=None,
                 set_items: list[str] | None = None) -> dict:
-    """Run the quality benchmark (DESIGN.md §6) into `out` and return its results (also
+    """Run the quality benchmark into `out` and return its results (also
     `out/results.json`; `out/REPORT.md` and `out/plots/` hold the report). The jobs run in a
     local process pool (`executor="local"`) or as Ray tasks (`"ray"`, on the cluster at
     `ray_address`, default a local Ray instance; `out` must be on a file system every node sees).

@@ -692,7 +692,7 @@ def write_report(results: dict, out: Path) -> str:
               "and their memory bandwidth: compare ratios within one run, not absolute times; CPU time is the "
               "least disturbed measure. Peak RSS includes a few hundred MB of imported libraries common to every job.", ""]
     L += ["## Settings and budgets", "",
-          f"- Data: the benchmark data of `domix fetch data` (DESIGN.md §6); deterministic subsets in "
+          f"- Data: the benchmark data of `domix fetch data` (the README's \"The benchmark data\"); deterministic subsets in "
           f"`{results['data']['key']}`: task train/dev/test = "
           + ", ".join(f"{t} {v['train']['examples']}/{v['dev']['examples']}/{v['test']['examples']}"
                       for t, v in results["data"]["tasks"].items()) + ".",
@@ -736,7 +736,7 @@ def write_report(results: dict, out: Path) -> str:
              "then every task fine-tuned from the merged module as own-lora is from its domain's module (the same "
              "settings; the merged module keeps rank r, with PEFT's alpha = r)."]
             if any(m in MERGES for m in results["methods"]) else []),
-          *([f"- MoDE (DESIGN.md §4; {_mode_layout(results)}): each domain's expert sees the modules' "
+          *([f"- MoDE (docs/design.md; {_mode_layout(results)}): each domain's expert sees the modules' "
              f"{tokens:,} tokens of its domain (expert lr {s['mode']['lr']:g}, gate lr "
              f"{s['mode'].get('gate_lr', 1e-3):g}"
              f"{', from the grid above' if s.get('mode_lr_choice') else ', set in the settings of the run'}); "

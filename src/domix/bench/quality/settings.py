@@ -37,7 +37,7 @@ METHODS: dict[str, dict] = {
     "domix-untrained": {"method": "domix", "init": "untrained"},
     # the bridge over the 2 modules `library rank` puts first on the task's training text
     "domix-auto-2": {"method": "domix", "modules": "auto:2"},
-    # MoDE (DESIGN.md §4): experts trained alone, composed on the mixed corpora, then fine-tuned
+    # MoDE (docs/design.md): experts trained alone, composed on the mixed corpora, then fine-tuned
     "mode": {"method": "mode", "init": "composed"},
     "mode-frozen-experts": {"method": "mode", "init": "composed", "freeze_experts": True},
     # the merge baselines: order A's modules merged into one by PEFT (`domix library merge`), then
