@@ -251,8 +251,8 @@ def param_groups(model: nn.Module, lr: float, bridge_lr: float, weight_decay: fl
     or the Trainer's `optimizers=(optimizer, None)`. Works on a PeftModel of `DomixConfig` and on a
     `domix finetune` model alike."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    bridge = [p for n, p in trainable if ".domix_P." in n or n.endswith("lora_P")]
-    rest = [p for n, p in trainable if not (".domix_P." in n or n.endswith("lora_P"))]
+    bridge = [p for n, p in trainable if ".domix_P." in n]
+    rest = [p for n, p in trainable if ".domix_P." not in n]
     return [g for g in ({"params": rest, "lr": lr, "weight_decay": weight_decay},
                         {"params": bridge, "lr": bridge_lr, "weight_decay": 0.0}) if g["params"]]
 
