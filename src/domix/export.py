@@ -5,7 +5,6 @@ A' = A_cat, B' = B_cat P and the same scaling; `rank=K` truncates it per layer b
 """
 from __future__ import annotations
 
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,38 +82,17 @@ def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: in
 
 
 def _peft_export(model, spec: dict, rank: int | None, stage: Path) -> dict:
-    from peft import LoraConfig, get_peft_model
-
-    from .finetune import load_task_base
+    from .bridge.tuner import write_lora
 
     layers = bridged_layers(model)
     if not layers:
         raise ValueError("this task model has no bridge to export as a LoRA adapter")
     factors = {name: _lora_factors(layer, rank) for name, layer in layers.items()}
-    ranks = {n: f[0].shape[0] for n, f in factors.items()}
-    alphas = {n: f[2] * f[0].shape[0] for n, f in factors.items()}  # PEFT scaling = alpha / r
-    r0 = Counter(ranks.values()).most_common(1)[0][0]
-    a0 = Counter(alphas.values()).most_common(1)[0][0]
-    head = sorted({n.rsplit(".", 1)[0] for n in spec["head"]})
-    cfg = LoraConfig(r=r0, lora_alpha=a0, target_modules=sorted(layers), lora_dropout=0.0, bias="none",
-                     rank_pattern={n: r for n, r in ranks.items() if r != r0},
-                     alpha_pattern={n: a for n, a in alphas.items() if a != a0},
-                     modules_to_save=head or None,
-                     task_type=None if spec["task"] == "classify" else "CAUSAL_LM")  # SEQ_CLS would add absent head names
-    peft_model = get_peft_model(load_task_base(spec["base"], spec["task"], spec["labels"]).model, cfg)
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name, (A2, B2, _, _) in factors.items():
-            lora = inner.get_submodule(name)
-            lora.lora_A["default"].weight.copy_(A2)
-            lora.lora_B["default"].weight.copy_(B2)
-        own = dict(model.named_parameters())
-        for mod in head:
-            wrapper = inner.get_submodule(mod)
-            for pname, p in wrapper.modules_to_save["default"].named_parameters():
-                p.copy_(own[f"{mod}.{pname}"])
-    peft_model.peft_config["default"].base_model_name_or_path = spec["base_path"]
-    peft_model.save_pretrained(stage)
+    own = dict(model.named_parameters())
+    report = write_lora(stage, {n: f[:3] for n, f in factors.items()}, {n: own[n] for n in spec["head"]},
+                        task_type=None if spec["task"] == "classify" else "CAUSAL_LM",  # SEQ_CLS would add absent head names
+                        base_model_name_or_path=spec["base_path"])
     errs = {n: f[3] for n, f in factors.items()}
-    return {"lora_rank": r0, "lora_alpha": a0, "max_relative_error": max(errs.values()),
-            "mean_relative_error": sum(errs.values()) / len(errs), "layer_errors": errs}
+    return {"lora_rank": report["lora_rank"], "lora_alpha": report["lora_alpha"],
+            "max_relative_error": max(errs.values()), "mean_relative_error": sum(errs.values()) / len(errs),
+            "layer_errors": errs}

@@ -19,6 +19,7 @@ KeyError 'DOMIX' rather than loading wrongly.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -29,6 +30,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils.peft_types import PeftType, register_peft_method
 from torch import nn
 
+from ..io import atomic_dir
 from .layer import bridge_update
 
 NAME, PREFIX = "domix", "domix_"
@@ -257,42 +259,51 @@ def param_groups(model: nn.Module, lr: float, bridge_lr: float, weight_decay: fl
                         {"params": bridge, "lr": bridge_lr, "weight_decay": 0.0}) if g["params"]]
 
 
-def export_lora(model, out, adapter_name: str = "default") -> dict:
-    """Write a PeftModel of `DomixConfig` to `out` as one plain PEFT LoRA adapter of rank N·r per layer
-    (A' = A_cat, B' = B_cat P, the bridge's scaling; `modules_to_save` kept), which loads with PEFT
-    alone, without domix. The write is atomic. Returns the adapter's rank and alpha."""
+def write_lora(folder, factors: dict, head: dict, *, task_type=None, base_model_name_or_path=None) -> dict:
+    """Write a plain PEFT LoRA adapter into `folder` (a staging folder: the callers make the write
+    atomic), which loads with PEFT alone.
+
+    `factors` maps a target layer's name to (A', B', scaling) with the layer's update s · B' A';
+    `head` maps the parameter names of modules saved whole (a classification head, PEFT's
+    `modules_to_save`) to their tensors. Returns the adapter's most common rank and alpha."""
     from collections import Counter
-    from pathlib import Path
 
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from ..io import atomic_dir
+    tensors, ranks, alphas = {}, {}, {}
+    for name, (A, B, s) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+        ranks[name], alphas[name] = A.shape[0], s * A.shape[0]  # PEFT's scaling is alpha / r
+    for name, p in head.items():
+        tensors[f"base_model.model.{name}"] = p.detach().cpu().contiguous()
+    r0, a0 = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    saved = sorted({n.rsplit(".", 1)[0] for n in head})
+    lora = LoraConfig(r=r0, lora_alpha=a0, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
+                      rank_pattern={n: r for n, r in ranks.items() if r != r0},
+                      alpha_pattern={n: a for n, a in alphas.items() if a != a0}, modules_to_save=saved or None,
+                      task_type=task_type, base_model_name_or_path=base_model_name_or_path)
+    lora.save_pretrained(str(folder))
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {"lora_rank": r0, "lora_alpha": a0, "layers": len(factors)}
 
+
+def export_lora(model, out, adapter_name: str = "default") -> dict:
+    """Write a PeftModel of `DomixConfig` to `out` as one plain PEFT LoRA adapter of rank N·r per layer
+    (A' = A_cat, B' = B_cat P, the bridge's scaling; `modules_to_save` kept), which loads with PEFT
+    alone, without domix. The write is atomic. Returns the adapter's rank and alpha."""
     layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, DomixLinear)
               and adapter_name in m.domix_P}
     if not layers:
         raise ValueError(f"no DoMIX bridge named {adapter_name!r} in this model to export")
-    tensors, ranks, alphas = {}, {}, {}
     with torch.no_grad():
-        for name, m in layers.items():
-            A, P, B = m.domix_A[adapter_name], m.domix_P[adapter_name], m.domix_B[adapter_name]
-            tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = (B @ P).detach().float().cpu().contiguous()
-            ranks[name], alphas[name] = A.shape[0], m.domix_scaling[adapter_name] * A.shape[0]  # PEFT: alpha / r
+        factors = {name: (m.domix_A[adapter_name], m.domix_B[adapter_name] @ m.domix_P[adapter_name],
+                          m.domix_scaling[adapter_name]) for name, m in layers.items()}
+    marker = f".modules_to_save.{adapter_name}."  # a trained head: PEFT's copy, under the module's own name
+    head = {n.replace(marker, ".").removeprefix("base_model.model."): p
+            for n, p in model.named_parameters() if marker in n}
     cfg = model.peft_config[adapter_name]
-    saved = cfg.modules_to_save or []
-    for n, p in model.named_parameters():  # a trained head: PEFT's modules_to_save copy, under its own name
-        marker = f".modules_to_save.{adapter_name}."
-        if marker in n:
-            tensors["base_model.model." + n.replace(marker, ".").removeprefix("base_model.model.")] = \
-                p.detach().cpu().contiguous()
-    r0, a0 = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-    lora = LoraConfig(r=r0, lora_alpha=a0, target_modules=sorted(layers), lora_dropout=0.0, bias="none",
-                      rank_pattern={n: r for n, r in ranks.items() if r != r0},
-                      alpha_pattern={n: a for n, a in alphas.items() if a != a0}, modules_to_save=saved or None,
-                      task_type=cfg.task_type, base_model_name_or_path=cfg.base_model_name_or_path)
-    with atomic_dir(Path(out), overwrite=True) as stage:
-        lora.save_pretrained(str(stage))
-        save_file(tensors, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return {"lora_rank": r0, "lora_alpha": a0, "layers": len(layers)}
+    with atomic_dir(out, overwrite=True) as stage:
+        return write_lora(stage, factors, head, task_type=cfg.task_type,
+                          base_model_name_or_path=cfg.base_model_name_or_path)
