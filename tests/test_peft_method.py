@@ -186,3 +186,42 @@ def test_the_method_is_registered_whichever_is_imported_first(order):
     subprocess.run([sys.executable, "-c", code], check=True)
     light = "import sys, domix; assert 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", light], check=True)
+
+
+def test_finetune_and_a_script_of_the_api_train_the_same_model(tiny_decoder, lib, tmp_path):
+    """`domix finetune --method domix` and a user's script (get_peft_model + the Trainer + param_groups), on the
+    same data and seed, end at the same bridges: the CLI runs the PEFT method, not a copy of it."""
+    import json
+
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from domix.cli import main
+    from domix.data.tasks import generate_dataset, pad_collator
+    from domix.finetune import FinetuneConfig
+
+    rows = [{"prompt": f"item {i}: which court?", "answer": ["judge", "jury"][i % 2]} for i in range(12)]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, d = 3, FinetuneConfig(train="", eval="", out="")
+    assert main(["finetune", "--method", "domix", "--task", "generate", "--library", lib, "--base", tiny_decoder,
+                 "--train", str(data), "--eval", str(data), "--out", str(tmp_path / "cli"), "--max-steps", str(steps),
+                 "--batch-size", "4", "--save-steps", "0", "--threads", "1", "--device", "cpu", "--json"]) == 0
+    cli = load_file(str(tmp_path / "cli" / "model.safetensors"))
+
+    tok = AutoTokenizer.from_pretrained(tiny_decoder)
+    set_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_decoder), DomixConfig(library=lib))
+    args = TrainingArguments(str(tmp_path / "api"), max_steps=steps, per_device_train_batch_size=4, seed=0,
+                             data_seed=0, lr_scheduler_type="linear", warmup_steps=int(d.warmup * steps),
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    opt = torch.optim.AdamW(param_groups(model, lr=d.lr, bridge_lr=d.bridge_lr, weight_decay=d.weight_decay))
+    Trainer(model=model, args=args, train_dataset=generate_dataset(rows, tok, d.max_seq_len),
+            data_collator=pad_collator(tok), optimizers=(opt, None)).train()
+
+    api = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(api) == {n for n in cli if ".domix_P." in n or ".domix_B." in n}
+    assert any(".domix_P." in n and not torch.equal(p, torch.eye(len(p)) / 2) for n, p in api.items())  # it trained
+    for name, p in api.items():
+        torch.testing.assert_close(p.detach(), cli[name], rtol=0, atol=1e-6, msg=name)
