@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install install-dev demo test clean
+.PHONY: install install-dev demo test test-min gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# domix end to end on a CUDA device in bf16 and fp16, checked and timed (results/gpu-check/gpu-check.json)
+gpu-check: install
+	$(BIN)/python -m domix.bench.gpu_check --out results/gpu-check
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -14,6 +14,7 @@ from conftest import WORDS, _tokenizer, make_corpus
 from domix import pretrain
 from domix.cli import main
 from domix.finetune import finetune, load_task_model
+from domix.finetune.evaluate import _cache_name
 
 
 def _gemma3(path, tok):
@@ -143,12 +144,13 @@ def test_mode_experts_on_every_architecture(arch):
             for w in mode.blocks[0].out:
                 w.weight.copy_(torch.eye(w.weight.shape[0]) + 0.1 * torch.randn(w.weight.shape))
             full = model(input_ids=ids).logits
+            key = _cache_name(model)  # `cache` in newer transformers, `past_key_values` before
             out = model(input_ids=ids[:, :4], use_cache=True)
-            steps, cache = [out.logits], out.cache
+            steps, cache = [out.logits], getattr(out, key)
             for t in range(4, ids.shape[1]):  # 12 tokens: past Gemma-3's sliding window of 8
-                out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+                out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{key: cache})
                 steps.append(out.logits)
-                cache = out.cache
+                cache = getattr(out, key)
             torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     remove_mode(model)
     model.train()
