@@ -22,7 +22,7 @@ def test_bench_dap_schema_on_tiny_llama(tiny_decoder, corpora, tmp_path, capsys)
     for key in ("base", "steps", "seq_len", "batch_size", "threads", "torch", "date", "corpus"):
         assert key in s, key
     assert (s["steps"], s["seq_len"], s["batch_size"], s["threads"]) == (3, 16, 4, 1)
-    assert s["order"] == list(RUNS)
+    assert s["order"] == list(RUNS) and s["device"] == "cpu"
 
     runs = res["runs"]
     assert set(runs) == set(RUNS)
@@ -32,6 +32,7 @@ def test_bench_dap_schema_on_tiny_llama(tiny_decoder, corpora, tmp_path, capsys)
         raw = res["raw"][name][0]
         assert len(raw["step_times_s"]) == 3 and raw["warmup_steps"] == WARMUP_STEPS
         assert raw["threads"] == 1
+        assert raw["device"] == "cpu" and raw["peak_cuda_mb"] is None  # `auto` resolved once, on this machine
     # LoRA runs train the same adapter (all block linears, r=8); full-ft trains everything
     assert runs["domix"]["trainable_params"] == runs["peft-trainer"]["trainable_params"]
     assert runs["full-ft"]["trainable_params"] == runs["full-ft"]["total_params"]
@@ -94,3 +95,18 @@ def test_bench_dap_fused_and_ddp_runs(tiny_decoder, corpora, tmp_path):
     assert "all domains per forward pass" in res["table"] and "1 domain(s) per forward pass" in res["table"]
     assert "1 domain(s) per forward pass, 2 passes at once in threads" in res["table"]
     assert "| 2 |" in res["table"]
+
+
+def test_the_device_reaches_every_worker_and_cuda_peaks_are_read(monkeypatch):
+    """`--device` is resolved by the parent and handed to each worker process; on a CUDA device the worker reads
+    torch's peak CUDA memory (patched here: this machine has no GPU)."""
+    import torch
+
+    from domix.bench import dap
+
+    cmd = dap._command("fused", "b", "d", 1, 8, 2, 1, "r.json", domains=2, device="cuda:1")
+    assert cmd[cmd.index("--device") + 1] == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2 ** 20)
+    assert dap.peak_cuda_mb("cuda:0") == 3.0 and dap.peak_cuda_mb("cpu") is None
+    with pytest.raises(ValueError, match="no CUDA device"):
+        dap.run(dap.DapOptions(device="cuda", out=None))

@@ -21,6 +21,7 @@ def test_bench_finetune_schema(tiny_decoder, tmp_path, capsys):
     for r in res["runs"].values():
         assert r["step_time_s"] > 0 and r["peak_rss_mb"] > 0 and r["trainable_params"] > 0
         assert len(r["step_times_s"]) == 2
+        assert r["device"] == "cpu" and r["peak_cuda_mb"] is None
     runs = res["runs"]
     assert runs["base-full"]["trainable_params"] > runs["base-lora"]["trainable_params"]
     assert runs["floor"]["trainable_params"] < runs["base-lora"]["trainable_params"]  # the rank-1 adapter

@@ -154,6 +154,7 @@ def test_bad_input_is_refused_by_name(tiny_decoder, lib, tmp_path):
 
 
 def test_trl_sft_trainer_takes_the_config(tiny_decoder, lib, tmp_path):
+    pytest.importorskip("trl", reason="TRL is the optional `trl` extra (not in `make test-min`)")
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..checkpoints import DEFAULT_BASE
-from ..training import PRECISIONS, option
+from ..training import DEVICES, PRECISIONS, option
 
 RUNS = ("peft-trainer", "domix", "full-ft")
 WARMUP_STEPS = 2
@@ -65,6 +65,9 @@ class EfficiencyOptions:
     batch_size: int = option(8, "examples per step")
     threads: int | None = option(None, "torch threads of every run (default: torch's; 1 is least disturbed by "
                                        "other load)")
+    device: str = option("auto", "where every run trains (resolved once and recorded); on a CUDA device each step "
+                                 "is timed to its end and peak CUDA memory is measured beside peak RSS",
+                         choices=DEVICES)
 
 
 @dataclass(kw_only=True)
@@ -152,17 +155,34 @@ def _step_timer():
                 self.checkpointing = bool(getattr(body, "is_gradient_checkpointing", False))
 
         def on_step_begin(self, args, state, control, **kw):
+            _sync()
             self.begin.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            _sync()  # a CUDA step ends when its kernels do, not when Python has queued them
             self.end.append(time.perf_counter())
             self.cpu_end.append(time.process_time())
 
     return StepTimer()
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def peak_cuda_mb(device: str) -> float | None:
+    """This process's peak CUDA memory allocated by torch (MiB) on a CUDA `device`; None elsewhere."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20 if device.startswith("cuda") else None
+
+
 def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: int, batch_size: int,
-                   workdir: str, timer, gradient_checkpointing: bool = False, dtype: str = "fp32") -> None:
+                   workdir: str, timer, gradient_checkpointing: bool = False, dtype: str = "fp32",
+                   device: str = "cpu") -> None:
     """The script-style baseline: what a user would write with transformers + PEFT (a plain
     Trainer with the model's own loss, built by the one training recipe `build_trainer`)."""
     import torch
@@ -185,7 +205,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
     if kind == "peft-trainer":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
-    opts = TrainOptions(lr=LR, warmup=0.1, batch_size=batch_size, seed=0, device="cpu", dtype=dtype,
+    opts = TrainOptions(lr=LR, warmup=0.1, batch_size=batch_size, seed=0, device=device, dtype=dtype,
                         gradient_checkpointing=gradient_checkpointing, save_steps=0, progress=False)
     trainer = build_trainer(model, opts, work=Path(workdir), train_dataset=blocks, steps=total_steps,
                             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), lm_objective=None,
@@ -195,7 +215,7 @@ def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: i
 
 def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
            gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1, stack: int = 0,
-           parallel: int = 1) -> dict:
+           parallel: int = 1, device: str = "cpu") -> dict:
     """One benchmark run in this process; returns its measurements. `fused`: `domains` modules on
     copies of the corpus in one process, `stack` of them per forward pass (0: all), `parallel`
     passes at once in threads, timed end to end (loading included)."""
@@ -204,7 +224,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
     import torch
 
     if kind == "fused":
-        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains, stack, parallel)
+        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains, stack, parallel, device)
 
     torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
@@ -223,11 +243,11 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
             from ..library.pretrain import pretrain
 
             pretrain(domain="bench", data=[data], library=tmp, base=base, seq_len=seq_len, batch_size=batch_size,
-                     lr=LR, max_steps=total_steps, device="cpu", threads=threads, progress=False,
+                     lr=LR, max_steps=total_steps, device=device, threads=threads, progress=False,
                      gradient_checkpointing=gradient_checkpointing, dtype=dtype, callbacks=[timer])
         elif kind in RUNS:
             _plain_trainer(kind, base, data, total_steps, seq_len, batch_size, tmp, timer, gradient_checkpointing,
-                           dtype)
+                           dtype, device)
         else:
             raise ValueError(f"unknown run {kind!r}; known: {RUNS}")
     wall = time.perf_counter() - t0
@@ -247,7 +267,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
         "step_times_s": [round(x, 4) for x in intervals],
         "step_compute_s": statistics.median(compute), "step_cpu_s": statistics.median(cpu),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "rss_at_train_start_mb": timer.rss_loaded / 2**20,
+        "rss_at_train_start_mb": timer.rss_loaded / 2**20, "device": device, "peak_cuda_mb": peak_cuda_mb(device),
         "trainable_params": timer.trainable, "total_params": timer.total,
         "weights_dtype": timer.weights_dtype, "gradient_checkpointing": timer.checkpointing,
         "threads": torch.get_num_threads(), "wall_s": wall, "processes": world_size(),
@@ -256,7 +276,7 @@ def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size
 
 
 def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int, dtype: str,
-                  domains: int, stack: int = 0, parallel: int = 1) -> dict:
+                  domains: int, stack: int = 0, parallel: int = 1, device: str = "cpu") -> dict:
     import resource
 
     from ..library.fused import domains_per_pass, pretrain_fused
@@ -266,7 +286,7 @@ def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: in
     total = steps + WARMUP_STEPS
     with tempfile.TemporaryDirectory(prefix="domix-bench-fused-") as tmp:
         cfgs = [PretrainConfig(domain=f"d{i}", data=[data], library=tmp, base=base, seq_len=seq_len,
-                               batch_size=batch_size, lr=LR, max_steps=total, device="cpu", threads=threads,
+                               batch_size=batch_size, lr=LR, max_steps=total, device=device, threads=threads,
                                dtype=dtype, progress=False) for i in range(domains)]
         res = pretrain_fused(cfgs, progress=False, stack=stack or None, parallel=parallel)
     failed = {d: r["error"] for d, r in res.items() if r["status"] != "done"}
@@ -277,18 +297,18 @@ def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: in
             "parallel": parallel,
             "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
-            "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
+            "device": device, "peak_cuda_mb": peak_cuda_mb(device), "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
 
 
 def _command(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
              result: Path, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
-             processes: int = 1, stack: int = 0, parallel: int = 1) -> list[str]:
+             processes: int = 1, stack: int = 0, parallel: int = 1, device: str = "cpu") -> list[str]:
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     cmd = [*launch, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
            "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
            "--threads", str(threads), "--dtype", dtype, "--domains", str(domains), "--stack", str(stack),
-           "--parallel", str(parallel), "--result", str(result)]
+           "--parallel", str(parallel), "--device", device, "--result", str(result)]
     return cmd + (["--gradient-checkpointing"] if gradient_checkpointing else [])
 
 
@@ -307,15 +327,15 @@ def _read(kind: str, proc, result: Path) -> dict:
 
 def _spawn(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
            tmpdir: str, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
-           processes: int = 1, stack: int = 0, parallel: int = 1) -> dict:
+           processes: int = 1, stack: int = 0, parallel: int = 1, device: str = "cpu") -> dict:
     result = Path(tmpdir) / f"{kind}-{time.time_ns()}.json"
     cmd = _command(kind, base, data, steps, seq_len, batch_size, threads, result, gradient_checkpointing, dtype,
-                   domains, processes, stack, parallel)
+                   domains, processes, stack, parallel, device)
     proc = subprocess.run(cmd, env=_env(threads), capture_output=True, text=True)
     return _read(kind, proc, result)
 
 
-def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtype, tmpdir) -> dict:
+def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtype, tmpdir, device="cpu") -> dict:
     """n `domix` runs, `at_once` at a time with 1 thread each, timed end to end (first start to last end)."""
     t0, runs, pending = time.perf_counter(), [], list(range(n))
     running: list[tuple] = []
@@ -323,7 +343,7 @@ def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtyp
         while pending and len(running) < at_once:
             i = pending.pop(0)
             result = Path(tmpdir) / f"separate-{i}-{time.time_ns()}.json"
-            cmd = _command("domix", base, data, steps, seq_len, batch_size, 1, result, dtype=dtype)
+            cmd = _command("domix", base, data, steps, seq_len, batch_size, 1, result, dtype=dtype, device=device)
             running.append((subprocess.Popen(cmd, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                              text=True), result))
         proc, result = running.pop(0)
@@ -336,7 +356,7 @@ def _separate(n: int, at_once: int, base, data, steps, seq_len, batch_size, dtyp
             "runs": runs}
 
 
-def scale_study(opts, base: str, data: str, tmpdir: str, log) -> dict:
+def scale_study(opts, base: str, data: str, tmpdir: str, log, device: str = "cpu") -> dict:
     """Fused (all domains stacked per forward pass; one at a time; one at a time in each of 2
     threads) vs separate processes (`opts.fused` domains, 2 threads in all), and DDP on 2
     processes vs 1."""
@@ -344,22 +364,22 @@ def scale_study(opts, base: str, data: str, tmpdir: str, log) -> dict:
     steps, seq_len, batch, dtype = opts.steps, opts.seq_len, opts.batch_size, opts.dtype
     if opts.fused:
         log(f"scale: {opts.fused} modules in {opts.fused} separate processes, 2 at a time ...")
-        sep = _separate(opts.fused, 2, base, data, steps, seq_len, batch, dtype, tmpdir)
+        sep = _separate(opts.fused, 2, base, data, steps, seq_len, batch, dtype, tmpdir, device)
         out["runs"]["separate"] = sep
         for key, stack, parallel in (("fused", 0, 1), ("fused_stack1", 1, 1), ("fused_parallel", 1, 2)):
             log(f"scale: {opts.fused} modules fused in one process (2 threads), "
                 + ("all stacked in each forward pass" if not stack else f"{stack} per forward pass")
                 + (f", {parallel} passes at once" if parallel > 1 else "") + " ...")
             f = _spawn("fused", base, data, steps, seq_len, batch, 2, tmpdir, dtype=dtype, domains=opts.fused,
-                       stack=stack, parallel=parallel)
+                       stack=stack, parallel=parallel, device=device)
             out["runs"][key] = f
             out["ratios"].update({
                 f"{key}_peak_rss_over_separate_sum": f["peak_rss_mb"] / sep["peak_rss_mb_sum"],
                 f"{key}_tokens_per_s_over_separate": (f["tokens"] / f["wall_s"]) / (sep["tokens"] / sep["wall_s"])})
     if opts.ddp:
         log("scale: one module on 1 process, then on 2 DDP processes (1 thread each) ...")
-        one = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype)
-        two = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype, processes=2)
+        one = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype, device=device)
+        two = _spawn("domix", base, data, steps, seq_len, batch, 1, tmpdir, dtype=dtype, processes=2, device=device)
         out["runs"].update(ddp_1=one, ddp_2=two)
         out["ratios"]["ddp_scaling_2_processes"] = two["tokens_per_s"] / (2 * one["tokens_per_s"])
     return out
@@ -377,6 +397,7 @@ def _aggregate(runs: list[dict]) -> dict:
         "step_cpu_s": statistics.median(r["step_cpu_s"] for r in runs),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "rss_at_train_start_mb": statistics.median(r["rss_at_train_start_mb"] for r in runs),
+        "peak_cuda_mb": statistics.median(r["peak_cuda_mb"] for r in runs) if runs[0].get("peak_cuda_mb") else None,
         "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
         "repeats": len(runs),
     }
@@ -387,6 +408,8 @@ def _ratios(r: dict) -> dict:
     return {
         "tokens_per_s_domix_over_peft": domix["tokens_per_s"] / peft["tokens_per_s"],
         "peak_rss_domix_over_full": domix["peak_rss_mb"] / full["peak_rss_mb"],
+        **({"peak_cuda_domix_over_full": domix["peak_cuda_mb"] / full["peak_cuda_mb"]}
+           if domix.get("peak_cuda_mb") and full.get("peak_cuda_mb") else {}),
         # the two plain Trainer runs differ only by PEFT: the cleanest LoRA-vs-full comparison
         "step_time_lora_over_full": peft["step_time_s"] / full["step_time_s"],
         "step_time_domix_over_full": domix["step_time_s"] / full["step_time_s"],
@@ -401,20 +424,25 @@ def _met(op: str, value: float, target: float) -> bool:
     return value >= target if op == ">=" else value <= target
 
 
+def _mib(v) -> str:
+    return "–" if v is None else f"{v:.0f}"
+
+
 def _table(res: dict) -> str:
     s = res["settings"]
     lines = [f"DAP efficiency — base {s['base']}, {s['steps']} timed steps (+{s['warmup_steps']} warm-up), "
              f"batch {s['batch_size']} × seq {s['seq_len']}, {s['threads']} threads, torch {s['torch']}, "
-             f"repeats {s['repeats']}, {s.get('dtype', 'fp32')}" + (" (LoRA runs: frozen base in "
+             f"repeats {s['repeats']}, {s.get('dtype', 'fp32')} on {s.get('device', 'cpu')}" + (" (LoRA runs: frozen base in "
              f"{s.get('dtype')}; full-ft: fp32 weights + autocast)" if s.get("dtype", "fp32") != "fp32" else "")
              + (", gradient checkpointing in every run" if s.get("gradient_checkpointing") else ""), "",
              "| run | tokens/s | step time (s, median) | fastest step (s) | CPU s/step | peak RSS (MB) | "
-             "trainable params | load avg |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak CUDA (MiB) | trainable params | load avg |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["runs"].items():
         load = max(max(x["loadavg_before"], x["loadavg_after"]) for x in res["raw"][name])
         lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | "
-                     f"{r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['trainable_params']:,} | {load:.1f} |")
+                     f"{r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | {_mib(r.get('peak_cuda_mb'))} | "
+                     f"{r['trainable_params']:,} | {load:.1f} |")
     sc = res.get("scale") or {}
     if "separate" in sc:
         p = sc["separate"]
@@ -458,9 +486,11 @@ def run(opts: DapOptions) -> dict:
     import torch
     import transformers
 
-    from ..io import write_json
     from ..checkpoints import resolve_base
+    from ..io import write_json
+    from ..models import resolve_device
 
+    device = resolve_device(opts.device)
     steps, seq_len, batch_size = opts.steps, opts.seq_len, opts.batch_size
     if steps < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1, --seq-len >= 2")
@@ -478,13 +508,14 @@ def run(opts: DapOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="domix-bench-dap-") as tmp:
         for i, kind in enumerate(schedule, 1):
             print(f"[{i}/{len(schedule)}] {kind:12s} ...", end="", file=sys.stderr, flush=True)
-            r = _spawn(kind, base, data, steps, seq_len, batch_size, threads, tmp, checkpointing, dtype)
+            r = _spawn(kind, base, data, steps, seq_len, batch_size, threads, tmp, checkpointing, dtype,
+                       device=device)
             raw[kind].append(r)
             print(f" {r['tokens_per_s']:8.1f} tokens/s  {r['step_time_s']:.3f} s/step (fastest "
                   f"{r['step_time_min_s']:.3f})  peak RSS {r['peak_rss_mb']:.0f} MB  {r['wall_s']:.0f} s  "
                   f"load avg {r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}", file=sys.stderr, flush=True)
 
-        scale = scale_study(opts, base, data, tmp, lambda s: print(s, file=sys.stderr, flush=True)) \
+        scale = scale_study(opts, base, data, tmp, lambda s: print(s, file=sys.stderr, flush=True), device) \
             if opts.fused or opts.ddp else None
 
     runs = {k: _aggregate(v) for k, v in raw.items()}
@@ -500,7 +531,7 @@ def run(opts: DapOptions) -> dict:
         "settings": {
             "base": opts.base, "base_path": base, "steps": steps, "warmup_steps": WARMUP_STEPS,
             "seq_len": seq_len, "batch_size": batch_size, "lr": LR, "threads": threads, "repeats": repeats,
-            "gradient_checkpointing": checkpointing, "dtype": dtype, "fused_domains": opts.fused, "ddp": opts.ddp,
+            "gradient_checkpointing": checkpointing, "dtype": dtype, "device": device, "fused_domains": opts.fused, "ddp": opts.ddp,
             "order": schedule, "corpus": data, "corpus_source": source, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -535,12 +566,13 @@ def _main(argv=None) -> int:
     ap.add_argument("--domains", type=int, default=1, help="fused: modules trained together")
     ap.add_argument("--stack", type=int, default=0, help="fused: modules per forward pass (0: all)")
     ap.add_argument("--parallel", type=int, default=1, help="fused: forward passes at once, in threads")
+    ap.add_argument("--device", default="cpu", help="where the run trains (resolved by the parent)")
     a = ap.parse_args(argv)
     from ..distributed import is_main
     from ..io import write_json
 
     r = worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads, a.gradient_checkpointing,
-               a.dtype, a.domains, a.stack, a.parallel)
+               a.dtype, a.domains, a.stack, a.parallel, a.device)
     if is_main():  # under torchrun: one result, rank 0's (its steps are every process's)
         write_json(a.result, r)
     return 0

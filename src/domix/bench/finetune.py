@@ -27,7 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ..training import option
-from .dap import EfficiencyOptions
+from .dap import EfficiencyOptions, _mib
 
 RUNS = {"domix": {"method": "domix"}, "base-lora": {"method": "lora"}, "base-dora": {"method": "dora"},
         "base-full": {"method": "full"}, "floor": {"method": "lora", "lora_rank": 1}}
@@ -91,7 +91,7 @@ def _train_worker(name: str, opts: dict) -> dict:
     import torch
 
     from ..finetune import finetune
-    from .dap import _step_timer
+    from .dap import _step_timer, peak_cuda_mb
 
     torch.set_num_threads(opts["threads"])
     timer = _step_timer()
@@ -99,12 +99,13 @@ def _train_worker(name: str, opts: dict) -> dict:
     m = finetune(train=opts["train"], eval=opts["eval"], out=opts["out"], library=opts["library"], base=opts["base"],
                  method=RUNS[name]["method"], lora_rank=RUNS[name].get("lora_rank", opts["lora_rank"]),
                  max_steps=steps, eval_every=10 ** 6, save_steps=10 ** 6, batch_size=opts["batch_size"],
-                 max_seq_len=opts["seq_len"], device="cpu", threads=opts["threads"], progress=False, overwrite=True,
+                 max_seq_len=opts["seq_len"], device=opts["device"], threads=opts["threads"], progress=False, overwrite=True,
                  callbacks=[timer])
     times = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP, steps)]
     return {"run": name, "step_time_s": statistics.median(times), "step_time_min_s": min(times),
             "step_times_s": [round(t, 4) for t in times], "trainable_params": m["trainable_params"],
             "total_params": m["total_params"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "device": opts["device"], "peak_cuda_mb": peak_cuda_mb(opts["device"]),
             "loadavg": os.getloadavg()[0]}
 
 
@@ -116,23 +117,27 @@ def _inference_worker(task_model: str, opts: dict) -> dict:
     from ..export import export
     from ..checkpoints import resolve_base
     from ..models import load_tokenizer
+    from .dap import _sync
 
     torch.set_num_threads(opts["threads"])
     merged_dir = Path(opts["tmp"]) / "merged"
     export(task_model, merged_dir, "merged", overwrite=True)
-    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    dev = opts["device"]
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval().to(dev)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_base(opts["base"]),
-                                                              num_labels=merged.config.num_labels).eval()
+                                                              num_labels=merged.config.num_labels).eval().to(dev)
     base.config.pad_token_id = merged.config.pad_token_id
     tok = load_tokenizer(opts["base"])
     enc = tok(["a sentence about a product that works well"] * opts["batch_size"], padding="max_length",
-              max_length=opts["seq_len"], truncation=True, return_tensors="pt")
+              max_length=opts["seq_len"], truncation=True, return_tensors="pt").to(dev)
     t = {"merged": [], "base": []}
     with torch.no_grad():
         for rep in range(opts["inference_reps"] + 1):  # alternate the order: no model always goes first
             for name in (("merged", "base") if rep % 2 == 0 else ("base", "merged")):
+                _sync()
                 t0 = time.perf_counter()
                 (merged if name == "merged" else base)(**enc)
+                _sync()
                 t[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v[1:]) for k, v in t.items()}  # drop each model's first (warm-up) pass
 
@@ -145,9 +150,11 @@ def _in_process(fn, *args):
 def run(opts: FinetuneBenchOptions) -> dict:
     import torch
 
-    from ..io import write_json
     from ..checkpoints import resolve_base
+    from ..io import write_json
+    from ..models import resolve_device
 
+    device = resolve_device(opts.device)
     resolve_base(opts.base)  # fetch the default model once, here, not in each worker
     threads = opts.threads or torch.get_num_threads()
     n, rank = opts.modules, opts.module_rank
@@ -157,7 +164,7 @@ def run(opts: FinetuneBenchOptions) -> dict:
         train, dev = _task_files(Path(tmp), opts.steps * opts.batch_size + WARMUP * opts.batch_size)
         work = dict(train=train, eval=dev, library=library, base=opts.base, lora_rank=opts.lora_rank,
                     steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, threads=threads, tmp=tmp,
-                    inference_reps=opts.inference_reps)
+                    inference_reps=opts.inference_reps, device=device)
         for name in RUNS:
             print(f"[{name}] ...", end="", flush=True)
             raw[name] = _in_process(_train_worker, name, {**work, "out": str(Path(tmp) / name)})
@@ -169,6 +176,9 @@ def run(opts: FinetuneBenchOptions) -> dict:
         "step_time_domix_over_full": raw["domix"]["step_time_s"] / raw["base-full"]["step_time_s"],
         "peak_rss_domix_over_full": raw["domix"]["peak_rss_mb"] / raw["base-full"]["peak_rss_mb"],
         "peak_rss_domix_over_lora": raw["domix"]["peak_rss_mb"] / raw["base-lora"]["peak_rss_mb"],
+        **({"peak_cuda_domix_over_full": raw["domix"]["peak_cuda_mb"] / raw["base-full"]["peak_cuda_mb"],
+            "peak_cuda_domix_over_dora": raw["domix"]["peak_cuda_mb"] / raw["base-dora"]["peak_cuda_mb"]}
+           if raw["domix"]["peak_cuda_mb"] else {}),
         "inference_merged_over_base": inference["merged"] / inference["base"],
         # the least any every-layer adapter can reach against DoRA on this machine
         "step_time_floor_over_dora": raw["floor"]["step_time_s"] / raw["base-dora"]["step_time_s"],
@@ -178,16 +188,17 @@ def run(opts: FinetuneBenchOptions) -> dict:
     res = {"benchmark": "finetune",
            "settings": {"base": opts.base, "modules": n, "module_rank": rank, "lora_rank": opts.lora_rank,
                         "task": TASK, "steps": opts.steps, "warmup_steps": WARMUP, "batch_size": opts.batch_size,
-                        "max_seq_len": opts.seq_len, "threads": threads, "torch": torch.__version__,
+                        "max_seq_len": opts.seq_len, "threads": threads, "device": device, "torch": torch.__version__,
                         "date": datetime.now(timezone.utc).isoformat(timespec="seconds")},
            "runs": raw, "inference_s": inference, "ratios": ratios, "targets": targets}
     lines = [f"Fine-tuning cost — base {opts.base}, DoMIX over {n} modules of rank {rank}; LoRA/DoRA rank "
              f"{opts.lora_rank}; {TASK}, batch {opts.batch_size}, max seq {opts.seq_len}, {opts.steps} timed steps, "
-             f"{threads} threads", "",
-             "| run | step time (s, median) | fastest step (s) | peak RSS (MB) | trainable params |", "|---|---:|---:|---:|---:|"]
+             f"{threads} threads, on {device}", "",
+             "| run | step time (s, median) | fastest step (s) | peak RSS (MB) | peak CUDA (MiB) | trainable params |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, r in raw.items():
         lines.append(f"| {name} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['trainable_params']:,} |")
+                     f"{_mib(r['peak_cuda_mb'])} | {r['trainable_params']:,} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:-:|"]
     for k, v in ratios.items():
         t = targets.get(k)
