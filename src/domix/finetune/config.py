@@ -23,7 +23,7 @@ class DomixOptions:
     """`--method domix`: a bridge P between the chosen modules' frozen A's and their trained B's."""
 
     bridge_init: str = option("uniform", "initial bridge: uniform (I/N), rank (I/(N*r)), identity (I), own:DOMAIN "
-                                         "(uniform: best dev macro-F1 in the quick benchmark, see the README)")
+                                         "(uniform: best dev macro-F1 in the quick benchmark, see docs/benchmarks.md)")
     bridge_lr: float = option(3e-3, "learning rate of the bridge P, or of MoDE's gates (weight decay 0)")
     freeze_bridge: bool = option(False, "keep P at its initial value (ablation)")
 

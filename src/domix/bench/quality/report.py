@@ -692,7 +692,7 @@ def write_report(results: dict, out: Path) -> str:
               "and their memory bandwidth: compare ratios within one run, not absolute times; CPU time is the "
               "least disturbed measure. Peak RSS includes a few hundred MB of imported libraries common to every job.", ""]
     L += ["## Settings and budgets", "",
-          f"- Data: the benchmark data of `domix fetch data` (the README's \"The benchmark data\"); deterministic subsets in "
+          f"- Data: the benchmark data of `domix fetch data` (docs/guide.md, \"The benchmark data\"); deterministic subsets in "
           f"`{results['data']['key']}`: task train/dev/test = "
           + ", ".join(f"{t} {v['train']['examples']}/{v['dev']['examples']}/{v['test']['examples']}"
                       for t, v in results["data"]["tasks"].items()) + ".",

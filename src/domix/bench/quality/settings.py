@@ -114,7 +114,7 @@ DECISIVE = _merge(QUICK, {
                  "eval_every": 16, "keep_best": True, "patience": 2, "base_lora_rank": 8},
     # the composition: 256 steps (131,072 tokens of the mixture, four domains' budget) at gate lr 3e-2, with
     # the routing loss, gates that read the text so far and routed gates. Measured 2026-12-01 on this preset's fp32
-    # experts (frozen; held-out loss above each expert's own, mean of the 4 domains; README): token gates,
+    # experts (frozen; held-out loss above each expert's own, mean of the 4 domains; docs/mode.md): token gates,
     # 16 steps at gate lr 1e-3 / 1e-2 / 3e-2: 0.152 / 0.138 / 0.228 nats, 64 steps at 1e-2: 0.073 (0.172
     # without the routing loss); gates reading the mean context, 64 steps at 1e-2 / 3e-2: 0.057 / 0.198,
     # 128 steps at 1e-2: 0.045. Measured 2026-12-01 on a fresh set of this preset's fp32 experts, context gates:

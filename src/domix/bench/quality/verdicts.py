@@ -1,4 +1,4 @@
-"""Verdicts on the benchmark's claims (`CLAIMS`; the README's Quality section): paired differences of test macro-F1
+"""Verdicts on the benchmark's claims (`CLAIMS`; docs/benchmarks.md): paired differences of test macro-F1
 with intervals, and the words supported / not supported / inconclusive / incomplete.
 
 A comparison A − B is a paired bootstrap over test examples and seeds: each draw resamples the test
