@@ -82,6 +82,28 @@ def test_unknown_modules_and_bridge_init_name_the_known_ones(tiny_decoder, lib, 
     assert "own:chem" in line and "bio" in line and "law" in line
 
 
+def test_another_methods_options_are_refused_by_name(tiny_decoder, lib, tmp_path, capsys):
+    """An option the chosen method would ignore is refused, naming it and the method it belongs to."""
+    train = _jsonl(tmp_path / "train.jsonl", _rows())
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--lora-rank", "16"))
+    assert "--lora-rank (--method lora/dora) does not apply to --method domix" in line
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--method", "lora",
+                                       "--bridge-lr", "1e-2", "--gate-lr", "1e-2"))
+    assert "--bridge-lr (--method domix), --gate-lr (--method mode) do not apply to --method lora" in line
+    line = cli_error(capsys, _finetune(tmp_path, tiny_decoder, lib, train, train, "--method", "full"))
+    assert "--library (--method domix/lora/mode) does not apply to --method full" in line
+    assert not (tmp_path / "task").exists()
+
+
+def test_mode_gates_train_at_their_own_rate():
+    """MoDE's gates take --gate-lr, DoMIX's bridge --bridge-lr: two options, not one doing double duty."""
+    from domix.finetune import METHODS, FinetuneConfig
+
+    cfg = FinetuneConfig(train="t", eval="e", out="o", bridge_lr=1e-2, gate_lr=2e-2)
+    assert METHODS["mode"].mixing_lr(cfg) == 2e-2 and METHODS["domix"].mixing_lr(cfg) == 1e-2
+    assert "gate_lr" in METHODS["mode"].fields and "bridge_lr" not in METHODS["mode"].fields
+
+
 def test_a_corpus_with_invalid_utf8_is_named(tiny_decoder, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("good text here\n".encode() * 20 + b"broken \xff\xfe bytes\n")

@@ -130,3 +130,22 @@ def test_config_paths_outs_and_refusals(tiny_decoder, lib, tmp_path):
         with pytest.raises(ValueError, match=message):
             load_tasks(path)
     assert main(["finetune-all", "--config", str(path)]) == 2  # refused before anything runs
+
+
+def test_shared_settings_reach_only_the_methods_that_read_them(tmp_path):
+    """The top-level library (and `defaults`) go to the tasks whose method reads them; an option of another
+    method given for one task stays, for `finetune` to refuse by name."""
+    tasks = {"mix": {"train": "t.jsonl", "eval": "d.jsonl"},
+             "dora": {"train": "t.jsonl", "eval": "d.jsonl", "method": "dora"},
+             "odd": {"train": "t.jsonl", "eval": "d.jsonl", "method": "full", "lora_rank": 4}}
+    path = _config(tmp_path, "base", "lib", tasks, defaults={"bridge_lr": 1e-2, "lora_rank": 16})
+    configs, _ = load_tasks(path)
+    assert configs["mix"].library == str(tmp_path / "lib") and configs["mix"].bridge_lr == 1e-2
+    assert configs["mix"].lora_rank == FinetuneConfig.lora_rank  # the shared rank is dora's, not domix's
+    assert configs["dora"].library is None and configs["dora"].lora_rank == 16
+    assert configs["dora"].bridge_lr == FinetuneConfig.bridge_lr
+    assert configs["odd"].lora_rank == 4 and configs["odd"].library is None
+    from domix.finetune.train import _check
+
+    with pytest.raises(ValueError, match=r"--lora-rank \(--method lora/dora\) does not apply to --method full"):
+        _check(configs["odd"])

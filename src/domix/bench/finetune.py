@@ -90,14 +90,16 @@ def _task_files(tmp: Path, train_rows: int) -> tuple[str, str]:
 def _train_worker(name: str, opts: dict) -> dict:
     import torch
 
-    from ..finetune import finetune
+    from ..finetune import METHODS, finetune
     from .dap import _step_timer, peak_cuda_mb
 
     torch.set_num_threads(opts["threads"])
     timer = _step_timer()
     steps = opts["steps"] + WARMUP
-    m = finetune(train=opts["train"], eval=opts["eval"], out=opts["out"], library=opts["library"], base=opts["base"],
-                 method=RUNS[name]["method"], lora_rank=RUNS[name].get("lora_rank", opts["lora_rank"]),
+    method = RUNS[name]["method"]
+    own = {k: v for k, v in (("library", opts["library"]), ("lora_rank", RUNS[name].get("lora_rank", opts["lora_rank"])))
+           if k in METHODS[method].fields}  # another method's options are refused
+    m = finetune(train=opts["train"], eval=opts["eval"], out=opts["out"], base=opts["base"], method=method, **own,
                  max_steps=steps, eval_every=10 ** 6, save_steps=10 ** 6, batch_size=opts["batch_size"],
                  max_seq_len=opts["seq_len"], device=opts["device"], threads=opts["threads"], progress=False, overwrite=True,
                  callbacks=[timer])

@@ -24,7 +24,7 @@ class DomixOptions:
 
     bridge_init: str = option("uniform", "initial bridge: uniform (I/N), rank (I/(N*r)), identity (I), own:DOMAIN "
                                          "(uniform: best dev macro-F1 in the quick benchmark, see docs/benchmarks.md)")
-    bridge_lr: float = option(3e-3, "learning rate of the bridge P, or of MoDE's gates (weight decay 0)")
+    bridge_lr: float = option(3e-3, "learning rate of the bridge P (weight decay 0)")
     freeze_bridge: bool = option(False, "keep P at its initial value (ablation)")
 
 
@@ -48,6 +48,7 @@ class ModeOptions:
                                choices=GATE_CONTEXTS)
     gate_form: str = option("softmax", "--method mode with --library (fresh gates): " + GATE_FORM_HELP,
                             choices=GATE_FORMS)
+    gate_lr: float = option(3e-3, "--method mode: learning rate of the gates (weight decay 0)")
 
 
 @dataclass(kw_only=True)

@@ -10,6 +10,8 @@ locally or on Ray — `pretrain-all`'s mechanism (`read_config`, `run_all`) over
       pubmed-role: {train: tasks/pubmed-role/train.jsonl, eval: tasks/pubmed-role/dev.jsonl}
       reviews: {train: ..., eval: ..., out: models/reviews, lr: 1.0e-3}
 
+A shared setting (the top-level `library`, `defaults`) reaches only the tasks whose method reads it;
+an option given for one task that its method does not read is refused by name, as `finetune` does.
 Relative paths are from the file's folder. `out` defaults to `<out root>/<task>`; with `seeds`,
 every task model's directory ends in `-s<seed>` (as its name does).
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..library.pretrain_all import read_config, run_all
 from .config import FinetuneConfig
+from .methods import METHODS
 from .taskmodel import TASK_FILE
 from .train import finetune
 
@@ -58,7 +61,12 @@ def load_tasks(path: Path | str, out: Path | str | None = None,
         raise ValueError(f"{path}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
     root = Path(out).absolute() if out else path.parent
     configs = {}
+    specific = set().union(*(m.fields for m in METHODS.values()))
     for name, opts in entries:
+        method = METHODS.get(opts.get("method", FinetuneConfig.method))
+        if method is not None:  # a shared setting (top-level, `defaults`) goes to the tasks whose method reads it;
+            given = set((doc.get("tasks") or {}).get(name) or {}) | set(overrides)  # one given for this task is refused
+            opts = {k: v for k, v in opts.items() if k not in specific - method.fields or k in given}
         missing = [k for k in ("train", "eval") if not opts.get(k)]
         if missing:
             raise ValueError(f"{path}: task '{name}' has no {' and no '.join(missing)}")

@@ -44,8 +44,12 @@ class Method:
         return model
 
     def mixing(self, name: str) -> bool:
-        """Whether parameter `name` mixes modules (it then takes `bridge_lr`, no weight decay)."""
+        """Whether parameter `name` mixes modules (it then takes `mixing_lr`, no weight decay)."""
         return False
+
+    def mixing_lr(self, cfg: FinetuneConfig) -> float:
+        """The learning rate of the mixing parameters: DoMIX's bridge rate."""
+        return cfg.bridge_lr
 
     def saved(self, model) -> set[str]:
         """Names of the tensors a task model stores (beyond the base)."""
@@ -210,7 +214,10 @@ class Mode(Method):
     """MoDE experts beside the frozen base: from a composed model, or from library experts with fresh gates."""
 
     name = "mode"
-    fields = _names(ModeOptions) | {"library", "modules", "bridge_lr"}
+    fields = _names(ModeOptions) | {"library", "modules"}
+
+    def mixing_lr(self, cfg):
+        return cfg.gate_lr
 
     def build(self, model, cfg, head, base_fp):
         from ..mode import apply_mode, load_mode

@@ -15,7 +15,7 @@ from ..data.tasks import TaskDataError, classify_dataset, generate_dataset, labe
 from ..training import KEEP_BEST_FILE, build_trainer, finished, keep_best, resume_point, setup, total_steps
 from .config import TASKS, FinetuneConfig
 from .evaluate import classification_metrics, evaluate_rows
-from .methods import get_method
+from .methods import METHODS, get_method
 from .plots import plot_history
 from .taskmodel import build_model, save_task_model
 
@@ -26,7 +26,9 @@ def _check(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ValueError(f"unknown --task {cfg.task!r} (classify or generate)")
     if cfg.init_module and cfg.method != "lora":
         raise ValueError("--init-module needs --method lora and --library")
-    cfg = get_method(cfg.method).prepare(cfg)
+    method = get_method(cfg.method)
+    _refuse_other_methods_options(cfg, method)
+    cfg = method.prepare(cfg)
     if cfg.task == "generate":
         from transformers import AutoConfig
 
@@ -35,6 +37,20 @@ def _check(cfg: FinetuneConfig) -> FinetuneConfig:
         if is_masked_lm(AutoConfig.from_pretrained(resolve_base(cfg.base))):
             raise ValueError("--task generate needs a decoder (causal LM) base; this base is an encoder")
     return cfg
+
+
+def _refuse_other_methods_options(cfg: FinetuneConfig, method) -> None:
+    """An option of another method, set to other than its default, is refused by name: it would be
+    silently ignored (`--lora-rank` with `--method domix`)."""
+    from ..training import defaults
+
+    others = set().union(*(m.fields for m in METHODS.values())) - method.fields
+    default = defaults(FinetuneConfig)
+    stray = sorted(f for f in others if getattr(cfg, f) != default[f])
+    if stray:
+        owners = {f: "/".join(m.name for m in METHODS.values() if f in m.fields) for f in stray}
+        named = ", ".join(f"--{f.replace('_', '-')} (--method {owners[f]})" for f in stray)
+        raise ValueError(f"{named} {'does' if len(stray) == 1 else 'do'} not apply to --method {cfg.method}")
 
 
 def _datasets(cfg: FinetuneConfig, tokenizer):
@@ -74,7 +90,8 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in trainable if not method.mixing(n)], "lr": cfg.lr,
                "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in trainable if method.mixing(n)], "lr": cfg.bridge_lr, "weight_decay": 0.0}]
+              {"params": [p for n, p in trainable if method.mixing(n)], "lr": method.mixing_lr(cfg),
+               "weight_decay": 0.0}]
     steps = total_steps(cfg, len(train_ds))
     work = out.parent / f".{out.name}.work"
     kept = cfg.keep_best or cfg.patience

@@ -357,7 +357,8 @@ def _plan(settings: dict, data: dict, work: Path, methods: list[str], seeds: lis
                     if scale != 1.0:  # the rate grid (rates.py): the method's rates together, by one factor
                         kw["lr"] *= scale
                         if m["method"] in ("domix", "mode") and not m.get("freeze_bridge"):
-                            kw["bridge_lr"] = m.get("bridge_lr", defaults["bridge_lr"]) * scale
+                            rate = "gate_lr" if m["method"] == "mode" else "bridge_lr"  # the mixing parameters' rate
+                            kw[rate] = m.get("bridge_lr", defaults[rate]) * scale
                     steps = max(1, math.ceil(ft["epochs"] * t["train"]["examples"] / ft["batch_size"]))
                     # eval_every: dev scored every so many steps (keep_best keeps the best, patience stops);
                     # without it, the dev set is scored once, at the end
