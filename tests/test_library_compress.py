@@ -235,7 +235,7 @@ def test_imported_adapter_round_trips(tiny_decoder, corpora, tmp_path, capsys):
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         assert (lib / "ext" / f).read_bytes() == (adapter / f).read_bytes()
     # domix and plain PEFT agree: logits and the LM loss of eval-lm
-    from domix.lm import load_with_module
+    from domix.library.loading import load_with_module
 
     model, _ = load_with_module(tiny_decoder, str(lib), "ext")
     with torch.no_grad():

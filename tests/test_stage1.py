@@ -225,7 +225,7 @@ def test_bad_corpora_are_refused_clearly(tiny_decoder, tmp_path, capsys):
 
 
 def test_module_from_another_base_is_refused(tiny_decoder, tiny_encoder, corpora, tmp_path, capsys):
-    from domix.lm import load_with_module
+    from domix.library.loading import load_with_module
 
     lib = tmp_path / "lib"
     pretrain(domain="bio", data=[corpora["bio"]], library=str(lib), base=tiny_encoder, **FAST)
@@ -238,7 +238,7 @@ def test_module_from_another_base_is_refused(tiny_decoder, tiny_encoder, corpora
 
 
 def test_truncated_module_file_is_named(tiny_decoder, corpora, tmp_path, capsys):
-    from domix.lm import load_with_module
+    from domix.library.loading import load_with_module
 
     lib = tmp_path / "lib"
     pretrain(domain="bio", data=[corpora["bio"]], library=str(lib), base=tiny_decoder, **FAST)

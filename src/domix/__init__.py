@@ -1,7 +1,6 @@
 """domix: modular domain-adaptive pre-training with LoRA domain modules mixed through a bridge."""
-__version__ = "0.1.0"
-
 from ._after_import import after_import  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .library import Library, LibraryError  # noqa: E402
 from .library.pretrain import PretrainConfig, pretrain  # noqa: E402
 

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .checkpoints import DEFAULT_BASE
 from .cli_config import (PER_DOMAIN, add_eval_options, add_options, command, given, lm_text, report,
                          report_all)
@@ -173,7 +173,7 @@ def cmd_eval_lm(a) -> int:
 
         out = eval_mode(a.model, a.data, **opts)
     else:
-        from .lm import eval_lm
+        from .eval_lm import eval_lm
 
         out = eval_lm(a.base, a.data, a.library, a.module, **opts)
     return report(a, out, lm_text(out))

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .training import option
+from .options import option
 
 
 @dataclass(kw_only=True)

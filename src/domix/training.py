@@ -20,8 +20,11 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
+
+from .options import option  # noqa: F401  (re-exported: the configs of every stage import it from here)
+
 
 class _Devices(tuple):
     """The `--device` values: these names, and `cuda:N` for any N (argparse asks `in`)."""
@@ -34,16 +37,6 @@ class _Devices(tuple):
 
 DEVICES = _Devices(("auto", "cpu", "cuda", "cuda:N", "mps"))
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def option(default=MISSING, help: str = "", **meta):
-    """A config field with its command-line help (and e.g. `choices`, `group`, `cli=False`);
-    without a default it is required."""
-    if default is MISSING:
-        return field(metadata={"help": help, **meta})
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass(kw_only=True)
@@ -319,7 +312,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {"domix": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version()}

@@ -60,7 +60,7 @@ def recompute(folder) -> dict:
 
 
 def run(opts: VerdictsOptions) -> dict:
-    from .quality.report import claim_verdicts
+    from .quality.report_tables import claim_verdicts
 
     out = recompute(opts.dir)
     lines = claim_verdicts({"verdicts": out["verdicts"]})

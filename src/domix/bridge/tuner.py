@@ -191,7 +191,7 @@ class DomixModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: DomixConfig, adapter_name: str) -> None:
         from ..library import Library, LibraryError
         from ..models import fingerprint
-        from .apply import bridge_parts
+        from .parts import bridge_parts
 
         parts = self.__dict__.setdefault("_domix_parts", {})
         if id(config) in _GIVEN:  # `inject`: the tensors are given

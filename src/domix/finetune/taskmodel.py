@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoints import resolve_base
 from ..io import atomic_dir, write_json
 from ..library import LibraryError

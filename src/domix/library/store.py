@@ -7,9 +7,11 @@ Entries whose name starts with '.' are staging/work areas and are never listed.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from safetensors import SafetensorError, safe_open
 
@@ -23,6 +25,39 @@ KIND_FILES = {  # what a complete entry of each kind holds; its weights file com
 
 class LibraryError(ValueError):
     """A module is missing, incomplete, corrupt or does not fit the base model."""
+
+
+@dataclass(frozen=True)
+class EntryKind:
+    """What the library asks of a kind of entry: a one-line description of an entry (`library list`),
+    and whether it fits a loaded base (`fits(module, model, shapes)`, raising LibraryError;
+    `shapes`: the base's 2-D weights by module name). The default only reads the weights to the end."""
+
+    describe: Callable[["Module"], str]
+    fits: Callable[["Module", Any, dict], None] = lambda mod, model, shapes: readable(mod)
+
+
+KINDS: dict[str, EntryKind] = {}
+# Kinds defined above the library register themselves when their package is imported; the library
+# imports that package by name when it first meets an entry of the kind (no import arrow upwards).
+PROVIDERS = {"mode-expert": "domix.mode"}
+
+
+def readable(mod: "Module") -> None:
+    """The entry's weights read to the end (a truncated or corrupt file is an error naming it)."""
+    mod.tensors()
+
+
+def register_kind(name: str, kind: EntryKind) -> None:
+    KINDS[name] = kind
+
+
+def entry_kind(name: str) -> EntryKind:
+    if name not in KINDS and name in PROVIDERS:
+        importlib.import_module(PROVIDERS[name])
+    if name not in KINDS:
+        raise LibraryError(f"unknown kind of library entry {name!r} (known: {sorted({*KINDS, *PROVIDERS})})")
+    return KINDS[name]
 
 
 def entry_name(name: str, what: str = "module") -> str:
@@ -80,18 +115,8 @@ class Module:
         import math
 
         params = sum(math.prod(s) for s in self.shapes().values())
-        if self.kind == "lora":
-            cfg = json.loads((self.path / "adapter_config.json").read_text())
-            targets = cfg.get("target_modules")
-            layout = f"LoRA r={cfg.get('r')} on {', '.join(sorted(targets)) if isinstance(targets, list) else targets}"
-        elif self.kind == "mode-expert":
-            from ..mode.layer import Layout
-
-            layout = f"MoDE expert, {Layout.from_dict(self.meta['layout']).describe()}"
-        else:
-            layout = "all weights (a whole checkpoint)"
         return {"kind": self.kind, "size_bytes": self.weights_file.stat().st_size, "params": params,
-                "layout": layout}
+                "layout": entry_kind(self.kind).describe(self)}
 
     def check_base(self, base_fingerprint: str) -> None:
         if self.meta.get("base_fingerprint") != base_fingerprint:
@@ -163,9 +188,6 @@ class Library:
     def check(self, model, fingerprint: str) -> list[str]:
         """Problems of every module against a loaded base model: fingerprint, files, and each
         kind's fit — a LoRA's A/B shapes, a MoDE expert's block layout."""
-        from ..lora import lora_pairs
-        from ..mode.layer import Layout, layout_for
-
         problems = []
         shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if hasattr(m, "weight")
                   and getattr(m, "weight") is not None and m.weight.dim() == 2}
@@ -173,23 +195,29 @@ class Library:
             try:
                 mod = self.get(name)
                 mod.check_base(fingerprint)
-                if mod.kind == "mode-expert":
-                    saved = Layout.from_dict(mod.meta["layout"])
-                    here = layout_for(model, saved.blocks, saved.expert_layers)
-                    if saved != here:
-                        raise LibraryError(f"module '{name}': block layout {saved.describe()} does not fit "
-                                           f"the base ({here.describe()})")
-                if mod.kind != "lora":
-                    mod.tensors()  # readable to the end
-                    continue
-                for layer, (a, b) in lora_pairs(mod.tensors()).items():
-                    if layer not in shapes:
-                        raise LibraryError(f"module '{name}': layer {layer} does not exist in the base")
-                    d_out, d_in = shapes[layer]
-                    if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
-                        raise LibraryError(
-                            f"module '{name}': {layer} has A {tuple(a.shape)} / B {tuple(b.shape)}, "
-                            f"which do not fit the base layer ({d_out} x {d_in})")
+                entry_kind(mod.kind).fits(mod, model, shapes)
             except LibraryError as e:
                 problems.append(str(e))
         return problems
+
+
+def _describe_lora(mod: Module) -> str:
+    cfg = json.loads((mod.path / "adapter_config.json").read_text())
+    targets = cfg.get("target_modules")
+    return f"LoRA r={cfg.get('r')} on {', '.join(sorted(targets)) if isinstance(targets, list) else targets}"
+
+
+def _lora_fits(mod: Module, model, shapes: dict) -> None:
+    from ..lora import lora_pairs
+
+    for layer, (a, b) in lora_pairs(mod.tensors()).items():
+        if layer not in shapes:
+            raise LibraryError(f"module '{mod.name}': layer {layer} does not exist in the base")
+        d_out, d_in = shapes[layer]
+        if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+            raise LibraryError(f"module '{mod.name}': {layer} has A {tuple(a.shape)} / B {tuple(b.shape)}, "
+                               f"which do not fit the base layer ({d_out} x {d_in})")
+
+
+register_kind("lora", EntryKind(describe=_describe_lora, fits=_lora_fits))
+register_kind("full", EntryKind(describe=lambda mod: "all weights (a whole checkpoint)"))

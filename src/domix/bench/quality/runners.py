@@ -115,7 +115,8 @@ def _run_lm_eval(spec: dict, out: str) -> dict:
     of `{"mixture": [expert dirs]}`, the MoDE experts' Bayesian mixture (`mixture_lm_loss`), which a
     masked-LM base skips (a posterior from the text so far needs next-token predictions)."""
     from ...data.corpus import load_documents, pack
-    from ...lm import lm_loss, load_with_module, mixture_lm_loss
+    from ...library.loading import load_with_module
+    from ...lm import lm_loss, mixture_lm_loss
     from ...mode.model import load_mode_model
     from ...models import load_model, load_tokenizer
 
@@ -175,7 +176,7 @@ def _score_suite(model, tokenizer, tests: dict, max_seq_len: int, max_new_tokens
 
 def _run_score(spec: dict, out: str) -> dict:
     """A model scored on test sets without fine-tuning: the base (zero-shot) or the base with one module."""
-    from ...lm import load_with_module
+    from ...library.loading import load_with_module
     from ...models import load_model, load_tokenizer
 
     m = spec["model"]

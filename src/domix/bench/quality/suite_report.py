@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from ...io import atomic_write, save_figure
-from .report import _fmt, _num, _params, _secs, _step, claim_verdicts, metric_table, run_header, selection_section
+from .report_tables import _num, _params, _secs, _step, claim_verdicts, metric_table, run_header, selection_section
 
 PROTOCOLS = {"accuracy": "answer extraction from the greedy generation (the paper's protocol)",
              "accuracy_loglik": "the most likely answer sentence (\"the correct answer is answer2\") by summed "

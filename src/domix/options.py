@@ -1,0 +1,15 @@
+"""`option`: a config dataclass field with its command-line help — the one source of every command's
+options (the CLI is generated from the config dataclasses)."""
+from __future__ import annotations
+
+from dataclasses import MISSING, field
+
+
+def option(default=MISSING, help: str = "", **meta):
+    """A config field with its command-line help (and e.g. `choices`, `group`, `cli=False`);
+    without a default it is required."""
+    if default is MISSING:
+        return field(metadata={"help": help, **meta})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
