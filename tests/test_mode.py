@@ -12,6 +12,7 @@ from domix import Library, LibraryError
 from domix.mode import apply_mode, find_layers, load_mode, load_mode_model, mode_of, remove_mode, save_mode
 from domix.cli import main
 from domix.mode.train import ModePretrainConfig, compose, eval_mode, pretrain_expert
+from domix.finetune.evaluate import _cache_name
 from domix.library.pretrain_all import load_config, pretrain_all
 
 FAST = dict(max_steps=8, batch_size=4, seq_len=16, lr=1e-2, gate_lr=5e-2, progress=False, device="cpu", threads=1)
@@ -122,12 +123,14 @@ def test_kv_cache_decoding_matches_a_full_forward(tiny_decoder, context, form):
     _randomise_gates(apply_mode(model, ["a", "b"], init="random", gate_context=context, gate_form=form))
     with torch.no_grad():
         full = model(input_ids=IDS, attention_mask=MASK).logits
+        key = _cache_name(model)  # `cache` in newer transformers, `past_key_values` before
         out = model(input_ids=IDS[:, :4], attention_mask=MASK[:, :4], use_cache=True)
-        steps, cache = [out.logits], out.cache
+        steps, cache = [out.logits], getattr(out, key)
         for t in range(4, IDS.shape[1]):
-            out = model(input_ids=IDS[:, t:t + 1], attention_mask=MASK[:, :t + 1], cache=cache, use_cache=True)
+            out = model(input_ids=IDS[:, t:t + 1], attention_mask=MASK[:, :t + 1], use_cache=True,
+                        **{key: cache})
             steps.append(out.logits)
-            cache = out.cache
+            cache = getattr(out, key)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -10,14 +10,17 @@ from pathlib import Path
 
 from ._version import __version__
 from .checkpoints import DEFAULT_BASE
-from .cli_config import (PER_DOMAIN, add_eval_options, add_options, command, given, lm_text, report,
-                         report_all)
+from .cli_config import (PER_DOMAIN, EvaluateOptions, ExportOptions, add_eval_options, add_options, command, given,
+                         lm_text, report, report_all)
 from .executors import PoolOptions
 from .finetune.config import FinetuneConfig
 from .finetune.finetune_all import PER_TASK
 from .io import json_stdout, print_json
-from .library.merge import COMBINATIONS, DEFAULT_DENSITY
+from .library.compress import CompressOptions
+from .library.importing import AddOptions
+from .library.merge import MergeOptions
 from .library.pretrain import PretrainConfig
+from .library.select import RankOptions
 from .training import DEVICES
 
 
@@ -105,10 +108,9 @@ def cmd_library(a) -> int:
                       f"{steps:>6} {tokens:>9} {held:>9s}  {r['layout']}")
         return 0
     if a.action == "rank":
-        from .library.select import plot_ranking, rank_modules
+        from .library.select import RankOptions, plot_ranking, rank_modules
 
-        out = rank_modules(a.library, a.data, base=a.base, modules=a.modules, seq_len=a.seq_len,
-                           batch_size=a.batch_size, max_blocks=a.max_blocks, device=a.device, progress=not a.json)
+        out = rank_modules(**given(a, RankOptions, exclude=("plot",)), progress=not a.json)
         if a.plot:
             out["plot"] = str(plot_ranking(out, a.plot))
         top = max((abs(r["gain"]) for r in out["ranking"]), default=0) or 1.0
@@ -118,10 +120,9 @@ def cmd_library(a) -> int:
                   for i, r in enumerate(out["ranking"], 1)]
         return report(a, out, "\n".join(lines + ([f"plot: {out['plot']}"] if a.plot else [])))
     if a.action == "merge":
-        from .library.merge import merge_modules
+        from .library.merge import MergeOptions, merge_modules
 
-        meta = merge_modules(a.library, a.modules, a.combination, a.out, base=a.base, weights=a.weights,
-                             density=a.density, seed=a.seed, overwrite=a.overwrite)
+        meta = merge_modules(**given(a, MergeOptions))
         m = meta["merged"]
         return report(a, meta, f"module '{a.out}' -> {lib.path / a.out}: {m['combination']} merge of "
                                f"{', '.join(m['modules'])} (weights {', '.join(f'{w:g}' for w in m['weights'])}"
@@ -145,10 +146,9 @@ def cmd_library(a) -> int:
 
 
 def cmd_library_compress(a) -> int:
-    from .library.compress import compress_module
+    from .library.compress import CompressOptions, compress_module
 
-    out = compress_module(a.library, a.module, a.out, rank=a.rank, energy=a.energy, base=a.base,
-                          overwrite=a.overwrite, device=a.device, eval_blocks=a.eval_blocks, text_field=a.text_field)
+    out = compress_module(**given(a, CompressOptions))
     ranks = [v["rank"] for v in out["layers"].values()]
     loss = (f"held-out loss {out['heldout_loss_before']:.4f} -> {out['heldout_loss_after']:.4f}"
             if out["heldout_loss_after"] is not None else out["heldout_note"])
@@ -158,9 +158,9 @@ def cmd_library_compress(a) -> int:
 
 
 def cmd_library_add(a) -> int:
-    from .library.importing import add_adapter
+    from .library.importing import AddOptions, add_adapter
 
-    meta = add_adapter(a.library, a.adapter, a.domain, a.base, overwrite=a.overwrite)
+    meta = add_adapter(**given(a, AddOptions))
     return report(a, meta, f"adapter {a.adapter} -> module '{a.domain}' in {a.library} (LoRA r={meta['rank']}, "
                            f"fits base {a.base})")
 
@@ -267,11 +267,6 @@ def cmd_bench(a) -> int:
     return report(a, out, out.get("table", ""))
 
 
-def float_list(text: str) -> list[float]:
-    """A comma list of numbers (`--weights 0.5,0.25,0.25`)."""
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def _library_dir(q) -> None:
     """The library directory, as a positional (`library list lib/`) or as `--library` like the other
     library commands."""
@@ -329,29 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name")
     q = lsub.add_parser("rank", help="which modules a task needs: each module's loss gain over the base on the "
                                      "task's own text, most relevant first")
-    q.add_argument("--library", required=True, help="library directory")
-    q.add_argument("--data", required=True, help="the task's JSONL (its 'text', or 'prompt' and 'answer', is scored)")
-    q.add_argument("--base", default=None, help="default: the base the modules were trained on")
-    q.add_argument("--modules", default="all", help="'all' (every LoRA module) or a comma list")
-    q.add_argument("--plot", default=None, help="also write a bar plot PNG of the gains here")
-    q.add_argument("--seq-len", type=int, default=128, help="tokens per scored block (default: %(default)s)")
-    q.add_argument("--batch-size", type=int, default=8, help="default: %(default)s")
-    q.add_argument("--max-blocks", type=int, default=32, help="blocks of the task's text scored (default: %(default)s)")
-    q.add_argument("--device", choices=DEVICES, default="auto")
+    add_options(q, RankOptions)
     q.add_argument("--json", action="store_true")
     text = "merge LoRA modules into a new library entry with PEFT's add_weighted_adapter (linear, TIES or DARE-TIES)"
     q = lsub.add_parser("merge", help=text, description=text)
-    q.add_argument("--library", required=True, help="library directory (the merged entry is written there too)")
-    q.add_argument("--modules", required=True, help="comma list of at least 2 LoRA modules of one base and one rank")
-    q.add_argument("--combination", required=True, choices=COMBINATIONS, help="PEFT's combination_type")
-    q.add_argument("--density", type=float, default=None,
-                   help=f"ties/dare_ties: fraction of each module's values kept (default: {DEFAULT_DENSITY})")
-    q.add_argument("--weights", type=float_list, default=None,
-                   help="comma list, one weight per module (default: 1/N each)")
-    q.add_argument("--out", required=True, help="name of the merged entry")
-    q.add_argument("--base", default=None, help="default: the base the modules were trained on")
-    q.add_argument("--seed", type=int, default=0, help="seeds dare_ties' random drop (default: %(default)s)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing entry of that name")
+    add_options(q, MergeOptions)
     q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
     q = lsub.add_parser("check", help="check every entry against a base model: fingerprint, files, LoRA shapes, MoDE layouts "
                                       "(exit 1 on any problem)")
@@ -360,31 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     text = "a smaller copy of a LoRA module: each layer's update re-factorised by SVD to a lower rank"
     q = lsub.add_parser("compress", help=text, description=text)
-    q.add_argument("--library", required=True, help="library directory (the new entry is written there too)")
-    q.add_argument("--module", required=True, help="the LoRA module to compress")
-    q.add_argument("--rank", type=int, default=None, help="keep this rank in every layer (below the module's rank)")
-    q.add_argument("--energy", type=float, default=None,
-                   help="instead: per layer, the smallest rank keeping this fraction (0 < E <= 1) of the update's "
-                        "squared singular values; 1.0 keeps every nonzero one (the same update)")
-    q.add_argument("--out", required=True, help="name of the new entry")
-    q.add_argument("--base", default=None, help="default: the base the module was trained on")
-    q.add_argument("--device", choices=DEVICES, default="auto", help="where the held-out loss is scored "
-                                                                    "(default: %(default)s)")
-    q.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored before and after, as the "
-                   "module's pretrain --eval-blocks (default: pretrain's default)")
-    q.add_argument("--text-field", default=None, help="as the module's pretrain --text-field, for .jsonl/.json/.csv "
-                   "corpora (default: pretrain's default)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing entry of that name")
+    add_options(q, CompressOptions)
     q.add_argument("--json", action="store_true", help="print the compression record as JSON")
     q.set_defaults(func=cmd_library_compress)
     text = "import a PEFT LoRA adapter trained elsewhere as a module, once it is checked against the base"
     q = lsub.add_parser("add", help=text, description=text)
-    q.add_argument("--library", required=True, help="library directory")
-    q.add_argument("--adapter", required=True, help="the adapter's directory (adapter_config.json and "
-                                                    "adapter_model.safetensors)")
-    q.add_argument("--domain", required=True, help="name of the new entry")
-    q.add_argument("--base", required=True, help="the base model the adapter was trained on: checked, then recorded")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing entry of that name")
+    add_options(q, AddOptions)
     q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
     q.set_defaults(func=cmd_library_add)
     p.set_defaults(func=cmd_library)
@@ -411,12 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "evaluate", "score a task model on a JSONL file (or a base model zero-shot on instruction "
                                  "rows; rows with `choices` are scored by answer extraction and by log-likelihood)",
                 cmd_evaluate)
-    p.add_argument("--model", required=True, help="a task model directory, or a base model (zero-shot)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="tokens per example, a longer prompt cut from its left (default: the task model's; 256 for a "
-                        "base model)")
-    p.add_argument("--device", choices=DEVICES, default=DEVICES[0])
+    add_options(p, EvaluateOptions)
 
     p = command(sub, "predict", "labels with probabilities, or generated answers", cmd_predict)
     p.add_argument("--model", required=True)
@@ -426,11 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default=DEVICES[0])
 
     p = command(sub, "export", "merged Hugging Face checkpoint or one standard PEFT LoRA adapter", cmd_export)
-    p.add_argument("--model", required=True, help="a domix task model directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["merged", "peft-lora"], default="merged")
-    p.add_argument("--rank", type=int, default=None, help="SVD-truncate each layer's update to this rank")
-    p.add_argument("--overwrite", action="store_true")
+    add_options(p, ExportOptions)
 
     from .mode.cli import register as register_mode
 

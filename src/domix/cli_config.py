@@ -2,8 +2,9 @@
 default is written once), subcommands with `--json`, and their output.
 
 `add_options(parser, cls)` adds one `--field-name` per field of `cls` (a dataclass written with
-`domix.training.option`): its type from the annotation (int, float, str, `X | None`, `list[X]`
-as `nargs="+"`, bool as a flag, `--no-x` when on by default), its `choices`, its help ending with the dataclass default;
+`domix.options.option`): its type from the annotation (int, float, str, `X | None`, `list[X]`
+as `nargs="+"`, bool as a flag, `--no-x` when on by default; `parse=` in the metadata parses the text
+itself, e.g. a comma list), its `choices`, its help ending with the dataclass default;
 fields without a default are required; fields sharing a `metadata["group"]` are mutually
 exclusive (the budget: --epochs / --max-steps / --max-tokens; the one given replaces the
 others, so they default to None here); `cli=False` fields are left out.
@@ -18,10 +19,10 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import MISSING
+from dataclasses import MISSING, dataclass
 
 from .io import print_json
-from .training import DEVICES, LMTrainOptions, field_default
+from .training import DEVICES, LMTrainOptions, field_default, option
 
 
 def _kind(annotation) -> tuple[type, bool]:
@@ -68,7 +69,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, exclude=(), optional=()
         if tp is bool:  # a flag that turns it on, or --no-... when it is on by default
             flag, kw["action"] = ("--no-" + flag[2:], "store_false") if default is True else (flag, "store_true")
         else:
-            kw.update(type=tp, nargs="+" if many else None, choices=meta.get("choices"))
+            kw.update(type=meta.get("parse", tp), nargs="+" if many else None, choices=meta.get("choices"))
         if default is MISSING and f.name not in optional:
             kw["required"] = True
         else:
@@ -105,17 +106,46 @@ def command(sub, name: str, text: str, func) -> argparse.ArgumentParser:
     return p
 
 
-def add_eval_options(p: argparse.ArgumentParser) -> None:
+@dataclass(kw_only=True)
+class LMEvalOptions:
     """The options of an LM evaluation (`eval-lm`, `mode eval`): the corpus and how it is scored."""
-    p.add_argument("--data", nargs="+", required=True, help="the corpus to score")
-    p.add_argument("--seq-len", type=int, default=LMTrainOptions.seq_len,
-                   help="tokens per block (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=LMTrainOptions.batch_size, help="default: %(default)s")
-    p.add_argument("--max-blocks", type=int, default=LMTrainOptions.eval_blocks,
-                   help="score at most this many blocks (default: %(default)s)")
-    p.add_argument("--device", choices=DEVICES, default=LMTrainOptions.device, help="default: %(default)s")
-    p.add_argument("--text-field", default=LMTrainOptions.text_field, help="field holding the text in "
-                   ".jsonl/.json/.csv corpora (default: %(default)s)")
+
+    data: list[str] = option(help="the corpus to score")
+    seq_len: int = option(LMTrainOptions.seq_len, "tokens per block")
+    batch_size: int = option(LMTrainOptions.batch_size, "blocks per forward pass")
+    max_blocks: int = option(LMTrainOptions.eval_blocks, "score at most this many blocks")
+    device: str = option(LMTrainOptions.device, "where to score", choices=DEVICES)
+    text_field: str = option(LMTrainOptions.text_field, "field holding the text in .jsonl/.json/.csv corpora")
+
+
+@dataclass(kw_only=True)
+class EvaluateOptions:
+    """Options of `domix evaluate`."""
+
+    model: str = option(help="a task model directory, or a base model (zero-shot)")
+    data: str = option(help="JSONL rows of the task: text,label (classify) or prompt,answer[,choices] (generate)")
+    max_seq_len: int | None = option(None, "tokens per example, a longer prompt cut from its left (default: the task "
+                                           "model's; 256 for a base model)")
+    device: str = option("auto", "where to score", choices=DEVICES)
+
+
+FORMATS = ("merged", "peft-lora")
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """Options of `domix export`."""
+
+    model: str = option(help="a domix task model directory")
+    out: str = option(help="where the export is written (atomically)")
+    format: str = option("merged", "merged Hugging Face weights, or one standard PEFT LoRA adapter", choices=FORMATS)
+    rank: int | None = option(None, "SVD-truncate each layer's update to this rank")
+    overwrite: bool = option(False, "replace an existing export")
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """The options of an LM evaluation (`eval-lm`, `mode eval`): `LMEvalOptions`."""
+    add_options(p, LMEvalOptions)
 
 
 def report(a, result, text: str) -> int:

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from .bridge.apply import bridged_layers, merge_bridge
+from .cli_config import FORMATS, ExportOptions
 from .finetune import load_task_model
 from .io import atomic_dir, write_json
-
 
 def _lora_factors(layer, rank: int | None):
     """(A', B', scaling, relative error) of one bridged layer."""
@@ -48,13 +48,13 @@ def truncated(model, rank: int | None):
             layer.set_bridge(*saved[name])
 
 
-def export(model_dir: str | Path, out: str | Path, fmt: str = "merged", rank: int | None = None,
-           overwrite: bool = False) -> dict:
+def export(model_dir: str | Path, out: str | Path, fmt: str = ExportOptions.format, rank: int | None = ExportOptions.rank,
+           overwrite: bool = ExportOptions.overwrite) -> dict:
     """Write `out` (atomically) and return a report (format, rank, per-layer relative errors)."""
     model, tokenizer, spec = load_task_model(model_dir, device="cpu")
     if spec["method"] not in ("domix", "full", "mode"):
         raise ValueError(f"export supports domix, mode and full task models, not '{spec['method']}'")
-    if fmt not in ("merged", "peft-lora"):
+    if fmt not in FORMATS:
         raise ValueError(f"unknown --format {fmt!r} (merged or peft-lora)")
     if spec["method"] == "mode" and (fmt != "merged" or rank is not None):
         raise ValueError("a MoDE task model exports only as --format merged (experts are layers, not a LoRA)")

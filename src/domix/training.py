@@ -23,20 +23,7 @@ import time
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 
-from .options import option  # noqa: F401  (re-exported: the configs of every stage import it from here)
-
-
-class _Devices(tuple):
-    """The `--device` values: these names, and `cuda:N` for any N (argparse asks `in`)."""
-
-    def __contains__(self, value) -> bool:
-        import re
-
-        return tuple.__contains__(self, value) or bool(re.fullmatch(r"cuda:\d+", str(value)))
-
-
-DEVICES = _Devices(("auto", "cpu", "cuda", "cuda:N", "mps"))
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .options import DEVICES, PRECISIONS, option  # noqa: F401  (re-exported: the stages' configs import them from here)
 
 
 @dataclass(kw_only=True)

@@ -5,11 +5,33 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_dir, write_json
+from ..options import DEVICES, option
 from .importing import plain_lora_problem
 from .store import META, Library, LibraryError, entry_name
+
+@dataclass(kw_only=True)
+class CompressOptions:
+    """Options of `domix library compress`."""
+
+    library: str = option(help="library directory (the new entry is written there too)")
+    module: str = option(help="the LoRA module to compress")
+    out: str = option(help="name of the new entry")
+    rank: int | None = option(None, "keep this rank in every layer (below the module's rank)")
+    energy: float | None = option(None, "instead: per layer, the smallest rank keeping this fraction (0 < E <= 1) of "
+                                        "the update's squared singular values; 1.0 keeps every nonzero one (the "
+                                        "same update)")
+    base: str | None = option(None, "default: the base the module was trained on")
+    device: str = option("auto", "where the held-out loss is scored", choices=DEVICES)
+    eval_blocks: int | None = option(None, "held-out blocks scored before and after, as the module's pretrain "
+                                           "--eval-blocks (default: pretrain's default)")
+    text_field: str | None = option(None, "as the module's pretrain --text-field, for .jsonl/.json/.csv corpora "
+                                          "(default: pretrain's default)")
+    overwrite: bool = option(False, "replace an existing entry of that name")
+
 
 ENERGY_TOL = 1e-12  # `energy` 1.0 keeps every singular value above float noise (a lossless re-factorisation)
 
@@ -57,10 +79,11 @@ def heldout_blocks(meta: dict, tokenizer, eval_blocks: int | None = None, text_f
     return blocks, None if blocks is not None else "the corpus's held-out documents fill no block: not scored"
 
 
-def compress_module(library: str | Path, module: str, out: str, rank: int | None = None, energy: float | None = None,
-                    base: str | None = None, overwrite: bool = False, device: str = "auto", dtype: str | None = None,
-                    eval_blocks: int | None = None, text_field: str | None = None,
-                    trust_remote_code: bool = False) -> dict:
+def compress_module(library: str | Path, module: str, out: str, rank: int | None = CompressOptions.rank,
+                    energy: float | None = CompressOptions.energy, base: str | None = CompressOptions.base,
+                    overwrite: bool = CompressOptions.overwrite, device: str = CompressOptions.device,
+                    dtype: str | None = None, eval_blocks: int | None = CompressOptions.eval_blocks,
+                    text_field: str | None = CompressOptions.text_field, trust_remote_code: bool = False) -> dict:
     """Write `out`, the LoRA module `module` of `library` re-factorised per layer to `rank`, or per
     layer to the smallest rank keeping `energy` of the update's squared singular values (1.0 keeps
     them all: the same update, possibly at a lower rank). Written atomically; returns its

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_dir, write_json
+from ..options import option
 from .store import META, Library, LibraryError, Module, entry_name
+
+
+@dataclass(kw_only=True)
+class AddOptions:
+    """Options of `domix library add`."""
+
+    library: str = option(help="library directory")
+    adapter: str = option(help="the adapter's directory (adapter_config.json and adapter_model.safetensors)")
+    domain: str = option(help="name of the new entry")
+    base: str = option(help="the base model the adapter was trained on: checked, then recorded")
+    overwrite: bool = option(False, "replace an existing entry of that name")
 
 SUPPORTED = "plain LoRA (peft_type LORA, without DoRA or other LoRA variants)"
 # LoRA variants and extras a domain module cannot hold: the bridge and the library read LoRA A/B pairs only
@@ -40,8 +53,8 @@ def plain_lora_problem(cfg: dict, keys) -> str | None:
     return None
 
 
-def add_adapter(library: str | Path, adapter: str | Path, domain: str, base: str, overwrite: bool = False,
-                trust_remote_code: bool = False) -> dict:
+def add_adapter(library: str | Path, adapter: str | Path, domain: str, base: str,
+                overwrite: bool = AddOptions.overwrite, trust_remote_code: bool = False) -> dict:
     """Check the PEFT LoRA adapter directory `adapter` against `base` and write it atomically as
     module `domain` of `library` (its two adapter files, unchanged, plus `domix.json`).
 

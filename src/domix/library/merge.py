@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..options import option
 from .store import META, Library, LibraryError, entry_name, one_base
 
 COMBINATIONS = ("linear", "ties", "dare_ties")
@@ -19,9 +21,31 @@ COMBINATIONS = ("linear", "ties", "dare_ties")
 DEFAULT_DENSITY = 0.2
 
 
-def merge_modules(library: str | Path, modules, combination: str, out: str, base: str | None = None,
-                  weights: list[float] | None = None, density: float | None = None, seed: int = 0,
-                  into: str | Path | None = None, overwrite: bool = False) -> dict:
+def float_list(text: str) -> list[float]:
+    """A comma list of numbers (`--weights 0.5,0.25,0.25`)."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+@dataclass(kw_only=True)
+class MergeOptions:
+    """Options of `domix library merge`."""
+
+    library: str = option(help="library directory (the merged entry is written there too)")
+    modules: str = option(help="comma list of at least 2 LoRA modules of one base and one rank")
+    combination: str = option(help="PEFT's combination_type", choices=COMBINATIONS)
+    out: str = option(help="name of the merged entry")
+    density: float | None = option(None, f"ties/dare_ties: fraction of each module's values kept (default: "
+                                         f"{DEFAULT_DENSITY})")
+    weights: str | None = option(None, "comma list, one weight per module (default: 1/N each)", parse=float_list)
+    base: str | None = option(None, "default: the base the modules were trained on")
+    seed: int = option(0, "seeds dare_ties' random drop")
+    overwrite: bool = option(False, "replace an existing entry of that name")
+
+
+def merge_modules(library: str | Path, modules, combination: str, out: str, base: str | None = MergeOptions.base,
+                  weights: list[float] | None = None, density: float | None = MergeOptions.density,
+                  seed: int = MergeOptions.seed, into: str | Path | None = None,
+                  overwrite: bool = MergeOptions.overwrite) -> dict:
     """Merge the LoRA `modules` of `library` (a comma list or a list of names, at least 2) with
     PEFT's `add_weighted_adapter(combination_type=combination)` and write the result atomically as
     entry `out` of `into` (default: the same library).

@@ -11,9 +11,26 @@ adapters switched on it in turn.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..options import DEVICES, option
 from .store import Library, LibraryError, one_base
+
+
+@dataclass(kw_only=True)
+class RankOptions:
+    """Options of `domix library rank`."""
+
+    library: str = option(help="library directory")
+    data: str = option(help="the task's JSONL (its 'text', or 'prompt' and 'answer', is scored)")
+    base: str | None = option(None, "default: the base the modules were trained on")
+    modules: str = option("all", "'all' (every LoRA module) or a comma list")
+    plot: str | None = option(None, "also write a bar plot PNG of the gains here")
+    seq_len: int = option(128, "tokens per scored block")
+    batch_size: int = option(8, "blocks per forward pass")
+    max_blocks: int = option(32, "blocks of the task's text scored")
+    device: str = option("auto", "where to score", choices=DEVICES)
 
 AUTO = re.compile(r"^auto:(\d+)$")
 
@@ -40,9 +57,10 @@ def task_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def rank_modules(library: str | Path, data: str | Path, base: str | None = None, modules="all",
-                 seq_len: int = 128, batch_size: int = 8, max_blocks: int | None = 32, device: str = "auto",
-                 progress: bool = False) -> dict:
+def rank_modules(library: str | Path, data: str | Path, base: str | None = RankOptions.base,
+                 modules=RankOptions.modules, seq_len: int = RankOptions.seq_len,
+                 batch_size: int = RankOptions.batch_size, max_blocks: int | None = RankOptions.max_blocks,
+                 device: str = RankOptions.device, progress: bool = False) -> dict:
     """Score every LoRA module of `library` (or `modules`) on the text of the task file `data`.
 
     Returns {"base", "objective", "data", "base_loss", "tokens", "ranking": [{"name", "loss",
