@@ -21,7 +21,7 @@ def test_default_model_three_steps_save_and_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from domix import Library, pretrain
-    from domix.lm import load_with_module
+    from domix.library.loading import load_with_module
     from domix.checkpoints import fetch_model
     from domix.models import load_tokenizer
 

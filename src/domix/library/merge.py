@@ -36,6 +36,7 @@ class MergeOptions:
     out: str = option(help="name of the merged entry")
     density: float | None = option(None, f"ties/dare_ties: fraction of each module's values kept (default: "
                                          f"{DEFAULT_DENSITY})")
+    # given as one comma list on the command line (`--weights 1,2`), parsed into the list merge_modules takes
     weights: str | None = option(None, "comma list, one weight per module (default: 1/N each)", parse=float_list)
     base: str | None = option(None, "default: the base the modules were trained on")
     seed: int = option(0, "seeds dare_ties' random drop")
