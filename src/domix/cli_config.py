@@ -7,7 +7,8 @@ as `nargs="+"`, bool as a flag, `--no-x` when on by default; `parse=` in the met
 itself, e.g. a comma list), its `choices`, its help ending with the dataclass default;
 fields without a default are required; fields sharing a `metadata["group"]` are mutually
 exclusive (the budget: --epochs / --max-steps / --max-tokens; the one given replaces the
-others, so they default to None here); `cli=False` fields are left out.
+others, so they default to None here); `positional=True` makes a field an argument (optional
+when it has a default); `cli=False` fields are left out.
 
 With `overrides=True` every option defaults to None, so that only what the command line gives
 overrides a config file (`pretrain-all`, `mode pretrain --config`); the help still shows the
@@ -21,6 +22,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass
 
+from .checkpoints import DEFAULT_BASE
 from .io import print_json
 from .training import DEVICES, LMTrainOptions, field_default, option
 
@@ -64,12 +66,16 @@ def add_options(parser: argparse.ArgumentParser, cls, *, exclude=(), optional=()
         kw = {"dest": f.name, "help": _help(meta.get("help", ""), default)}
         flag = "--" + f.name.replace("_", "-")
         if meta.get("positional"):  # `domix bench verdicts DIR`: the one thing the command is about
-            parser.add_argument(f.name, type=tp, help=kw["help"], metavar=f.name.upper())
+            optional_kw = {} if default is MISSING else {"nargs": "?", "default": default}
+            parser.add_argument(f.name, type=tp, help=kw["help"], choices=meta.get("choices"),
+                                metavar=meta.get("metavar") or (None if meta.get("choices") else f.name.upper()),
+                                **optional_kw)
             continue
         if tp is bool:  # a flag that turns it on, or --no-... when it is on by default
             flag, kw["action"] = ("--no-" + flag[2:], "store_false") if default is True else (flag, "store_true")
         else:
-            kw.update(type=meta.get("parse", tp), nargs="+" if many else None, choices=meta.get("choices"))
+            kw.update(type=meta.get("parse", tp), nargs="+" if many else None, choices=meta.get("choices"),
+                      metavar=meta.get("metavar"))
         if default is MISSING and f.name not in optional:
             kw["required"] = True
         else:
@@ -119,6 +125,43 @@ class LMEvalOptions:
 
 
 @dataclass(kw_only=True)
+class EvalLmOptions(LMEvalOptions):
+    """Options of `domix eval-lm`: what is scored, then how (`LMEvalOptions`)."""
+
+    base: str = option(DEFAULT_BASE, "the base model")
+    library: str | None = option(None, "a module library")
+    module: str | None = option(None, "an entry of --library: a LoRA module, a full entry or a MoDE expert")
+    model: str | None = option(None, "instead: a composed MoDE directory or a library MoDE expert")
+
+
+@dataclass(kw_only=True)
+class FetchOptions:
+    """Options of `domix fetch`."""
+
+    what: str = option(help="the default model, or data", positional=True, choices=("model", "data"))
+    which: str = option("benchmark", "data: the four-domain benchmark, or the eight commonsense-reasoning tasks of the "
+                                     "LLM setting (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA)",
+                        positional=True, choices=("benchmark", "commonsense"))
+    out: str | None = option(None, "data: output directory (default: $DOMIX_CACHE/data, or $DOMIX_CACHE/commonsense)")
+    seed: int = option(0, "data: split seed")
+    train: int | None = option(None, "commonsense: training examples per task (default 1000; the whole set when it "
+                                     "is smaller)")
+    dev: int | None = option(None, "commonsense: dev examples per task (default 100; the whole set when it is smaller)")
+    test: int | None = option(None, "commonsense: test examples per task (default 500; the whole set when it is "
+                                    "smaller)")
+
+
+@dataclass(kw_only=True)
+class PredictOptions:
+    """Options of `domix predict`: a task model, and texts given inline or in a file (one of the two)."""
+
+    model: str = option(help="a domix task model directory")
+    text: list[str] | None = option(None, "one or more texts (prompts for generate tasks)", group="source")
+    data: str | None = option(None, "a JSONL file with text (or prompt) fields", group="source")
+    device: str = option("auto", "where to predict", choices=DEVICES)
+
+
+@dataclass(kw_only=True)
 class EvaluateOptions:
     """Options of `domix evaluate`."""
 
@@ -141,11 +184,6 @@ class ExportOptions:
     format: str = option("merged", "merged Hugging Face weights, or one standard PEFT LoRA adapter", choices=FORMATS)
     rank: int | None = option(None, "SVD-truncate each layer's update to this rank")
     overwrite: bool = option(False, "replace an existing export")
-
-
-def add_eval_options(p: argparse.ArgumentParser) -> None:
-    """The options of an LM evaluation (`eval-lm`, `mode eval`): `LMEvalOptions`."""
-    add_options(p, LMEvalOptions)
 
 
 def report(a, result, text: str) -> int:

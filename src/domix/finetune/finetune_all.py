@@ -18,16 +18,28 @@ every task model's directory ends in `-s<seed>` (as its name does).
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..executors import PoolOptions
 from ..library.pretrain_all import read_config, run_all
+from ..options import option
 from .config import FinetuneConfig
 from .methods import METHODS
 from .taskmodel import TASK_FILE
 from .train import finetune
 
 PER_TASK = ("train", "eval", "out")  # a tasks.yaml's, not overridable on the command line
+
+
+@dataclass(kw_only=True)
+class FinetuneAllOptions(PoolOptions):
+    """Options of `domix finetune-all` (beside the fine-tuning options that override the config's)."""
+
+    config: str = option(help="tasks.yaml (base, library, defaults, seeds, resources, tasks); the options given here "
+                              "override it for every task")
+    out: str | None = option(None, "root of the task models without their own out: OUT/TASK[-sSEED] (default: the "
+                                   "config's folder)")
 PATHS = ("train", "eval", "out", "library", "from_composed")  # resolved from the file's folder
 RESOURCES = ("cpus", "gpus")
 

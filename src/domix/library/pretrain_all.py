@@ -7,14 +7,35 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from ..executors import make_executor
+from ..executors import PoolOptions, make_executor
+from ..options import option
 from .store import Library
 from .pretrain import PretrainConfig, pretrain
+
+
+@dataclass(kw_only=True)
+class PretrainAllOptions(PoolOptions):
+    """Options of `domix pretrain-all` (beside the training options that override the config's): which
+    domains, where their modules go, and how the runs share the machine."""
+
+    config: str = option(help="domains.yaml (base, defaults, domains); the training options given here override it "
+                              "for every domain")
+    library: str = option(help="library directory")
+    fused: bool = option(False, "train every LoRA module in one process that holds the base once (decoders; one "
+                                "seq_len): each row of a stacked batch through its own domain's LoRA")
+    fused_stack: int | None = option(None, "with --fused: how many domains' batches share one forward/backward pass "
+                                           "(default: all); fewer hold fewer activations at once (1: the domains take "
+                                           "turns through the one base)", metavar="K")
+    fused_parallel: int | None = option(None, "with --fused: how many of those passes run at once, in threads of the "
+                                              "one process that share the --threads cores (default: 1); on a 2-core "
+                                              "CPU, --fused-stack 1 --fused-parallel 2 --threads 2 trained 4 modules as "
+                                              "fast as separate processes at half their memory (docs/efficiency.md)",
+                                        metavar="P")
 
 RUN_KEYS = {"base"}  # top-level keys besides `defaults` and `domains`
 

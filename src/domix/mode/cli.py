@@ -5,12 +5,28 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from ..cli_config import PER_DOMAIN, add_eval_options, add_options, command, given, lm_text, report, \
-    report_all
+from ..cli_config import PER_DOMAIN, LMEvalOptions, add_options, command, given, lm_text, report, report_all
 from ..executors import PoolOptions
+from ..options import option
 from .train import ComposeConfig, ModePretrainConfig
 
+
+@dataclass(kw_only=True)
+class PretrainAllOptions(PoolOptions):
+    """`mode pretrain --config`: every domain of a domains.yaml, and how the runs share the machine."""
+
+    config: str | None = option(None, "every domain of a domains.yaml (base, defaults, domains); the options given here "
+                                      "override it")
+
+
+@dataclass(kw_only=True)
+class EvalOptions(LMEvalOptions):
+    """Options of `mode eval`: the model, then how it is scored (`LMEvalOptions`)."""
+
+    model: str = option(help="a `mode compose` output or a library expert directory")
+    base: str | None = option(None, "default: the base it was trained on")
 
 def cmd_pretrain(a) -> int:
     from .train import pretrain_expert
@@ -52,8 +68,7 @@ def cmd_compose(a) -> int:
 def cmd_eval(a) -> int:
     from .train import eval_mode
 
-    out = eval_mode(a.model, a.data, seq_len=a.seq_len, batch_size=a.batch_size, max_blocks=a.max_blocks,
-                    device=a.device, text_field=a.text_field, base=a.base, progress=not a.json)
+    out = eval_mode(a.model, a.data, **given(a, LMEvalOptions, exclude=("data",)), base=a.base, progress=not a.json)
     return report(a, out, lm_text(out))
 
 
@@ -64,16 +79,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="mode_command", required=True)
 
     q = command(msub, "pretrain", "train one MoDE expert per domain, each alone on its corpus", cmd_pretrain)
-    q.add_argument("--config", default=None, help="every domain of a domains.yaml (base, defaults, domains); "
-                                                  "the options given here override it")
-    add_options(q, PoolOptions)
+    add_options(q, PretrainAllOptions)
     add_options(q, ModePretrainConfig, optional=("domain", "data"), overrides=True)
 
     add_options(command(msub, "compose", "experts side by side with fresh gates, trained on mixed domains",
                         cmd_compose), ComposeConfig)
 
     q = command(msub, "eval", "LM loss / perplexity / accuracy of a MoDE model or a single expert", cmd_eval)
-    q.add_argument("--model", required=True, help="a `mode compose` output or a library expert directory")
-    q.add_argument("--base", default=None, help="default: the base it was trained on")
-    add_eval_options(q)
+    add_options(q, EvalOptions)
     return p

@@ -17,7 +17,8 @@ from torch import nn
 from ..io import atomic_dir, write_json
 from ..library import META, Library, LibraryError, Module
 from ..models import fingerprint, is_masked_lm
-from .layer import Layout, Mode, ModeBlock, find_layers, layout_for, make_expert
+from .hooks import find_layers
+from .layer import Layout, Mode, ModeBlock, layout_for, make_expert
 
 ATTR = "domix_mode"
 MODE_FILE = "mode.safetensors"
