@@ -102,11 +102,11 @@ def test_the_device_reaches_every_worker_and_cuda_peaks_are_read(monkeypatch):
     torch's peak CUDA memory (patched here: this machine has no GPU)."""
     import torch
 
-    from domix.bench import dap
+    from domix.bench import dap, measure
 
     cmd = dap._command("fused", "b", "d", 1, 8, 2, 1, "r.json", domains=2, device="cuda:1")
     assert cmd[cmd.index("--device") + 1] == "cuda:1"
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2 ** 20)
-    assert dap.peak_cuda_mb("cuda:0") == 3.0 and dap.peak_cuda_mb("cpu") is None
+    assert measure.peak_cuda_mb("cuda:0") == 3.0 and measure.peak_cuda_mb("cpu") is None
     with pytest.raises(ValueError, match="no CUDA device"):
         dap.run(dap.DapOptions(device="cuda", out=None))

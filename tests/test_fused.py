@@ -87,15 +87,15 @@ def test_fused_domains_in_threads_equal_separately_trained_ones(tiny_decoder, co
     each on one of the two intra-op threads; every module as trained alone."""
     import threading
 
-    from domix.library import fused
+    from domix.library.fused_routing import _Rows
 
-    seen, hook = set(), fused._Rows.hook
+    seen, hook = set(), _Rows.hook
 
     def spy(self, module, args, output):
         seen.add(threading.current_thread().name)
         return hook(self, module, args, output)
 
-    monkeypatch.setattr(fused._Rows, "hook", spy)
+    monkeypatch.setattr(_Rows, "hook", spy)
     before = torch.get_num_threads()
     lib = tmp_path / "threads"
     try:
@@ -203,7 +203,7 @@ def test_the_private_peft_api_fused_training_reads_is_there_or_falls_back():
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    from domix.library.fused import _cast_input
+    from domix.library.fused_routing import _cast_input
 
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))

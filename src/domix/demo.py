@@ -9,9 +9,12 @@ import argparse
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_config import add_options
 from .io import atomic_write, write_json
+from .options import option
 
 
 def _subsample(src: Path, dst: Path, n: int, seed: int) -> int:
@@ -21,18 +24,24 @@ def _subsample(src: Path, dst: Path, n: int, seed: int) -> int:
     return min(n, len(rows))
 
 
+@dataclass(kw_only=True)
+class DemoOptions:
+    """Options of `python -m domix.demo` (`make demo`): quick settings of every stage."""
+
+    out: str = option("demo-out", "where the library, task model and exports go")
+    task: str = option("product-sentiment", "the end task to fine-tune")
+    pretrain_steps: int = option(24, "optimizer steps of each domain module")
+    train_examples: int = option(192, "training examples of the task")
+    eval_examples: int = option(120, "dev and test examples of the task (each)")
+    epochs: float = option(2.0, "fine-tuning epochs")
+    workers: int = option(2, "domain modules trained at once")
+    seed: int = option(0, "seed of the subsets and of every training")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m domix.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo-out", help="where the library, task model and exports go")
-    ap.add_argument("--task", default="product-sentiment", help="the end task to fine-tune")
-    ap.add_argument("--pretrain-steps", type=int, default=24)
-    ap.add_argument("--train-examples", type=int, default=192)
-    ap.add_argument("--eval-examples", type=int, default=120)
-    ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
+    a = add_options(ap, DemoOptions).parse_args(argv)
 
     from .data.benchmark import DOMAINS, build_benchmark_data
     from .export import export

@@ -38,7 +38,7 @@ class QualityOptions(PoolOptions):
 
 def benchmarks() -> dict:
     """{name: (options dataclass, help)}. Imported when asked for, not with the package: the
-    workers of `bench dap` run as `python -m domix.bench.dap`."""
+    workers of `bench dap` run as `python -m domix.bench.dap_worker`."""
     from .dap import DapOptions
     from .finetune import FinetuneBenchOptions
     from .ranks import RanksOptions

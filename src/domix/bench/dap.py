@@ -9,6 +9,10 @@ peak RSS is that run's own), with the same thread count, batch size, sequence le
   domix         `domix.library.pretrain.pretrain` — the real stage-1 code path
   full-ft       the plain Trainer run with every parameter trainable (AdamW, the default)
 
+Each run is its own `python -m domix.bench.dap_worker` process (`dap_worker`: the runs and their
+timing); this module starts them, aggregates their figures into ratios against the targets and
+writes the result (its Markdown `table`: `dap_table`).
+
 A Trainer callback stamps every optimizer step. The first `WARMUP_STEPS` steps are warm-up;
 the timed steps are the intervals between consecutive step ends (forward, backward, optimizer,
 data collation, logging: everything a training step costs). tokens/s is tokens per step over
@@ -17,11 +21,10 @@ fastest step of each run instead — on a shared machine they estimate the uncon
 CPU seconds per step (all threads of the process) are a third view, least disturbed by other
 work when `--threads 1`.
 The load average before and after each run is recorded. Peak RSS is the process's
-`ru_maxrss` at exit. Results are ratios, measured in one invocation (DESIGN §8).
+`ru_maxrss` at exit. Results are ratios, measured in one invocation (docs/efficiency.md).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,10 +39,9 @@ from pathlib import Path
 
 from ..checkpoints import DEFAULT_BASE
 from ..training import DEVICES, PRECISIONS, option
+from .dap_table import table
+from .dap_worker import LR, RUNS, WARMUP_STEPS
 
-RUNS = ("peft-trainer", "domix", "full-ft")
-WARMUP_STEPS = 2
-LR = 5e-4  # stage-1 default (PretrainConfig.lr), used by every run
 TARGETS = {  # from the issues
     "tokens_per_s_domix_over_peft": (">=", 0.95),
     "peak_rss_domix_over_full": ("<=", 0.5),
@@ -51,7 +53,7 @@ TARGETS = {  # from the issues
     "fused_parallel_tokens_per_s_over_separate": (">=", 1.0),
     "ddp_scaling_2_processes": (">=", 0.8),
 }
-THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # DESIGN §8: ≈4PT vs ≈6PT FLOPs
+THEORY_STEP_TIME_LORA_OVER_FULL = 4 / 6  # ≈4PT vs ≈6PT FLOPs per step (docs/efficiency.md)
 MIN_DOCS = 20
 
 
@@ -128,184 +130,14 @@ def bench_corpus(steps: int, seq_len: int, batch_size: int) -> tuple[str, str]:
     return str(out), source
 
 
-# ---------------------------------------------------------------------------- one run (worker)
-
-def _step_timer():
-    import psutil
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Stamps every optimizer step; notes the RSS and trainable parameters at train start."""
-
-        def __init__(self):
-            self.begin: list[float] = []
-            self.end: list[float] = []
-            self.cpu_end: list[float] = []  # this process's CPU time (all threads)
-            self.rss_loaded = 0
-            self.trainable = self.total = None
-            self.weights_dtype, self.checkpointing = None, None  # what the run really trained with
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            self.rss_loaded = psutil.Process().memory_info().rss
-            if model is not None:
-                self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                self.total = sum(p.numel() for p in model.parameters())
-                body = model.get_base_model() if hasattr(model, "get_base_model") else model
-                self.weights_dtype = str(body.get_input_embeddings().weight.dtype).replace("torch.", "")
-                self.checkpointing = bool(getattr(body, "is_gradient_checkpointing", False))
-
-        def on_step_begin(self, args, state, control, **kw):
-            _sync()
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync()  # a CUDA step ends when its kernels do, not when Python has queued them
-            self.end.append(time.perf_counter())
-            self.cpu_end.append(time.process_time())
-
-    return StepTimer()
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def peak_cuda_mb(device: str) -> float | None:
-    """This process's peak CUDA memory allocated by torch (MiB) on a CUDA `device`; None elsewhere."""
-    import torch
-
-    return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20 if device.startswith("cuda") else None
-
-
-def _plain_trainer(kind: str, base: str, data: str, total_steps: int, seq_len: int, batch_size: int,
-                   workdir: str, timer, gradient_checkpointing: bool = False, dtype: str = "fp32",
-                   device: str = "cpu") -> None:
-    """The script-style baseline: what a user would write with transformers + PEFT (a plain
-    Trainer with the model's own loss, built by the one training recipe `build_trainer`)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
-
-    from ..checkpoints import resolve_base
-    from ..data.corpus import load_documents, pack, split_heldout
-    from ..models import DTYPES
-    from ..training import TrainOptions, build_trainer
-
-    path = resolve_base(base)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train_docs, _ = split_heldout(load_documents([data]))  # the same blocks domix trains on
-    blocks = pack(train_docs, tokenizer, seq_len)
-    # LoRA: the frozen base in the run's precision; full training keeps fp32 weights (AdamW) and autocasts
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] if kind == "peft-trainer" else torch.float32)
-    if kind == "peft-trainer":
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-    opts = TrainOptions(lr=LR, warmup=0.1, batch_size=batch_size, seed=0, device=device, dtype=dtype,
-                        gradient_checkpointing=gradient_checkpointing, save_steps=0, progress=False)
-    trainer = build_trainer(model, opts, work=Path(workdir), train_dataset=blocks, steps=total_steps,
-                            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), lm_objective=None,
-                            callbacks=[timer], logs=False)
-    trainer.train()
-
-
-def worker(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
-           gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1, stack: int = 0,
-           parallel: int = 1, device: str = "cpu") -> dict:
-    """One benchmark run in this process; returns its measurements. `fused`: `domains` modules on
-    copies of the corpus in one process, `stack` of them per forward pass (0: all), `parallel`
-    passes at once in threads, timed end to end (loading included)."""
-    import resource
-
-    import torch
-
-    if kind == "fused":
-        return _fused_worker(base, data, steps, seq_len, batch_size, threads, dtype, domains, stack, parallel, device)
-
-    torch.set_num_threads(threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-
-    timer = _step_timer()
-    total_steps = steps + WARMUP_STEPS
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix=f"domix-bench-{kind}-") as tmp:
-        if kind == "domix":
-            from ..library.pretrain import pretrain
-
-            pretrain(domain="bench", data=[data], library=tmp, base=base, seq_len=seq_len, batch_size=batch_size,
-                     lr=LR, max_steps=total_steps, device=device, threads=threads, progress=False,
-                     gradient_checkpointing=gradient_checkpointing, dtype=dtype, callbacks=[timer])
-        elif kind in RUNS:
-            _plain_trainer(kind, base, data, total_steps, seq_len, batch_size, tmp, timer, gradient_checkpointing,
-                           dtype, device)
-        else:
-            raise ValueError(f"unknown run {kind!r}; known: {RUNS}")
-    wall = time.perf_counter() - t0
-    if len(timer.end) != total_steps:
-        raise RuntimeError(f"{kind}: expected {total_steps} optimizer steps, the timer saw {len(timer.end)}")
-    intervals = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
-    compute = [timer.end[i] - timer.begin[i] for i in range(WARMUP_STEPS, total_steps)]
-    cpu = [timer.cpu_end[i] - timer.cpu_end[i - 1] for i in range(WARMUP_STEPS, total_steps)]
-    from ..distributed import world_size
-
-    per_step = batch_size * seq_len * world_size()  # DDP: every process's batch
-    return {
-        "run": kind, "timed_steps": steps, "warmup_steps": WARMUP_STEPS, "tokens_per_step": per_step,
-        "tokens_per_s": per_step / statistics.median(intervals),
-        "tokens_per_s_mean": per_step * steps / sum(intervals),
-        "step_time_s": statistics.median(intervals), "step_time_min_s": min(intervals),
-        "step_times_s": [round(x, 4) for x in intervals],
-        "step_compute_s": statistics.median(compute), "step_cpu_s": statistics.median(cpu),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-        "rss_at_train_start_mb": timer.rss_loaded / 2**20, "device": device, "peak_cuda_mb": peak_cuda_mb(device),
-        "trainable_params": timer.trainable, "total_params": timer.total,
-        "weights_dtype": timer.weights_dtype, "gradient_checkpointing": timer.checkpointing,
-        "threads": torch.get_num_threads(), "wall_s": wall, "processes": world_size(),
-        "loadavg_before": load0, "loadavg_after": os.getloadavg()[0],
-    }
-
-
-def _fused_worker(base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int, dtype: str,
-                  domains: int, stack: int = 0, parallel: int = 1, device: str = "cpu") -> dict:
-    import resource
-
-    from ..library.fused import domains_per_pass, pretrain_fused
-    from ..library.pretrain import PretrainConfig
-
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    total = steps + WARMUP_STEPS
-    with tempfile.TemporaryDirectory(prefix="domix-bench-fused-") as tmp:
-        cfgs = [PretrainConfig(domain=f"d{i}", data=[data], library=tmp, base=base, seq_len=seq_len,
-                               batch_size=batch_size, lr=LR, max_steps=total, device=device, threads=threads,
-                               dtype=dtype, progress=False) for i in range(domains)]
-        res = pretrain_fused(cfgs, progress=False, stack=stack or None, parallel=parallel)
-    failed = {d: r["error"] for d, r in res.items() if r["status"] != "done"}
-    if failed:
-        raise RuntimeError(f"fused run: {failed}")
-    wall = time.perf_counter() - t0
-    return {"run": "fused", "domains": domains, "stack": domains_per_pass(domains, stack or None, parallel),
-            "parallel": parallel,
-            "tokens": domains * total * batch_size * seq_len, "wall_s": wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
-            "device": device, "peak_cuda_mb": peak_cuda_mb(device), "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]}
-
+# ---------------------------------------------------------------------------- the runs, each in its process
 
 def _command(kind: str, base: str, data: str, steps: int, seq_len: int, batch_size: int, threads: int,
              result: Path, gradient_checkpointing: bool = False, dtype: str = "fp32", domains: int = 1,
              processes: int = 1, stack: int = 0, parallel: int = 1, device: str = "cpu") -> list[str]:
     launch = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    cmd = [*launch, "-m", "domix.bench.dap", "--worker", kind, "--base", base, "--data", data,
+    cmd = [*launch, "-m", "domix.bench.dap_worker", "--worker", kind, "--base", base, "--data", data,
            "--steps", str(steps), "--seq-len", str(seq_len), "--batch-size", str(batch_size),
            "--threads", str(threads), "--dtype", dtype, "--domains", str(domains), "--stack", str(stack),
            "--parallel", str(parallel), "--device", device, "--result", str(result)]
@@ -424,62 +256,6 @@ def _met(op: str, value: float, target: float) -> bool:
     return value >= target if op == ">=" else value <= target
 
 
-def _mib(v) -> str:
-    return "–" if v is None else f"{v:.0f}"
-
-
-def _table(res: dict) -> str:
-    s = res["settings"]
-    lines = [f"DAP efficiency — base {s['base']}, {s['steps']} timed steps (+{s['warmup_steps']} warm-up), "
-             f"batch {s['batch_size']} × seq {s['seq_len']}, {s['threads']} threads, torch {s['torch']}, "
-             f"repeats {s['repeats']}, {s.get('dtype', 'fp32')} on {s.get('device', 'cpu')}" + (" (LoRA runs: frozen base in "
-             f"{s.get('dtype')}; full-ft: fp32 weights + autocast)" if s.get("dtype", "fp32") != "fp32" else "")
-             + (", gradient checkpointing in every run" if s.get("gradient_checkpointing") else ""), "",
-             "| run | tokens/s | step time (s, median) | fastest step (s) | CPU s/step | peak RSS (MB) | "
-             "peak CUDA (MiB) | trainable params | load avg |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in res["runs"].items():
-        load = max(max(x["loadavg_before"], x["loadavg_after"]) for x in res["raw"][name])
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | "
-                     f"{r['step_cpu_s']:.3f} | {r['peak_rss_mb']:.0f} | {_mib(r.get('peak_cuda_mb'))} | "
-                     f"{r['trainable_params']:,} | {load:.1f} |")
-    sc = res.get("scale") or {}
-    if "separate" in sc:
-        p = sc["separate"]
-        lines += ["", f"Many modules, end to end (loading included), {p['domains']} modules of {s['steps']} (+"
-                      f"{s['warmup_steps']}) steps, 2 threads in all:", "",
-                  "| run | tokens/s | wall (s) | peak RSS (MB) |", "|---|---:|---:|---:|",
-                  f"| {p['domains']} separate processes, 2 at a time, 1 thread each | {p['tokens'] / p['wall_s']:.1f} | "
-                  f"{p['wall_s']:.1f} | {p['peak_rss_mb_sum']:.0f} (sum) |"]
-        for f in (sc[k] for k in ("fused", "fused_stack1", "fused_parallel") if k in sc):
-            how = "all domains per forward pass" if f.get("stack", f["domains"]) == f["domains"] else \
-                f"{f['stack']} domain(s) per forward pass"
-            if f.get("parallel", 1) > 1:
-                how += f", {f['parallel']} passes at once in threads"
-            lines.append(f"| fused, one process, 2 threads, {how} | {f['tokens'] / f['wall_s']:.1f} | "
-                         f"{f['wall_s']:.1f} | {f['peak_rss_mb']:.0f} |")
-    if "ddp_1" in sc:
-        one, two = sc["ddp_1"], sc["ddp_2"]
-        lines += ["", "One module on DDP processes (1 thread each, the same batch per process):", "",
-                  "| processes | tokens/s | step time (s) |", "|---|---:|---:|",
-                  f"| 1 | {one['tokens_per_s']:.1f} | {one['step_time_s']:.3f} |",
-                  f"| 2 | {two['tokens_per_s']:.1f} | {two['step_time_s']:.3f} |"]
-    lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:-:|"]
-    for name, v in res["ratios"].items():
-        t = res["targets"].get(name)
-        if t:
-            lines.append(f"| {name} | {v:.3f} | {t['op']} {t['target']} | {'yes' if t['met'] else 'NO'} |")
-        elif name.startswith("step_time_lora_over_full"):
-            lines.append(f"| {name} | {v:.3f} | ≈{THEORY_STEP_TIME_LORA_OVER_FULL:.2f} (theory) | |")
-        else:
-            lines.append(f"| {name} | {v:.3f} | | |")
-    load = max(max(x["loadavg_before"], x["loadavg_after"]) for v in res["raw"].values() for x in v)
-    if load > (s["cpu_count"] or 1) + 0.5:
-        lines += ["", f"Note: the 1-min load average reached {load:.1f} on {s['cpu_count']} CPUs during the runs; "
-                      f"other work shared the machine, so the timing ratios are noisy (compare the *_best ratios)."]
-    return "\n".join(lines)
-
-
 def run(opts: DapOptions) -> dict:
     """`domix bench dap`: the three runs (alternating order when repeated), ratios, targets."""
     import peft
@@ -544,39 +320,8 @@ def run(opts: DapOptions) -> dict:
         "raw": raw,
         **({"scale": scale["runs"]} if scale else {}),
     }
-    res["table"] = _table(res)
+    res["table"] = table(res)
     if opts.out:
         write_json(opts.out, res)
         res["out"] = str(opts.out)
     return res
-
-
-def _main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m domix.bench.dap", description="one `domix bench dap` run")
-    ap.add_argument("--worker", required=True, choices=(*RUNS, "fused"))
-    ap.add_argument("--base", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--batch-size", type=int, required=True)
-    ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--result", required=True, help="where to write this run's JSON")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--dtype", choices=PRECISIONS, required=True)
-    ap.add_argument("--domains", type=int, default=1, help="fused: modules trained together")
-    ap.add_argument("--stack", type=int, default=0, help="fused: modules per forward pass (0: all)")
-    ap.add_argument("--parallel", type=int, default=1, help="fused: forward passes at once, in threads")
-    ap.add_argument("--device", default="cpu", help="where the run trains (resolved by the parent)")
-    a = ap.parse_args(argv)
-    from ..distributed import is_main
-    from ..io import write_json
-
-    r = worker(a.worker, a.base, a.data, a.steps, a.seq_len, a.batch_size, a.threads, a.gradient_checkpointing,
-               a.dtype, a.domains, a.stack, a.parallel, a.device)
-    if is_main():  # under torchrun: one result, rank 0's (its steps are every process's)
-        write_json(a.result, r)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -16,7 +16,6 @@ class, alternated in one process (the export must cost exactly the base).
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -27,7 +26,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from ..training import option
-from .dap import EfficiencyOptions, _mib
+from .dap import EfficiencyOptions
+from .measure import mib, peak_cuda_mb, peak_rss_mb, step_timer, sync
 
 RUNS = {"domix": {"method": "domix"}, "base-lora": {"method": "lora"}, "base-dora": {"method": "dora"},
         "base-full": {"method": "full"}, "floor": {"method": "lora", "lora_rank": 1}}
@@ -91,10 +91,9 @@ def _train_worker(name: str, opts: dict) -> dict:
     import torch
 
     from ..finetune import METHODS, finetune
-    from .dap import _step_timer, peak_cuda_mb
 
     torch.set_num_threads(opts["threads"])
-    timer = _step_timer()
+    timer = step_timer()
     steps = opts["steps"] + WARMUP
     method = RUNS[name]["method"]
     own = {k: v for k, v in (("library", opts["library"]), ("lora_rank", RUNS[name].get("lora_rank", opts["lora_rank"])))
@@ -106,7 +105,7 @@ def _train_worker(name: str, opts: dict) -> dict:
     times = [timer.end[i] - timer.end[i - 1] for i in range(WARMUP, steps)]
     return {"run": name, "step_time_s": statistics.median(times), "step_time_min_s": min(times),
             "step_times_s": [round(t, 4) for t in times], "trainable_params": m["trainable_params"],
-            "total_params": m["total_params"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "total_params": m["total_params"], "peak_rss_mb": peak_rss_mb(),
             "device": opts["device"], "peak_cuda_mb": peak_cuda_mb(opts["device"]),
             "loadavg": os.getloadavg()[0]}
 
@@ -119,7 +118,6 @@ def _inference_worker(task_model: str, opts: dict) -> dict:
     from ..export import export
     from ..checkpoints import resolve_base
     from ..models import load_tokenizer
-    from .dap import _sync
 
     torch.set_num_threads(opts["threads"])
     merged_dir = Path(opts["tmp"]) / "merged"
@@ -136,10 +134,10 @@ def _inference_worker(task_model: str, opts: dict) -> dict:
     with torch.no_grad():
         for rep in range(opts["inference_reps"] + 1):  # alternate the order: no model always goes first
             for name in (("merged", "base") if rep % 2 == 0 else ("base", "merged")):
-                _sync()
+                sync()
                 t0 = time.perf_counter()
                 (merged if name == "merged" else base)(**enc)
-                _sync()
+                sync()
                 t[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v[1:]) for k, v in t.items()}  # drop each model's first (warm-up) pass
 
@@ -200,7 +198,7 @@ def run(opts: FinetuneBenchOptions) -> dict:
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in raw.items():
         lines.append(f"| {name} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | {r['peak_rss_mb']:.0f} | "
-                     f"{_mib(r['peak_cuda_mb'])} | {r['trainable_params']:,} |")
+                     f"{mib(r['peak_cuda_mb'])} | {r['trainable_params']:,} |")
     lines += ["", "| ratio | value | target | met |", "|---|---:|---:|:-:|"]
     for k, v in ratios.items():
         t = targets.get(k)

@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from .measure import peak_cuda_mb, reset_cuda_peak
+
 STAGES = ("pretrain", "fused", "finetune", "export")
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
            "_scaled_dot_product_efficient_attention", "convolution")
@@ -55,20 +57,6 @@ class CpuMatmuls:
         return self._mode.__exit__(*exc)
 
 
-def _peak(device: str) -> float | None:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if device.startswith("cuda") else None
-
-
-def _reset(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def _stages(work: Path, base: str, corpora: dict, task: dict, device: str, dtype: str, steps: int) -> dict:
     """Run every stage once in `work`; {stage: {time_s, step_time_s, peak_mib, ...}}."""
     from ..export import export
@@ -81,10 +69,11 @@ def _stages(work: Path, base: str, corpora: dict, task: dict, device: str, dtype
     out = {}
 
     def timed(name, fn):
-        _reset(device)
+        reset_cuda_peak(device)
         t = time.perf_counter()
         result = fn()
-        out[name] = {"time_s": round(time.perf_counter() - t, 2), "peak_mib": _peak(device)}
+        peak = peak_cuda_mb(device)
+        out[name] = {"time_s": round(time.perf_counter() - t, 2), "peak_mib": None if peak is None else round(peak, 1)}
         return result
 
     metas = timed("pretrain", lambda: [pretrain(domain=d, data=[p], library=str(work / "lib"), **common)

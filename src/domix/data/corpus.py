@@ -7,6 +7,7 @@ Tokenising and packing run through `datasets` and are cached under `$DOMIX_CACHE
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from ..fetch import cache_dir
 
@@ -94,6 +95,26 @@ def split_heldout(docs, fraction: float = HELDOUT_FRACTION):
     n_held = max(1, round(len(docs) * fraction))
     split = docs.train_test_split(test_size=n_held, seed=HELDOUT_SEED, shuffle=True)
     return split["train"], split["test"]
+
+
+class Corpus(NamedTuple):
+    """A domain's corpus as stage 1 trains on it (`prepare_corpus`)."""
+
+    train: object  # datasets.Dataset of seq_len blocks
+    heldout: object | None  # the held-out blocks, or None (nothing to score)
+    documents: int
+    heldout_documents: int
+
+
+def prepare_corpus(cfg, tokenizer, data=None) -> Corpus:
+    """`data` (default `cfg.data`; read by `cfg.text_field`) split by document into training and
+    held-out text, each packed into `cfg.seq_len` blocks, at most `cfg.eval_blocks` held out: what
+    stage 1 (`pretrain`, `pretrain-all --fused`) and MoDE (`mode pretrain`, `mode compose`) train and
+    score a corpus on."""
+    train_docs, held_docs = split_heldout(load_documents(cfg.data if data is None else data, cfg.text_field))
+    return Corpus(pack(train_docs, tokenizer, cfg.seq_len),
+                  pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks),
+                  len(train_docs), len(held_docs))
 
 
 def pack_heldout(docs, tokenizer, seq_len: int, max_blocks: int | None = None):

@@ -44,7 +44,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
+    from ..data.corpus import prepare_corpus
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or PretrainConfig(**kwargs)
@@ -63,10 +63,8 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
         # AdamW state stay fp32); full-weight training keeps fp32 weights and uses autocast instead
         model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
                                       dtype="fp32" if cfg.full else cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        docs = load_documents(cfg.data, cfg.text_field)
-        train_docs, held_docs = split_heldout(docs)
-        train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
-        held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
+        corpus = prepare_corpus(cfg, tokenizer)
+        train_blocks, held_blocks = corpus.train, corpus.heldout
     base_fp = fingerprint(model)
     steps = total_steps(cfg, len(train_blocks))
     model.to(device)  # the held-out scores too run where training does
@@ -101,7 +99,7 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
             "objective": objective, "rank": None if cfg.full else cfg.rank, "alpha": None if cfg.full else cfg.alpha,
             "targets": "all" if cfg.full else cfg.targets, "target_modules": lora.target_modules if lora else None,
             "seed": cfg.seed, "module_seed": seed,
-            "data": [str(p) for p in cfg.data], "documents": len(train_docs), "heldout_documents": len(held_docs),
+            "data": [str(p) for p in cfg.data], "documents": corpus.documents, "heldout_documents": corpus.heldout_documents,
             **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0, train_time=train_time,
                          last=last, device=device),
             "heldout_loss": heldout["loss"] if heldout else None, "heldout_tokens": heldout["tokens"] if heldout else 0,

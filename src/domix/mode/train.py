@@ -170,7 +170,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     the data first, scores the held-out blocks and writes the entry, as `pretrain` does."""
     from transformers import set_seed
 
-    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
+    from ..data.corpus import prepare_corpus
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or ModePretrainConfig(**kwargs)
@@ -191,10 +191,8 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
         tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
         model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
                                       trust_remote_code=cfg.trust_remote_code)
-        docs = load_documents(cfg.data, cfg.text_field)
-        train_docs, held_docs = split_heldout(docs)
-        train_blocks = pack(train_docs, tokenizer, cfg.seq_len)
-        held_blocks = pack_heldout(held_docs, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)
+        corpus = prepare_corpus(cfg, tokenizer)
+        train_blocks, held_blocks = corpus.train, corpus.heldout
     base_fp = fingerprint(model)
 
     set_seed(seed)  # `random` expert init draws from here
@@ -215,7 +213,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
             "objective": objective, "layout": mode.layout.to_dict(), "expert_init": cfg.expert_init,
             "params": {"expert": counts["per_expert"], "gate": counts["gates"], "total": counts["total"]},
             "seed": cfg.seed, "module_seed": seed, "data": [str(p) for p in cfg.data],
-            "documents": len(train_docs), "heldout_documents": len(held_docs),
+            "documents": corpus.documents, "heldout_documents": corpus.heldout_documents,
             **run_record(cfg, **trained(trainer, result), steps=steps, seq_len=cfg.seq_len, t0=t0,
                          train_time=train_time, last=last, device=device),
             "gate_lr": cfg.gate_lr,
@@ -264,7 +262,7 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
     from datasets import interleave_datasets
     from transformers import set_seed
 
-    from ..data.corpus import load_documents, pack, pack_heldout, split_heldout
+    from ..data.corpus import prepare_corpus
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or ComposeConfig(**kwargs)
@@ -285,10 +283,10 @@ def compose(cfg: ComposeConfig | None = None, callbacks=None, **kwargs) -> dict:
         parts = _parts(cfg.data, experts)
         train_parts, held_parts = [], {}
         for name, paths in parts:
-            tr, held = split_heldout(load_documents(paths, cfg.text_field))
-            train_parts.append(pack(tr, tokenizer, cfg.seq_len))
-            if (blocks := pack_heldout(held, tokenizer, cfg.seq_len, max_blocks=cfg.eval_blocks)) is not None:
-                held_parts[name] = blocks
+            corpus = prepare_corpus(cfg, tokenizer, paths)
+            train_parts.append(corpus.train)
+            if corpus.heldout is not None:
+                held_parts[name] = corpus.heldout
     base_fp = fingerprint(model)
     mode = apply_mode(model, experts, base_fingerprint=base_fp, gate_context=cfg.gate_context,
                       gate_form=cfg.gate_form)

@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...data.benchmark import GENERAL
-from ...io import atomic_write
 from ...library.merge import DEFAULT_DENSITY
 from .report_mode import lm_table, mode_comparison_section, mode_grid_section
 from .report_plots import _plots
 from .report_tables import (_mode_layout, _num, _params, _secs, _step, claim_verdicts, metric_table, run_header,
-                            selection_section, unselected_verdicts)
+                            selection_section, unselected_verdicts, write_markdown)
 from .settings import MERGES, compose_gate_lr
 
 
@@ -267,7 +266,7 @@ def write_report(results: dict, out: Path) -> str:
              f"Learning rates are each family's standard value, not tuned: {ft['lr']} for LoRA/DoRA/DoMIX (bridge lr "
              f"{s['domix_defaults']['bridge_lr']}), {ft['full_lr']} for full fine-tuning (base-full, ncl)."),
           f"- base-lora/base-dora use rank {ft['base_lora_rank']}" + (
-              f", the modules' rank, so own-lora vs base-lora (the DAP curve, C1) differ only in the starting point"
+              ", the modules' rank, so own-lora vs base-lora (the DAP curve, C1) differ only in the starting point"
               if ft["base_lora_rank"] == pre["rank"] else f"; the modules have rank {pre['rank']}")
           + "; own-lora and joint-lora keep their module's rank"
           + (f"; base-lora-params and base-dora-params rank {s['capacity']['params']} and base-lora-rank rank "
@@ -304,7 +303,5 @@ def write_report(results: dict, out: Path) -> str:
             if any(m.startswith("mode") for m in results["methods"]) and "mode" in s else []),
           f"- Preset `{results['preset']}` is small by necessity (2 CPU cores): treat differences within one std, or "
           "of a few points on a few hundred test examples, as noise.", ""]
-    if plots:
-        L += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
-    atomic_write(out / "REPORT.md", "\n".join(L))
+    write_markdown(out, L, plots)
     return table

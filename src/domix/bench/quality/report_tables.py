@@ -1,9 +1,11 @@
 """The pieces of a quality report that the benchmark's report and the suite report share: number
-formats, the metric table, the claims' verdicts, the rates chosen and the run header."""
+formats, the metric table, the claims' verdicts, the rates chosen, the run header and the file itself."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from ...io import atomic_write
 from .settings import METRICS
 
 
@@ -188,3 +190,10 @@ def run_header(results: dict) -> list[str]:
             else "") + "".join(f" --set {x}" if i == 0 else f" {x}" for i, x in enumerate(results.get("set", [])))
          + "`", ""]
     return L
+
+
+def write_markdown(out: Path, lines: list[str], plots: list) -> None:
+    """REPORT.md in `out`: `lines`, then the plots (paths relative to `out`) under "Plots"."""
+    if plots:
+        lines = [*lines, "## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
+    atomic_write(out / "REPORT.md", "\n".join(lines))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ...io import atomic_write, save_figure
-from .report_tables import _num, _params, _secs, _step, claim_verdicts, metric_table, run_header, selection_section
+from ...io import save_figure
+from .report_tables import (_num, _params, _secs, _step, claim_verdicts, metric_table, run_header, selection_section,
+                            write_markdown)
 
 PROTOCOLS = {"accuracy": "answer extraction from the greedy generation (the paper's protocol)",
              "accuracy_loglik": "the most likely answer sentence (\"the correct answer is answer2\") by summed "
@@ -152,7 +153,5 @@ def write_suite_report(results: dict, out: Path) -> str:
           "frozen; domix-identity starts at P = I and domix-rank at P = I/(N·r), both trained (the paper's ablations).",
           f"- Preset `{results['preset']}` is small by necessity (2 CPU cores, a 135M model): differences of a few "
           "points on a hundred test examples per task are within noise; read the intervals above.", ""]
-    if plots:
-        L += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
-    atomic_write(out / "REPORT.md", "\n".join(L))
+    write_markdown(out, L, plots)
     return table
