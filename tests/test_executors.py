@@ -59,7 +59,7 @@ def test_benchmark_jobs_run_the_same_on_ray_as_locally(tiny_decoder, tmp_path):
     numbers through Ray, a failed job reported, the job needing it skipped."""
     pytest.importorskip("ray")
     from domix.bench.quality.execute import execute, job_executor
-    from domix.bench.quality.plan import Job
+    from domix.bench.quality.job import Job
 
     text = tmp_path / "heldout.txt"
     text.write_text("".join(f"patients protein cells clinical trial dose tumour gene {i}\n" for i in range(40)))

@@ -31,6 +31,19 @@ class PretrainConfig(LMTrainOptions):
     seed: int = option(0, "run seed; a module's seed derives from it and its name")
 
 
+def load_domain(cfg, dtype: str = "fp32"):
+    """(tokenizer, base model with its LM head, objective, `prepare_corpus`'s corpus) of a domain's run
+    (`pretrain`, `mode pretrain`). Under a launcher rank 0 goes first and the others read datasets' cache;
+    an error on any rank (a corpus one rank cannot read) stops every rank."""
+    from ..data.corpus import prepare_corpus
+
+    with main_process_first():
+        tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+        model, objective = load_model(cfg.base, head="lm", objective=cfg.objective, dtype=dtype,
+                                      trust_remote_code=cfg.trust_remote_code)
+        return tokenizer, model, objective, prepare_corpus(cfg, tokenizer)
+
+
 def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dict:
     """Train the domain module `cfg.domain` and write it atomically to `cfg.library/<domain>/`.
 
@@ -44,7 +57,6 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from ..data.corpus import prepare_corpus
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or PretrainConfig(**kwargs)
@@ -57,14 +69,10 @@ def pretrain(cfg: PretrainConfig | None = None, callbacks=None, **kwargs) -> dic
     seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()
 
-    with main_process_first():  # an error on any rank (a corpus one rank cannot read) stops every rank
-        tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
-        # a LoRA module's frozen base can be held in half precision (the adapter, its gradients and
-        # AdamW state stay fp32); full-weight training keeps fp32 weights and uses autocast instead
-        model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
-                                      dtype="fp32" if cfg.full else cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        corpus = prepare_corpus(cfg, tokenizer)
-        train_blocks, held_blocks = corpus.train, corpus.heldout
+    # a LoRA module's frozen base can be held in half precision (the adapter, its gradients and
+    # AdamW state stay fp32); full-weight training keeps fp32 weights and uses autocast instead
+    tokenizer, model, objective, corpus = load_domain(cfg, dtype="fp32" if cfg.full else cfg.dtype)
+    train_blocks, held_blocks = corpus.train, corpus.heldout
     base_fp = fingerprint(model)
     steps = total_steps(cfg, len(train_blocks))
     model.to(device)  # the held-out scores too run where training does

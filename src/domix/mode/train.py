@@ -170,7 +170,7 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     the data first, scores the held-out blocks and writes the entry, as `pretrain` does."""
     from transformers import set_seed
 
-    from ..data.corpus import prepare_corpus
+    from ..library.pretrain import load_domain
     from ..lm import lm_collator, lm_loss
 
     cfg = cfg or ModePretrainConfig(**kwargs)
@@ -187,12 +187,8 @@ def pretrain_expert(cfg: ModePretrainConfig | None = None, callbacks=None, **kwa
     seed = run_seed(cfg.domain, cfg.seed)
     t0 = time.time()
 
-    with main_process_first():  # an error on any rank (a corpus one rank cannot read) stops every rank
-        tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
-        model, objective = load_model(cfg.base, head="lm", objective=cfg.objective,
-                                      trust_remote_code=cfg.trust_remote_code)
-        corpus = prepare_corpus(cfg, tokenizer)
-        train_blocks, held_blocks = corpus.train, corpus.heldout
+    tokenizer, model, objective, corpus = load_domain(cfg)
+    train_blocks, held_blocks = corpus.train, corpus.heldout
     base_fp = fingerprint(model)
 
     set_seed(seed)  # `random` expert init draws from here

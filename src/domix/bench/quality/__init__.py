@@ -20,7 +20,9 @@ cores // workers threads.
     settings.py  methods, presets, learning rates        runners.py  the jobs, in the workers
     config.py    a benchmark of the user's own data       execute.py  running jobs with dependencies
     data.py      the data subsets                         collect.py  results and the run history
-    plan.py      jobs and their cache keys                curve.py    the DAP-budget curve
+    plan.py      a run's jobs, in order                   curve.py    the DAP-budget curve
+    job.py       a job and its cache key                  order_b.py  order B reusing order A's fine-tunes
+    upstream.py  what fine-tuning starts from, LM loss    finetunes.py  the fine-tuning runs, a suite's floor
     grid.py      MoDE's learning rates, on held-out loss  rates.py    every method's rates, on dev
     capacity.py  the ranks of DoMIX's capacity            records.py  committable per-run records
     report.py    REPORT.md and plots, from results.json alone
@@ -42,8 +44,11 @@ from .config import ConfigError, read_config
 from .curve import at_budget, choose_budget, collect_curve, plan_curve
 from .data import prepare_data
 from .execute import execute, job_executor
+from .finetunes import _finetune_fields
 from .grid import choose_mode_lr, collect_mode_grid, plan_mode_grid
-from .plan import _base_id, _finetune_fields, _key, _reuse_order_b, plan
+from .job import _base_id, _key
+from .order_b import _reuse_order_b
+from .plan import plan
 from .rates import choose_rates, collect_rate_grid, plan_rate_grid
 from .settings import (COMPOSE, METHODS, NEEDS, _merge, _parse_list, order_name, parse_overrides,
                        resolve_settings, selection)

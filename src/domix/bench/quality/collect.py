@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from ...data.benchmark import GENERAL
-from .plan import _key, _module_tensors_equal
+from .job import _key
+from .order_b import _module_tensors_equal
 from .records import task_result
 from .settings import COMPOSE, COMPOSED_FOR, MERGES, NEEDS, STAMP, order_name
 from .verdicts import run_verdicts, verdict_options

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...data.benchmark import GENERAL
 from ...io import atomic_dir, sha256_file, write_json
-from .plan import _key
+from .job import _key
 
 
 def _stratified(rows: list[dict], n: int | None, rng: random.Random) -> list[dict]:
