@@ -64,6 +64,36 @@ def test_a_trainable_head_falls_back_to_the_models_loss(tiny_decoder):
     assert chunked_lm_loss(model, ids, labels, mask) is None
 
 
+def test_evaluation_reads_the_chunked_loss_without_gathering_logits(peft_decoder, tmp_path, monkeypatch):
+    """A generate fine-tuning's periodic evaluation: the loss equals the model's own, and no batch of
+    full-vocabulary logits is computed or kept (it was the run's peak memory)."""
+    from datasets import Dataset
+
+    from domix.finetune.config import FinetuneConfig
+    from domix.lm import _plain_head
+    from domix.training import build_trainer
+
+    ids, labels, mask = _batch(peft_decoder, pad=True)
+    rows = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist(), "attention_mask": mask.tolist()})
+    collate = lambda b: {k: torch.tensor([r[k] for r in b]) for k in b[0]}  # noqa: E731
+    opts = FinetuneConfig(train="x", eval="x", out=str(tmp_path / "m"), library=None, progress=False)
+    with torch.no_grad():
+        ref = peft_decoder(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    head = _plain_head(peft_decoder)[1]
+    full_logits = []
+    head.register_forward_hook(lambda m, a, out: full_logits.append(out.shape))
+    scores = {}
+    for objective in ("clm", None):
+        trainer = build_trainer(peft_decoder, opts, work=tmp_path / str(objective), train_dataset=rows,
+                                data_collator=collate, steps=1, eval_dataset=rows, eval_steps=1, lm_objective=objective,
+                                logs=False)
+        full_logits.clear()
+        scores[objective] = trainer.evaluate()["eval_loss"]
+        assert trainer.args.prediction_loss_only
+        assert bool(full_logits) == (objective is None)  # the chunked loss never runs the head on the batch
+    assert scores["clm"] == pytest.approx(ref, rel=1e-5) and scores[None] == pytest.approx(ref, rel=1e-5)
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_lm_loss_in_chunks_equals_the_whole_batch(objective, tiny_decoder, tiny_encoder):
     """`lm_loss` scores a chunk of tokens at a time; the totals equal scoring the whole logits."""

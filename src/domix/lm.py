@@ -168,7 +168,8 @@ def chunked_lm_loss(model, input_ids, labels, attention_mask=None, num_items_in_
 
 class ChunkedLMLossMixin:
     """For a transformers `Trainer` subclass (set `lm_objective`): next-token LM batches take
-    `chunked_lm_loss`, everything else the model's own loss.
+    `chunked_lm_loss`, in training and in an evaluation that reads the loss only
+    (`prediction_loss_only`); everything else the model's own loss.
 
     A wrapped model (DDP under `torchrun`) takes its own loss too: the chunked loss calls the
     decoder directly, past the wrapper's forward, where DDP arms its gradient all-reduce; the
@@ -176,21 +177,33 @@ class ChunkedLMLossMixin:
 
     lm_objective: str | None = None
 
+    def _chunked_loss(self, model, inputs, num_items_in_batch=None):
+        """`chunked_lm_loss` of a batch, or None where the model's own loss applies."""
+        if (self.lm_objective != "clm" or "labels" not in inputs or self.label_smoother is not None
+                or self.compute_loss_func is not None or self.accelerator.unwrap_model(model) is not model):
+            return None
+        # the decoder is called directly, not through the (accelerate-wrapped) model.forward that
+        # carries the mixed-precision autocast: enter it here, or bf16/fp16 runs compute in fp32
+        with self.accelerator.autocast():
+            return chunked_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                   num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if (self.lm_objective == "clm" and not return_outputs and "labels" in inputs
-                and self.label_smoother is None and self.compute_loss_func is None
-                and self.accelerator.unwrap_model(model) is model):
-            # the decoder is called directly, not through the (accelerate-wrapped) model.forward that
-            # carries the mixed-precision autocast: enter it here, or bf16/fp16 runs compute in fp32
-            with self.accelerator.autocast():
-                loss = chunked_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                                       num_items_in_batch)
-            if loss is not None:
-                self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the whole batch
-                return loss
+        if not return_outputs and (loss := self._chunked_loss(model, inputs, num_items_in_batch)) is not None:
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None  # normalised over the whole batch
+            return loss
         self.loss_is_scaled_for_ga = None
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if prediction_loss_only:  # the evaluation loss without a batch of full-vocabulary logits
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self._chunked_loss(model, inputs)
+            if loss is not None:
+                return loss.detach(), None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
 @torch.no_grad()

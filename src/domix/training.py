@@ -194,8 +194,10 @@ def build_trainer(model, opts: TrainOptions, *, work: Path, train_dataset, data_
 
     seed = opts.seed if seed is None else seed
     device = select_device(opts.device)
-    evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps, "per_device_eval_batch_size": 32} \
-        if eval_dataset is not None else {}
+    # without compute_metrics only the loss is read: the Trainer would otherwise gather every evaluation
+    # row's logits (a generate task's full-vocabulary logits of the whole dev set) before dropping them
+    evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps, "per_device_eval_batch_size": 32,
+                  "prediction_loss_only": compute_metrics is None} if eval_dataset is not None else {}
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=opts.batch_size,
         gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, lr_scheduler_type="linear",

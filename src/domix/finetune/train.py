@@ -108,6 +108,7 @@ def finetune(cfg: FinetuneConfig | None = None, callbacks=None, **kwargs) -> dic
                          patience=cfg.patience, resume_from=last)
     trainer = build_trainer(model, cfg, work=work, train_dataset=train_ds, data_collator=pad_collator(tokenizer),
                             steps=steps, param_groups=groups, eval_dataset=eval_ds,
+                            lm_objective="clm" if cfg.task == "generate" else None,
                             eval_steps=cfg.eval_every or max(1, steps // 4),
                             compute_metrics=compute_metrics if cfg.task == "classify" else None,
                             logging_steps=max(1, min(10, steps // 20)),
