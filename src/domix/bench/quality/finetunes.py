@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from .capacity import run_capacity
-from .job import METHOD_VERSIONS, Job, Planning, _key
+from .job import GENERATE_VERSION, METHOD_VERSIONS, Job, Planning, _key
 from .records import record_path
 from .settings import METHODS, NEEDS, order_name
 from .upstream import Upstream
@@ -106,7 +106,8 @@ def _finetune_job(p: Planning, up: Upstream, method: str, task: str, unit: tuple
               patience=ft.get("patience"), dtype=ft.get("dtype", "fp32"))
     spec = {"config": _finetune_fields({**defaults, **kw}), **({"tests": tests} if suite else {"test": tests[task]}),
             **p.common, "drop_weights": m["method"] == "full" and not settings["keep_full_weights"],
-            **({"method_version": METHOD_VERSIONS[method]} if method in METHOD_VERSIONS else {})}
+            **({"method_version": METHOD_VERSIONS[method]} if method in METHOD_VERSIONS else {}),
+            **({"generate_version": GENERATE_VERSION} if suite else {})}
     if m.get("init") == "ncl":
         spec["ncl_base_id"] = str(up.ncl[order][1])
     key = _key(spec)
