@@ -12,16 +12,15 @@ from ._version import __version__
 from .cli_config import (PER_DOMAIN, EvalLmOptions, EvaluateOptions, ExportOptions, FetchOptions, LMEvalOptions,
                          PredictOptions, add_options, command, given, lm_text, report, report_all)
 from .finetune.config import FinetuneConfig
-from .io import json_stdout
 from .finetune.finetune_all import PER_TASK, FinetuneAllOptions
+from .io import json_stdout
 from .library.pretrain import PretrainConfig
 from .library.pretrain_all import PretrainAllOptions
 
+
 def cmd_fetch(a) -> int:
     if a.what == "model":
-        from .checkpoints import fetch_model
-
-        from .checkpoints import DEFAULT_BASE
+        from .checkpoints import DEFAULT_BASE, fetch_model
 
         path = fetch_model()
         out = {"model": DEFAULT_BASE, "path": str(path)}
